@@ -1,0 +1,163 @@
+"""Multi-head attention with grouped-query heads, packed-segment masks and a KV cache.
+
+The projections live in `Attention`; the score-softmax-mix step is a plain function
+chosen by name from `ATTENTION_IMPLS`, so other implementations (a Pallas kernel) can
+take its place without touching the module. Every implementation takes the same
+arguments: q [B,T,H,K], k and v [B,S,G,K] with H % G == 0, segment ids for queries and
+keys (0 = padding; a query sees only keys of its own segment), `causal`, an optional
+additive bias [1 or B, H, T, S], the logit `scale` and the index of the first query
+(`q_offset`, non-zero while decoding from a cache).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from llmjax import sharding as sh
+from llmjax.layers.positions import apply_rope
+
+
+def attention_mask(q_segment_ids_BT: jax.Array, kv_segment_ids_BS: jax.Array, *,
+                   causal: bool, q_offset: jax.Array | int = 0) -> jax.Array:
+  """Boolean [B, 1, T, S]: same segment and, if causal, key index <= query index."""
+  mask_BTS = q_segment_ids_BT[:, :, None] == kv_segment_ids_BS[:, None, :]
+  if causal:
+    T, S = q_segment_ids_BT.shape[1], kv_segment_ids_BS.shape[1]
+    q_pos_T = jnp.arange(T) + q_offset
+    mask_BTS = mask_BTS & (jnp.arange(S)[None, :] <= q_pos_T[:, None])[None]
+  return mask_BTS[:, None]
+
+
+def xla_attention(q_BTHK, k_BSGK, v_BSGK, *, q_segment_ids, kv_segment_ids, causal, bias=None,
+                  scale, q_offset=0, dropout_rate=0.0, dropout_rng=None):
+  """Plain jnp attention: float32 logits and softmax; GQA without repeating K and V."""
+  B, T, H, K = q_BTHK.shape
+  G = k_BSGK.shape[2]
+  q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)
+  logits_BGRTS = jnp.einsum("BTGRK,BSGK->BGRTS", q_BTGRK, k_BSGK,
+                            preferred_element_type=jnp.float32) * scale
+  if bias is not None:
+    logits_BGRTS = logits_BGRTS + bias.astype(jnp.float32).reshape(
+        bias.shape[0], G, H // G, *bias.shape[2:])
+  mask_B11TS = attention_mask(q_segment_ids, kv_segment_ids, causal=causal,
+                              q_offset=q_offset)[:, None]
+  # A fully masked row (a padding query with no padding keys) becomes uniform, not NaN.
+  logits_BGRTS = jnp.where(mask_B11TS, logits_BGRTS, jnp.finfo(jnp.float32).min)
+  probs_BGRTS = jax.nn.softmax(logits_BGRTS, axis=-1)
+  if dropout_rate > 0.0 and dropout_rng is not None:
+    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BGRTS.shape)
+    probs_BGRTS = jnp.where(keep, probs_BGRTS / (1.0 - dropout_rate), 0.0)
+  out_BTGRK = jnp.einsum("BGRTS,BSGK->BTGRK", probs_BGRTS.astype(v_BSGK.dtype), v_BSGK)
+  return out_BTGRK.reshape(B, T, H, K)
+
+
+# Attention implementations by name. The flash-attention kernel registers itself here.
+ATTENTION_IMPLS = {"xla": xla_attention}
+
+
+class Attention(nn.Module):
+  """Self- or cross-attention: project, (rotate), attend, project back.
+
+  Attributes:
+    num_heads, num_kv_heads, head_dim: H, G and K; H must be a multiple of G.
+    scale: logit scale; None means 1/sqrt(K) (T5 uses 1.0).
+    rope_theta: if set, rotary embeddings are applied to q and k at `positions`.
+    impl: a key of ATTENTION_IMPLS.
+    decode: keep keys and values in the "cache" collection and attend to all so far.
+  """
+
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  use_bias: bool = True
+  scale: float | None = None
+  rope_theta: float | None = None
+  dropout_rate: float = 0.0
+  deterministic: bool = True
+  impl: str = "xla"
+  decode: bool = False
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  q_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
+  kv_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
+  out_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
+
+  def _proj(self, x, eq, shape, axes, init, name):
+    kernel = self.param(f"{name}_kernel", nn.with_logical_partitioning(init, axes), shape,
+                        self.param_dtype)
+    x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
+    y = jnp.einsum(eq, x, kernel)
+    if self.use_bias:
+      bias_shape = shape[2:] if eq.startswith("BTHK") else shape[1:]
+      bias = self.param(f"{name}_bias",
+                        nn.with_logical_partitioning(nn.initializers.zeros, axes[-len(bias_shape):]),
+                        bias_shape, self.param_dtype)
+      y = y + bias.astype(self.dtype)
+    return y
+
+  def _update_cache(self, k_BSGK, v_BSGK):
+    """Writes this step's keys/values at the cache index; returns the full cache and offset."""
+    is_initialized = self.has_variable("cache", "cached_key")
+    cached_k = self.variable("cache", "cached_key", jnp.zeros, k_BSGK.shape, k_BSGK.dtype)
+    cached_v = self.variable("cache", "cached_value", jnp.zeros, v_BSGK.shape, v_BSGK.dtype)
+    index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
+    if not is_initialized:  # init call: the cache takes the shape of the (max-length) input
+      return k_BSGK, v_BSGK, 0, None
+    T, S = k_BSGK.shape[1], cached_k.value.shape[1]
+    i = index.value
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BSGK, (0, i, 0, 0))
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BSGK, (0, i, 0, 0))
+    index.value = i + T
+    B = k_BSGK.shape[0]
+    kv_segment_ids_BS = jnp.broadcast_to((jnp.arange(S) < i + T).astype(jnp.int32), (B, S))
+    return cached_k.value, cached_v.value, i, kv_segment_ids_BS
+
+  @nn.compact
+  def __call__(self, x_BTD: jax.Array, kv_BSD: jax.Array | None = None, *,
+               q_segment_ids: jax.Array, kv_segment_ids: jax.Array | None = None,
+               causal: bool = False, bias: jax.Array | None = None,
+               positions: jax.Array | None = None) -> jax.Array:
+    """Attends queries from `x_BTD` to keys from `kv_BSD` (default: `x_BTD` itself)."""
+    H, G, K = self.num_heads, self.num_kv_heads, self.head_dim
+    if H % G:
+      raise ValueError(f"num_heads={H} is not divisible by num_kv_heads={G}")
+    if self.impl not in ATTENTION_IMPLS:
+      raise ValueError(f"unknown attention impl {self.impl!r}; expected one of "
+                       f"{sorted(ATTENTION_IMPLS)}")
+    self_attention = kv_BSD is None
+    kv_BSD = x_BTD if self_attention else kv_BSD
+    kv_segment_ids = q_segment_ids if kv_segment_ids is None else kv_segment_ids
+    D = x_BTD.shape[-1]
+    q_BTHK = self._proj(x_BTD, "BTD,DHK->BTHK", (D, H, K), (sh.EMBED, sh.HEADS, sh.HEAD_DIM),
+                        self.q_init, "query")
+    k_BSGK = self._proj(kv_BSD, "BTD,DHK->BTHK", (D, G, K), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM),
+                        self.kv_init, "key")
+    v_BSGK = self._proj(kv_BSD, "BTD,DHK->BTHK", (D, G, K), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM),
+                        self.kv_init, "value")
+    if self.rope_theta is not None:
+      if positions is None:
+        raise ValueError("rotary attention needs positions")
+      q_BTHK = apply_rope(q_BTHK, positions, self.rope_theta)
+      k_BSGK = apply_rope(k_BSGK, positions, self.rope_theta)
+    q_BTHK = sh.constrain(q_BTHK, (sh.BATCH, sh.LENGTH, sh.HEADS, sh.HEAD_DIM))
+    k_BSGK = sh.constrain(k_BSGK, (sh.BATCH, sh.LENGTH, sh.KV_HEADS, sh.HEAD_DIM))
+    v_BSGK = sh.constrain(v_BSGK, (sh.BATCH, sh.LENGTH, sh.KV_HEADS, sh.HEAD_DIM))
+
+    q_offset = 0
+    if self.decode and self_attention:
+      k_BSGK, v_BSGK, q_offset, cache_segment_ids = self._update_cache(k_BSGK, v_BSGK)
+      if cache_segment_ids is not None:
+        kv_segment_ids = cache_segment_ids
+        q_segment_ids = jnp.ones_like(q_segment_ids)
+
+    use_dropout = not self.deterministic and self.dropout_rate > 0.0
+    out_BTHK = ATTENTION_IMPLS[self.impl](
+        q_BTHK, k_BSGK, v_BSGK, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
+        causal=causal, bias=bias, scale=K ** -0.5 if self.scale is None else self.scale,
+        q_offset=q_offset, dropout_rate=self.dropout_rate if use_dropout else 0.0,
+        dropout_rng=self.make_rng("dropout") if use_dropout else None)
+    out_BTHK = sh.constrain(out_BTHK, (sh.BATCH, sh.LENGTH, sh.HEADS, sh.HEAD_DIM))
+    return self._proj(out_BTHK, "BTHK,HKD->BTD", (H, K, D), (sh.HEADS, sh.HEAD_DIM, sh.EMBED),
+                      self.out_init, "out")

@@ -1,0 +1,36 @@
+"""Token embedding that can also un-embed (a tied output head)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from llmjax import sharding as sh
+
+
+class Embed(nn.Module):
+  """A [V, D] table: `__call__` looks tokens up, `attend` projects back onto the vocabulary."""
+
+  num_embeddings: int
+  features: int
+  dtype: jnp.dtype = jnp.float32
+  param_dtype: jnp.dtype = jnp.float32
+  embedding_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
+  axes: tuple[str, str] = (sh.VOCAB, sh.EMBED)
+
+  def setup(self):
+    self.embedding = self.param(
+        "embedding", nn.with_logical_partitioning(self.embedding_init, self.axes),
+        (self.num_embeddings, self.features), self.param_dtype)
+
+  def __call__(self, ids_BT: jax.Array) -> jax.Array:
+    """Rows of the table for integer ids, in `dtype`."""
+    if not jnp.issubdtype(ids_BT.dtype, jnp.integer):
+      raise ValueError(f"Embed expects integer token ids, got dtype {ids_BT.dtype}")
+    return jnp.take(self.embedding, ids_BT, axis=0).astype(self.dtype)
+
+  def attend(self, x_BTD: jax.Array) -> jax.Array:
+    """Logits over the table's rows, computed and returned in float32."""
+    return jnp.einsum("BTD,VD->BTV", x_BTD.astype(jnp.float32),
+                      self.embedding.astype(jnp.float32))

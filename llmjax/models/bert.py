@@ -1,0 +1,155 @@
+"""Encoder-only Transformer (BERT family): post-LN blocks, token types, MLM head, pooler."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from llmjax import layers
+from llmjax import sharding as sh
+from llmjax.models import common
+
+SIZES = {
+    "tiny": dict(vocab_size=256, max_seq_len=256, d_model=64, num_layers=2, num_heads=4, d_ff=256),
+    "base": dict(d_model=768, num_layers=12, num_heads=12, d_ff=3072),
+    "large": dict(d_model=1024, num_layers=24, num_heads=16, d_ff=4096),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class BertConfig(common.ConfigMixin):
+  """Hyperparameters of a BERT model; defaults are BERT-base (uncased vocabulary)."""
+
+  vocab_size: int = 30522
+  max_seq_len: int = 512
+  type_vocab_size: int = 2
+  d_model: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  num_kv_heads: int | None = None
+  head_dim: int | None = None
+  d_ff: int = 3072
+  activation: str = "gelu"
+  norm_eps: float = 1e-12
+  dropout_rate: float = 0.1
+  head: str = "mlm"  # mlm: logits over the vocabulary | none: final hidden states
+  pooler: bool = False  # tanh(dense(h[CLS])), returned by `Bert.pooled`
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  scan_layers: bool = False
+  remat_policy: str = "none"
+  attention_impl: str = "xla"
+
+  def __post_init__(self):
+    common.validate_common(self)
+    common.check(self.head in ("mlm", "none"), f"BertConfig.head={self.head!r}; expected mlm or none")
+    common.check(self.type_vocab_size > 0, "BertConfig.type_vocab_size must be positive")
+    layers.mlp.activation(self.activation)
+
+  @classmethod
+  def from_size(cls, size: str, **overrides) -> "BertConfig":
+    """A named size from SIZES (tiny, base, large), with field overrides."""
+    return common.from_size(cls, SIZES, size, **overrides)
+
+
+class BertBlock(nn.Module):
+  """x = LN(x + attn(x)), then x = LN(x + mlp(x)) (post-LN)."""
+
+  cfg: BertConfig
+  deterministic: bool = True
+
+  @nn.compact
+  def __call__(self, x_BTD, segment_ids_BT):
+    cfg = self.cfg
+    kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+    x_BTD = sh.constrain(x_BTD, (sh.BATCH, sh.LENGTH, sh.EMBED))
+    h_BTD = layers.Attention(cfg.num_heads, cfg.kv_heads, cfg.k, dropout_rate=cfg.dropout_rate,
+                             deterministic=self.deterministic, impl=cfg.attention_impl,
+                             name="attn", **kw)(x_BTD, q_segment_ids=segment_ids_BT)
+    h_BTD = nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=self.deterministic)
+    x_BTD = layers.LayerNorm(cfg.norm_eps, name="attn_ln", **kw)(x_BTD + h_BTD)
+    h_BTD = layers.Mlp(cfg.d_ff, cfg.activation, name="mlp", **kw)(x_BTD)
+    h_BTD = nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=self.deterministic)
+    x_BTD = layers.LayerNorm(cfg.norm_eps, name="mlp_ln", **kw)(x_BTD + h_BTD)
+    return sh.constrain(x_BTD, (sh.BATCH, sh.LENGTH, sh.EMBED)), None
+
+
+class Bert(nn.Module):
+  """Bidirectional encoder: tokens [B, T] -> MLM logits [B, T, V] (float32) or hidden [B, T, D].
+
+  `segment_ids` [B, T]: 0 marks padding, equal non-zero ids mark one packed sequence;
+  `token_types` [B, T]: BERT's sentence A/B ids (default 0); `positions` default to each
+  token's index within its segment.
+  """
+
+  cfg: BertConfig
+
+  def setup(self):
+    cfg = self.cfg
+    kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
+    self.token_embed = layers.Embed(cfg.vocab_size, cfg.d_model, **kw)
+    self.position_embed = layers.LearnedPositions(cfg.max_seq_len, cfg.d_model, **kw)
+    self.type_embed = layers.Embed(cfg.type_vocab_size, cfg.d_model,
+                                   axes=(sh.TOKEN_TYPES, sh.EMBED), **kw)
+    self.embed_ln = layers.LayerNorm(cfg.norm_eps, **kw)
+    self.embed_dropout = nn.Dropout(cfg.dropout_rate)
+    self.encoder = _Encoder(cfg)
+    dense = lambda: layers.mlp.dense(cfg.d_model, (sh.EMBED, sh.MLP),
+                                     nn.initializers.normal(0.02), **kw)
+    if cfg.head == "mlm":
+      self.mlm_dense = dense()
+      self.mlm_ln = layers.LayerNorm(cfg.norm_eps, **kw)
+      self.mlm_bias = self.param("mlm_bias", nn.with_logical_partitioning(
+          nn.initializers.zeros, (sh.VOCAB,)), (cfg.vocab_size,), cfg.weight_dtype)
+    if cfg.pooler:
+      self.pooler_dense = dense()
+
+  def hidden(self, tokens, segment_ids=None, token_types=None, positions=None, *,
+             deterministic: bool = True) -> jax.Array:
+    """Final hidden states [B, T, D] of the encoder."""
+    cfg = self.cfg
+    common.check_inputs("Bert", tokens, segment_ids=segment_ids, token_types=token_types,
+                        positions=positions)
+    T = tokens.shape[1]
+    common.check(T <= cfg.max_seq_len, f"Bert: sequence length {T} exceeds "
+                 f"BertConfig.max_seq_len={cfg.max_seq_len} (the learned position table)")
+    segment_ids_BT = jnp.ones_like(tokens) if segment_ids is None else segment_ids
+    positions = layers.segment_positions(segment_ids_BT) if positions is None else positions
+    token_types = jnp.zeros_like(tokens) if token_types is None else token_types
+    x_BTD = (self.token_embed(tokens) + self.position_embed(positions)
+             + self.type_embed(token_types))
+    x_BTD = self.embed_dropout(self.embed_ln(x_BTD), deterministic=deterministic)
+    return self.encoder(x_BTD, segment_ids_BT, deterministic)
+
+  def pooled(self, hidden_BTD: jax.Array) -> jax.Array:
+    """BERT's pooler: tanh(dense(hidden of the first token)), [B, D]."""
+    common.check(self.cfg.pooler, "Bert.pooled needs BertConfig.pooler=True")
+    return jnp.tanh(self.pooler_dense(hidden_BTD[:, 0]))
+
+  def __call__(self, tokens, segment_ids=None, token_types=None, positions=None, *,
+               deterministic: bool = True) -> jax.Array:
+    h_BTD = self.hidden(tokens, segment_ids, token_types, positions, deterministic=deterministic)
+    if self.cfg.head == "none":
+      if self.cfg.pooler and self.is_initializing():
+        self.pooled(h_BTD)  # create the pooler's parameters
+      return h_BTD
+    act = layers.mlp.activation(self.cfg.activation)
+    h_BTD = self.mlm_ln(act(self.mlm_dense(h_BTD)))
+    logits_BTV = self.token_embed.attend(h_BTD) + self.mlm_bias.astype(jnp.float32)
+    if self.cfg.pooler and self.is_initializing():
+      self.pooled(h_BTD)
+    return sh.constrain(logits_BTV, (sh.BATCH, sh.LENGTH, sh.VOCAB))
+
+
+class _Encoder(nn.Module):
+  """The stack of BertBlocks (its own module so layer params sit under `encoder/`)."""
+
+  cfg: BertConfig
+
+  @nn.compact
+  def __call__(self, x_BTD, segment_ids_BT, deterministic):
+    return common.run_layers(BertBlock, self.cfg, self.cfg.num_layers, x_BTD, segment_ids_BT,
+                             deterministic=deterministic)

@@ -1,0 +1,135 @@
+"""What the three model families share: config checks, dtypes, remat policies, layer stacks."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from llmjax import sharding as sh
+
+# Named rematerialization policies for `remat_policy`: what the backward pass may keep.
+REMAT_POLICIES = {
+    "none": None,  # no remat: keep every activation
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute the whole block
+    "dots": jax.checkpoint_policies.checkpoint_dots,  # keep matmul outputs
+    "dots_no_batch": jax.checkpoint_policies.checkpoint_dots_with_no_batch_dims,  # keep weight matmuls
+    "minimal": jax.checkpoint_policies.everything_saveable,  # remat boundary, save all
+}
+
+
+def check(ok: bool, message: str) -> None:
+  """Raises ValueError(message) unless ok."""
+  if not ok:
+    raise ValueError(message)
+
+
+def from_size(cls, sizes: dict[str, dict[str, Any]], size: str, **overrides):
+  """cls(**sizes[size], **overrides), with a clear error for an unknown size name."""
+  if size not in sizes:
+    raise ValueError(f"unknown {cls.__name__} size {size!r}; expected one of {sorted(sizes)}")
+  return cls(**{**sizes[size], **overrides})
+
+
+def validate_common(cfg) -> None:
+  """Checks the fields every family has; called from each config's __post_init__."""
+  name = type(cfg).__name__
+  for field in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff"):
+    check(getattr(cfg, field) > 0, f"{name}.{field} must be positive, got {getattr(cfg, field)}")
+  if cfg.head_dim is None:
+    check(cfg.d_model % cfg.num_heads == 0,
+          f"{name}.d_model={cfg.d_model} is not divisible by num_heads={cfg.num_heads} "
+          f"(or give head_dim explicitly)")
+  kv = cfg.num_kv_heads if cfg.num_kv_heads is not None else cfg.num_heads
+  check(kv > 0 and cfg.num_heads % kv == 0,
+        f"{name}.num_heads={cfg.num_heads} is not divisible by num_kv_heads={kv}")
+  check(cfg.remat_policy in REMAT_POLICIES,
+        f"{name}.remat_policy={cfg.remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}")
+  check(0.0 <= cfg.dropout_rate < 1.0, f"{name}.dropout_rate={cfg.dropout_rate} not in [0, 1)")
+  for field in ("dtype", "param_dtype"):
+    try:
+      jnp.dtype(getattr(cfg, field))
+    except TypeError:
+      raise ValueError(f"{name}.{field}={getattr(cfg, field)!r} is not a dtype name") from None
+
+
+class ConfigMixin:
+  """Derived values and helpers shared by the family configs (frozen dataclasses)."""
+
+  @property
+  def kv_heads(self) -> int:
+    return self.num_heads if self.num_kv_heads is None else self.num_kv_heads
+
+  @property
+  def k(self) -> int:
+    """Head width K."""
+    return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
+
+  @property
+  def compute_dtype(self):
+    return jnp.dtype(self.dtype)
+
+  @property
+  def weight_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+  def replace(self, **changes):
+    """A copy with `changes` applied (and validated)."""
+    return dataclasses.replace(self, **changes)
+
+
+def check_inputs(name: str, tokens_BT: jax.Array, **others: jax.Array | None) -> None:
+  """Shape checks on model inputs, raised before any tracing work."""
+  check(getattr(tokens_BT, "ndim", None) == 2,
+        f"{name} expects int tokens of shape [batch, length], got shape {jnp.shape(tokens_BT)}")
+  for key, value in others.items():
+    if value is not None:
+      check(jnp.shape(value) == jnp.shape(tokens_BT),
+            f"{name}: {key} has shape {jnp.shape(value)} but tokens have {jnp.shape(tokens_BT)}")
+
+
+def layer_stack(block_cls: type[nn.Module], cfg, num_layers: int, num_broadcast: int):
+  """`block_cls` wrapped for the config's remat policy and, if `cfg.scan_layers`, `nn.scan`.
+
+  Blocks are called as block(x, *broadcast_args) and return (x, None) so they can be
+  scanned; scanned parameters get a leading "layers" axis.
+  """
+  policy = REMAT_POLICIES[cfg.remat_policy]
+  if cfg.remat_policy != "none":
+    block_cls = nn.remat(block_cls, policy=policy, prevent_cse=not cfg.scan_layers)
+  if not cfg.scan_layers:
+    return block_cls
+  return nn.scan(block_cls, variable_axes={"params": 0, "cache": 0},
+                 split_rngs={"params": True, "dropout": True},
+                 in_axes=(nn.broadcast,) * num_broadcast, length=num_layers,
+                 metadata_params={nn.PARTITION_NAME: sh.LAYERS})
+
+
+def run_layers(block_cls, cfg, num_layers: int, x_BTD, *args, name: str = "layers", **block_kw):
+  """Applies `num_layers` blocks to x: one scanned module, or modules layers_0, layers_1, ..."""
+  stack = layer_stack(block_cls, cfg, num_layers, len(args))
+  if cfg.scan_layers:
+    x_BTD, _ = stack(cfg, name=name, **block_kw)(x_BTD, *args)
+    return x_BTD
+  for i in range(num_layers):
+    x_BTD, _ = stack(cfg, name=f"{name}_{i}", **block_kw)(x_BTD, *args)
+  return x_BTD
+
+
+def stack_layers(params: dict, num_layers: int, name: str = "layers") -> dict:
+  """Unrolled params (`name_0`, `name_1`, ...) -> scanned params (`name` with a leading axis)."""
+  out = {k: v for k, v in params.items() if not k.startswith(f"{name}_")}
+  out[name] = jax.tree.map(lambda *xs: jnp.stack(xs),
+                           *[params[f"{name}_{i}"] for i in range(num_layers)])
+  return out
+
+
+def unstack_layers(params: dict, num_layers: int, name: str = "layers") -> dict:
+  """Scanned params -> unrolled params; the inverse of `stack_layers`."""
+  out = {k: v for k, v in params.items() if k != name}
+  for i in range(num_layers):
+    out[f"{name}_{i}"] = jax.tree.map(lambda x: x[i], params[name])
+  return out

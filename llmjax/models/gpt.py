@@ -1,0 +1,157 @@
+"""Decoder-only Transformer (GPT-2 family): pre-LN blocks, learned or rotary positions."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from llmjax import layers
+from llmjax import sharding as sh
+from llmjax.models import common
+
+SIZES = {
+    "tiny": dict(vocab_size=256, max_seq_len=256, d_model=64, num_layers=2, num_heads=4),
+    "small": dict(d_model=768, num_layers=12, num_heads=12),
+    "medium": dict(d_model=1024, num_layers=24, num_heads=16),
+    "large": dict(d_model=1280, num_layers=36, num_heads=20),
+    "xl": dict(d_model=1600, num_layers=48, num_heads=25),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTConfig(common.ConfigMixin):
+  """Hyperparameters of a GPT model; defaults are GPT-2 small's."""
+
+  vocab_size: int = 50257
+  max_seq_len: int = 1024  # rows of the learned position table
+  d_model: int = 768
+  num_layers: int = 12
+  num_heads: int = 12
+  num_kv_heads: int | None = None  # None: as many as num_heads; fewer: grouped-query
+  head_dim: int | None = None  # None: d_model // num_heads
+  d_ff: int = 0  # 0: 4 * d_model
+  activation: str = "gelu_tanh"
+  gated: bool = False  # GeGLU / SwiGLU feed-forward
+  positions: str = "learned"  # learned | rope | sinusoidal
+  rope_theta: float = 10_000.0
+  norm: str = "layernorm"  # layernorm | rmsnorm
+  norm_eps: float = 1e-5
+  use_bias: bool = True
+  tie_embeddings: bool = True
+  dropout_rate: float = 0.1
+  dtype: str = "float32"
+  param_dtype: str = "float32"
+  scan_layers: bool = False
+  remat_policy: str = "none"
+  attention_impl: str = "xla"
+
+  def __post_init__(self):
+    if self.d_ff == 0:
+      object.__setattr__(self, "d_ff", 4 * self.d_model)
+    common.validate_common(self)
+    common.check(self.positions in ("learned", "rope", "sinusoidal"),
+                 f"GPTConfig.positions={self.positions!r}; expected learned, rope or sinusoidal")
+    common.check(self.norm in ("layernorm", "rmsnorm"),
+                 f"GPTConfig.norm={self.norm!r}; expected layernorm or rmsnorm")
+    common.check(self.max_seq_len > 0, f"GPTConfig.max_seq_len={self.max_seq_len} must be positive")
+    layers.mlp.activation(self.activation)
+
+  @classmethod
+  def from_size(cls, size: str, **overrides) -> "GPTConfig":
+    """A named size from SIZES (tiny, small, medium, large, xl), with field overrides."""
+    return common.from_size(cls, SIZES, size, **overrides)
+
+
+def _norm(cfg: GPTConfig, name: str):
+  if cfg.norm == "rmsnorm":
+    return layers.RMSNorm(cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                          name=name)
+  return layers.LayerNorm(cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
+                          name=name)
+
+
+class GPTBlock(nn.Module):
+  """x + attn(norm(x)), then x + mlp(norm(x))."""
+
+  cfg: GPTConfig
+  deterministic: bool = True
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, x_BTD, segment_ids_BT, positions_BT):
+    cfg = self.cfg
+    resid_init = nn.initializers.normal(0.02 / (2 * cfg.num_layers) ** 0.5)
+    x_BTD = sh.constrain(x_BTD, (sh.BATCH, sh.LENGTH, sh.EMBED))
+    h_BTD = layers.Attention(
+        cfg.num_heads, cfg.kv_heads, cfg.k, use_bias=cfg.use_bias,
+        rope_theta=cfg.rope_theta if cfg.positions == "rope" else None,
+        dropout_rate=cfg.dropout_rate, deterministic=self.deterministic,
+        impl=cfg.attention_impl, decode=self.decode, dtype=cfg.compute_dtype,
+        param_dtype=cfg.weight_dtype, out_init=resid_init, name="attn")(
+            _norm(cfg, "ln_1")(x_BTD), q_segment_ids=segment_ids_BT, causal=True,
+            positions=positions_BT)
+    x_BTD = x_BTD + nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=self.deterministic)
+    h_BTD = layers.Mlp(cfg.d_ff, cfg.activation, cfg.gated, cfg.use_bias,
+                       deterministic=self.deterministic, dtype=cfg.compute_dtype,
+                       param_dtype=cfg.weight_dtype, wo_init=resid_init, name="mlp")(
+                           _norm(cfg, "ln_2")(x_BTD))
+    x_BTD = x_BTD + nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=self.deterministic)
+    return sh.constrain(x_BTD, (sh.BATCH, sh.LENGTH, sh.EMBED)), None
+
+
+class GPT(nn.Module):
+  """Decoder-only language model: tokens [B, T] -> next-token logits [B, T, V] in float32.
+
+  `segment_ids` [B, T]: 0 marks padding, equal non-zero ids mark one packed sequence
+  (default: one sequence per row). `positions` default to each token's index within its
+  segment. With `decode=True` the attention layers keep a KV cache: initialize with a
+  [B, max_length] input, then feed tokens step by step with mutable=["cache"].
+  """
+
+  cfg: GPTConfig
+  decode: bool = False
+
+  @nn.compact
+  def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
+               positions: jax.Array | None = None, *, deterministic: bool = True) -> jax.Array:
+    cfg = self.cfg
+    common.check_inputs("GPT", tokens, segment_ids=segment_ids, positions=positions)
+    T = tokens.shape[1]
+    if cfg.positions == "learned":
+      common.check(T <= cfg.max_seq_len,
+                   f"GPT: sequence length {T} exceeds GPTConfig.max_seq_len={cfg.max_seq_len} "
+                   f"(the learned position table)")
+    segment_ids_BT = jnp.ones_like(tokens) if segment_ids is None else segment_ids
+    if positions is None:
+      positions = layers.segment_positions(segment_ids_BT)
+      if self.decode:  # continue from where the cache is
+        step = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
+        if self.is_initializing():
+          step.value = jnp.array(0, jnp.int32)
+        else:
+          positions = positions + step.value
+          step.value = step.value + T
+    wte = layers.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
+                       param_dtype=cfg.weight_dtype, name="wte")
+    x_BTD = wte(tokens)
+    if cfg.positions == "learned":
+      x_BTD = x_BTD + layers.LearnedPositions(cfg.max_seq_len, cfg.d_model, cfg.compute_dtype,
+                                              cfg.weight_dtype, name="wpe")(positions)
+    elif cfg.positions == "sinusoidal":
+      x_BTD = x_BTD + layers.sinusoidal(positions, cfg.d_model).astype(cfg.compute_dtype)
+    x_BTD = nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=deterministic)
+    x_BTD = common.run_layers(GPTBlock, cfg, cfg.num_layers, x_BTD, segment_ids_BT, positions,
+                              deterministic=deterministic, decode=self.decode)
+    x_BTD = _norm(cfg, "ln_f")(x_BTD)
+    if cfg.tie_embeddings:
+      logits_BTV = wte.attend(x_BTD)
+    else:
+      head_DV = self.param("head", nn.with_logical_partitioning(
+          nn.initializers.normal(0.02), (sh.EMBED, sh.VOCAB)), (cfg.d_model, cfg.vocab_size),
+                           cfg.weight_dtype)
+      logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD.astype(jnp.float32),
+                              head_DV.astype(jnp.float32))
+    return sh.constrain(logits_BTV, (sh.BATCH, sh.LENGTH, sh.VOCAB))
