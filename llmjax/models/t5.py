@@ -12,7 +12,7 @@ from llmjax import layers
 from llmjax import sharding as sh
 from llmjax.models import common
 
-_V1_1 = dict(activation="gelu_tanh", gated=True, tie_embeddings=False)
+_V1_1 = dict(activation="gelu_tanh", gated=True, tie_embeddings=False, scale_logits=False)
 SIZES = {
     "tiny": dict(vocab_size=256, d_model=64, num_layers=2, num_heads=4, head_dim=16, d_ff=256),
     "small": dict(d_model=512, num_layers=6, num_heads=8, d_ff=2048),
@@ -41,7 +41,7 @@ class T5Config(common.ConfigMixin):
   activation: str = "relu"
   gated: bool = False  # v1.1: gated-gelu
   tie_embeddings: bool = True  # the output head reuses the shared embedding
-  scale_tied_logits: bool = True  # multiply the decoder output by d_model**-0.5 before a tied head
+  scale_logits: bool = True  # multiply the decoder output by d_model**-0.5 before the head (v1.0)
   relative_buckets: int = 32
   relative_max_distance: int = 128
   norm_eps: float = 1e-6
@@ -181,9 +181,9 @@ class T5(nn.Module):
                   else decoder_segment_ids)
     y_BTD = self.decoder(self.token_embed(decoder_tokens), dec_seg_BT, encoded_BSD, enc_seg_BS,
                          deterministic=deterministic)
+    if cfg.scale_logits:
+      y_BTD = y_BTD * cfg.d_model ** -0.5
     if cfg.tie_embeddings:
-      if cfg.scale_tied_logits:
-        y_BTD = y_BTD * cfg.d_model ** -0.5
       logits_BTV = self.token_embed.attend(y_BTD)
     else:
       logits_BTV = jnp.einsum("BTD,DV->BTV", y_BTD.astype(jnp.float32),

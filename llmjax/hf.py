@@ -1,0 +1,321 @@
+"""Hugging Face checkpoints (config.json + safetensors) -> llmjax models and parameters.
+
+    from llmjax import hf
+    model, params = hf.load("path/to/checkpoint_dir")
+
+Supported architectures: GPT2LMHeadModel (and GPT2Model), BertForMaskedLM, BertModel
+(returns final hidden states; the pooler, if present, is `model.apply(..., method="pooled")`)
+and T5ForConditionalGeneration v1.0 and v1.1. Reading needs safetensors and numpy only,
+never torch. Every tensor the conversion expects is checked for presence and shape, and
+errors name the tensor.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from safetensors import safe_open
+
+from llmjax import models
+
+SUPPORTED = ("GPT2LMHeadModel", "GPT2Model", "BertForMaskedLM", "BertModel",
+             "T5ForConditionalGeneration")
+# Tensors a checkpoint may carry that hold no weights (causal-mask buffers, position ids).
+_IGNORED = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|position_ids|token_type_ids|"
+                      r"EncDecAttention\.relative_attention_bias\.weight)$")
+_ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+                "gelu_fast": "gelu_tanh", "relu": "relu", "silu": "silu", "swish": "silu"}
+
+
+def read_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
+  """config.json as a dict and every tensor of model.safetensors (or its sharded index)."""
+  config_path = os.path.join(path, "config.json")
+  if not os.path.isfile(config_path):
+    raise ValueError(f"{path!r} is not a Hugging Face checkpoint directory: no config.json")
+  with open(config_path) as f:
+    config = json.load(f)
+  single = os.path.join(path, "model.safetensors")
+  index = os.path.join(path, "model.safetensors.index.json")
+  if os.path.isfile(single):
+    files = [single]
+  elif os.path.isfile(index):
+    with open(index) as f:
+      files = sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
+  else:
+    raise ValueError(f"{path!r} has no model.safetensors (nor model.safetensors.index.json); "
+                     f"save the model with save_pretrained(..., safe_serialization=True)")
+  tensors = {}
+  for file in files:
+    with safe_open(file, framework="np") as f:
+      for key in f.keys():
+        tensors[key] = f.get_tensor(key)
+  return config, tensors
+
+
+def architecture(config: dict[str, Any], tensors: dict[str, np.ndarray]) -> str:
+  """The checkpoint's architecture name, from config.json (or its model_type)."""
+  archs = config.get("architectures") or []
+  if archs:
+    arch = archs[0]
+  else:  # older configs: infer from model_type and the tensors present
+    arch = {"gpt2": "GPT2LMHeadModel", "t5": "T5ForConditionalGeneration",
+            "bert": "BertForMaskedLM" if any(k.startswith("cls.predictions") for k in tensors)
+            else "BertModel"}.get(config.get("model_type"), config.get("model_type"))
+  if arch not in SUPPORTED:
+    raise ValueError(f"unsupported checkpoint architecture {arch!r}; llmjax reads "
+                     f"{', '.join(SUPPORTED)}")
+  return arch
+
+
+class _Tensors:
+  """Name -> array lookup with optional key prefixes, shape checks and use tracking."""
+
+  def __init__(self, tensors: dict[str, np.ndarray], prefixes: tuple[str, ...], path: str):
+    self.tensors, self.prefixes, self.path, self.used = tensors, prefixes, path, set()
+
+  def find(self, name: str) -> str | None:
+    aliases = [name]
+    if re.search(r"LayerNorm\.(weight|bias)$", name):  # TF-era BERT names
+      aliases.append(name.replace("LayerNorm.weight", "LayerNorm.gamma")
+                     .replace("LayerNorm.bias", "LayerNorm.beta"))
+    for alias in aliases:
+      for prefix in self.prefixes:
+        if prefix + alias in self.tensors:
+          return prefix + alias
+    return None
+
+  def has(self, name: str) -> bool:
+    return self.find(name) is not None
+
+  def __call__(self, name: str, shape: tuple[int, ...]) -> np.ndarray:
+    key = self.find(name)
+    if key is None:
+      raise ValueError(f"checkpoint {self.path!r} is missing tensor {self.prefixes[0] + name!r}")
+    value = self.tensors[key]
+    if tuple(value.shape) != tuple(shape):
+      raise ValueError(f"checkpoint {self.path!r}: tensor {key!r} has shape {tuple(value.shape)}, "
+                       f"but the config implies {tuple(shape)}")
+    self.used.add(key)
+    return value
+
+  def linear(self, name: str, d_in: int, out_shape: tuple[int, ...]) -> np.ndarray:
+    """A torch nn.Linear weight [out, in] as a kernel [in, *out_shape]."""
+    return self(name, (int(np.prod(out_shape)), d_in)).T.reshape(d_in, *out_shape)
+
+  def unused(self) -> list[str]:
+    return sorted(k for k in self.tensors if k not in self.used and not _IGNORED.search(k))
+
+
+def _activation(name: str) -> str:
+  if name not in _ACTIVATIONS:
+    raise ValueError(f"unsupported activation {name!r} in config.json; llmjax maps "
+                     f"{sorted(_ACTIVATIONS)}")
+  return _ACTIVATIONS[name]
+
+
+def _gpt2(config, t: _Tensors, overrides):
+  for key, ok in (("scale_attn_by_inverse_layer_idx", False), ("reorder_and_upcast_attn", False),
+                  ("scale_attn_weights", True)):
+    if config.get(key, ok) != ok:
+      raise ValueError(f"unsupported GPT-2 option {key}={config[key]!r}")
+  D, H = config["n_embd"], config["n_head"]
+  cfg = models.GPTConfig(
+      vocab_size=config["vocab_size"], max_seq_len=config["n_positions"], d_model=D,
+      num_layers=config["n_layer"], num_heads=H, d_ff=config.get("n_inner") or 4 * D,
+      activation=_activation(config.get("activation_function", "gelu_new")),
+      norm_eps=config.get("layer_norm_epsilon", 1e-5), dropout_rate=config.get("resid_pdrop", 0.1),
+      tie_embeddings=not _untied(t, "lm_head.weight", "wte.weight"), **overrides)
+  K, F = cfg.k, cfg.d_ff
+  ln = lambda n: {"scale": t(f"{n}.weight", (D,)), "bias": t(f"{n}.bias", (D,))}
+  conv = lambda n, i, o: {"kernel": t(f"{n}.weight", (i, o)), "bias": t(f"{n}.bias", (o,))}
+  params = {"wte": {"embedding": t("wte.weight", (cfg.vocab_size, D))},
+            "wpe": {"embedding": t("wpe.weight", (cfg.max_seq_len, D))},
+            "ln_f": ln("ln_f")}
+  for i in range(cfg.num_layers):
+    p = f"h.{i}"
+    qkv_w = np.split(t(f"{p}.attn.c_attn.weight", (D, 3 * D)), 3, axis=1)
+    qkv_b = np.split(t(f"{p}.attn.c_attn.bias", (3 * D,)), 3)
+    attn = {}
+    for name, w, b in zip(("query", "key", "value"), qkv_w, qkv_b):
+      attn[f"{name}_kernel"], attn[f"{name}_bias"] = w.reshape(D, H, K), b.reshape(H, K)
+    attn["out_kernel"] = t(f"{p}.attn.c_proj.weight", (D, D)).reshape(H, K, D)
+    attn["out_bias"] = t(f"{p}.attn.c_proj.bias", (D,))
+    params[f"layers_{i}"] = {"ln_1": ln(f"{p}.ln_1"), "attn": attn, "ln_2": ln(f"{p}.ln_2"),
+                             "mlp": {"wi": conv(f"{p}.mlp.c_fc", D, F),
+                                     "wo": conv(f"{p}.mlp.c_proj", F, D)}}
+  if not cfg.tie_embeddings:
+    params["head"] = t("lm_head.weight", (cfg.vocab_size, D)).T
+  return cfg, params
+
+
+def _untied(t: _Tensors, head: str, embedding: str) -> bool:
+  """A head tensor that is present and differs from the embedding means an untied head."""
+  key, emb = t.find(head), t.find(embedding)
+  if key is None:
+    return False
+  if emb is not None and np.array_equal(t.tensors[key], t.tensors[emb]):
+    t.used.add(key)
+    return False
+  return True
+
+
+def _bert(config, t: _Tensors, arch, overrides):
+  if config.get("position_embedding_type", "absolute") != "absolute":
+    raise ValueError(f"unsupported BERT position_embedding_type="
+                     f"{config['position_embedding_type']!r}; llmjax reads 'absolute'")
+  D = config["hidden_size"]
+  mlm = arch == "BertForMaskedLM"
+  cfg = models.BertConfig(
+      vocab_size=config["vocab_size"], max_seq_len=config["max_position_embeddings"],
+      type_vocab_size=config.get("type_vocab_size", 2), d_model=D,
+      num_layers=config["num_hidden_layers"], num_heads=config["num_attention_heads"],
+      d_ff=config["intermediate_size"], activation=_activation(config.get("hidden_act", "gelu")),
+      norm_eps=config.get("layer_norm_eps", 1e-12),
+      dropout_rate=config.get("hidden_dropout_prob", 0.1), head="mlm" if mlm else "none",
+      pooler=t.has("pooler.dense.weight"), **overrides)
+  H, K, F = cfg.num_heads, cfg.k, cfg.d_ff
+  ln = lambda n: {"scale": t(f"{n}.weight", (D,)), "bias": t(f"{n}.bias", (D,))}
+  dense = lambda n, i, o: {"kernel": t.linear(f"{n}.weight", i, (o,)), "bias": t(f"{n}.bias", (o,))}
+  e = "embeddings"
+  params = {"token_embed": {"embedding": t(f"{e}.word_embeddings.weight", (cfg.vocab_size, D))},
+            "position_embed": {"embedding": t(f"{e}.position_embeddings.weight",
+                                              (cfg.max_seq_len, D))},
+            "type_embed": {"embedding": t(f"{e}.token_type_embeddings.weight",
+                                          (cfg.type_vocab_size, D))},
+            "embed_ln": ln(f"{e}.LayerNorm"), "encoder": {}}
+  for i in range(cfg.num_layers):
+    p = f"encoder.layer.{i}"
+    attn = {}
+    for name in ("query", "key", "value"):
+      attn[f"{name}_kernel"] = t.linear(f"{p}.attention.self.{name}.weight", D, (H, K))
+      attn[f"{name}_bias"] = t(f"{p}.attention.self.{name}.bias", (H * K,)).reshape(H, K)
+    attn["out_kernel"] = t.linear(f"{p}.attention.output.dense.weight", H * K, (D,)).reshape(H, K, D)
+    attn["out_bias"] = t(f"{p}.attention.output.dense.bias", (D,))
+    params["encoder"][f"layers_{i}"] = {
+        "attn": attn, "attn_ln": ln(f"{p}.attention.output.LayerNorm"),
+        "mlp": {"wi": dense(f"{p}.intermediate.dense", D, F), "wo": dense(f"{p}.output.dense", F, D)},
+        "mlp_ln": ln(f"{p}.output.LayerNorm")}
+  if cfg.pooler:
+    params["pooler_dense"] = dense("pooler.dense", D, D)
+  if mlm:
+    if _untied(t, "cls.predictions.decoder.weight", f"{e}.word_embeddings.weight"):
+      raise ValueError("unsupported BERT checkpoint: cls.predictions.decoder.weight differs "
+                       "from the word embeddings (llmjax's MLM head is tied)")
+    params["mlm_dense"] = dense("cls.predictions.transform.dense", D, D)
+    params["mlm_ln"] = ln("cls.predictions.transform.LayerNorm")
+    bias = "cls.predictions.bias" if t.has("cls.predictions.bias") else "cls.predictions.decoder.bias"
+    params["mlm_bias"] = t(bias, (cfg.vocab_size,))
+    if t.has("cls.predictions.decoder.bias"):
+      t("cls.predictions.decoder.bias", (cfg.vocab_size,))
+  return cfg, params
+
+
+def _t5(config, t: _Tensors, overrides):
+  ff = config.get("feed_forward_proj", "relu")
+  gated = ff.startswith("gated-")
+  act = config.get("dense_act_fn") or ff.removeprefix("gated-")
+  act = "gelu_new" if (gated and act == "gelu") else act  # HF maps gated-gelu to gelu_new
+  cfg = models.T5Config(
+      vocab_size=config["vocab_size"], d_model=config["d_model"], num_layers=config["num_layers"],
+      num_decoder_layers=config.get("num_decoder_layers") or config["num_layers"],
+      num_heads=config["num_heads"], head_dim=config["d_kv"], d_ff=config["d_ff"],
+      activation=_activation(act), gated=gated,
+      tie_embeddings=not _untied(t, "lm_head.weight", "shared.weight"),
+      scale_logits=config.get("scale_decoder_outputs", config.get("tie_word_embeddings", True)),
+      relative_buckets=config.get("relative_attention_num_buckets", 32),
+      relative_max_distance=config.get("relative_attention_max_distance", 128),
+      norm_eps=config.get("layer_norm_epsilon", 1e-6), dropout_rate=config.get("dropout_rate", 0.1),
+      **overrides)
+  D, H, K, F = cfg.d_model, cfg.num_heads, cfg.k, cfg.d_ff
+  norm = lambda n: {"scale": t(f"{n}.weight", (D,))}
+
+  def attention(p):
+    out = {f"{name}_kernel": t.linear(f"{p}.{n}.weight", D, (H, K))
+           for name, n in (("query", "q"), ("key", "k"), ("value", "v"))}
+    out["out_kernel"] = t.linear(f"{p}.o.weight", H * K, (D,)).reshape(H, K, D)
+    return out
+
+  def mlp(p):
+    wi = {"wi_0": {"kernel": t.linear(f"{p}.wi_0.weight", D, (F,))},
+          "wi_1": {"kernel": t.linear(f"{p}.wi_1.weight", D, (F,))}} if gated else {
+              "wi": {"kernel": t.linear(f"{p}.wi.weight", D, (F,))}}
+    return {**wi, "wo": {"kernel": t.linear(f"{p}.wo.weight", F, (D,))}}
+
+  def stack(name, num_layers, is_decoder):
+    rel = f"{name}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
+    out = {"relpos_bias": {"embedding": t(rel, (cfg.relative_buckets, H))},
+           "final_norm": norm(f"{name}.final_layer_norm")}
+    for i in range(num_layers):
+      p = f"{name}.block.{i}.layer"
+      ff = 2 if is_decoder else 1
+      layer = {"self_attn_norm": norm(f"{p}.0.layer_norm"),
+               "self_attn": attention(f"{p}.0.SelfAttention"),
+               "mlp_norm": norm(f"{p}.{ff}.layer_norm"), "mlp": mlp(f"{p}.{ff}.DenseReluDense")}
+      if is_decoder:
+        layer["cross_attn_norm"] = norm(f"{p}.1.layer_norm")
+        layer["cross_attn"] = attention(f"{p}.1.EncDecAttention")
+      out[f"layers_{i}"] = layer
+    return out
+
+  params = {"token_embed": {"embedding": t("shared.weight", (cfg.vocab_size, D))},
+            "encoder": stack("encoder", cfg.num_layers, False),
+            "decoder": stack("decoder", cfg.decoder_layers, True)}
+  for tied in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight"):
+    _untied(t, tied, "shared.weight")  # stored copies of the shared table are expected
+  if not cfg.tie_embeddings:
+    params["lm_head"] = t("lm_head.weight", (cfg.vocab_size, D)).T
+  return cfg, params
+
+
+def convert(config: dict[str, Any], tensors: dict[str, np.ndarray], path: str = "<memory>",
+            **overrides) -> tuple[Any, dict]:
+  """(llmjax config, numpy params) from a Hugging Face config dict and tensors.
+
+  `overrides` replace llmjax config fields (e.g. dtype, param_dtype, scan_layers,
+  attention_impl, remat_policy, dropout_rate).
+  """
+  arch = architecture(config, tensors)
+  if arch.startswith("GPT2"):
+    cfg, params = _gpt2(config, _tensors := _Tensors(tensors, ("transformer.", ""), path), overrides)
+  elif arch.startswith("Bert"):
+    _tensors = _Tensors(tensors, ("bert.", "") if arch == "BertForMaskedLM" else ("", "bert."), path)
+    cfg, params = _bert(config, _tensors, arch, overrides)
+  else:
+    cfg, params = _t5(config, _tensors := _Tensors(tensors, ("",), path), overrides)
+  unused = _tensors.unused()
+  if unused:  # e.g. BERT's next-sentence head: said out loud, not silently dropped
+    logging.warning("checkpoint %r: %d tensors are not part of the llmjax %s model and were "
+                    "not loaded: %s", path, len(unused), arch, unused[:10])
+  if cfg.scan_layers:
+    params = _stack_all(params)
+  return cfg, params
+
+
+def _stack_all(params: dict) -> dict:
+  """Stacks every `layers_i` group in the tree into one scanned `layers` entry."""
+  if not isinstance(params, dict):
+    return params
+  n = sum(1 for k in params if re.fullmatch(r"layers_\d+", k))
+  params = {k: _stack_all(v) for k, v in params.items()}
+  return models.stack_layers(params, n) if n else params
+
+
+def load(path: str, **overrides) -> tuple[nn.Module, dict]:
+  """(model, params) for a local Hugging Face checkpoint directory.
+
+  `overrides` replace llmjax config fields, e.g. `hf.load(p, dtype="bfloat16",
+  scan_layers=True)`. Params are jax arrays in the config's `param_dtype`.
+  """
+  config, tensors = read_checkpoint(path)
+  cfg, params = convert(config, tensors, path, **overrides)
+  params = jax.tree.map(lambda x: jnp.asarray(x, cfg.weight_dtype), params)
+  _, model_cls = models.FAMILIES[models.config_to_dict(cfg)["family"]]
+  return model_cls(cfg), params
