@@ -98,13 +98,18 @@ class Attention(nn.Module):
     return y
 
   def _update_cache(self, k_BSGK, v_BSGK):
-    """Writes this step's keys/values at the cache index; returns the full cache and offset."""
+    """Writes this step's keys/values at the cache index; returns the full cache and offset.
+
+    The cache holds as many positions as the input it was initialized with. Feeding more
+    cannot raise inside jit, so the outputs of an overflowing step are NaN, never silently
+    wrong (restart the cache, or initialize a longer one).
+    """
     is_initialized = self.has_variable("cache", "cached_key")
     cached_k = self.variable("cache", "cached_key", jnp.zeros, k_BSGK.shape, k_BSGK.dtype)
     cached_v = self.variable("cache", "cached_value", jnp.zeros, v_BSGK.shape, v_BSGK.dtype)
     index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
     if not is_initialized:  # init call: the cache takes the shape of the (max-length) input
-      return k_BSGK, v_BSGK, 0, None
+      return k_BSGK, v_BSGK, 0, None, False
     T, S = k_BSGK.shape[1], cached_k.value.shape[1]
     i = index.value
     cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BSGK, (0, i, 0, 0))
@@ -112,7 +117,7 @@ class Attention(nn.Module):
     index.value = i + T
     B = k_BSGK.shape[0]
     kv_segment_ids_BS = jnp.broadcast_to((jnp.arange(S) < i + T).astype(jnp.int32), (B, S))
-    return cached_k.value, cached_v.value, i, kv_segment_ids_BS
+    return cached_k.value, cached_v.value, i, kv_segment_ids_BS, i + T > S
 
   @nn.compact
   def __call__(self, x_BTD: jax.Array, kv_BSD: jax.Array | None = None, *,
@@ -145,9 +150,9 @@ class Attention(nn.Module):
     k_BSGK = sh.constrain(k_BSGK, (sh.BATCH, sh.LENGTH, sh.KV_HEADS, sh.HEAD_DIM))
     v_BSGK = sh.constrain(v_BSGK, (sh.BATCH, sh.LENGTH, sh.KV_HEADS, sh.HEAD_DIM))
 
-    q_offset = 0
+    q_offset, overflow = 0, False
     if self.decode and self_attention:
-      k_BSGK, v_BSGK, q_offset, cache_segment_ids = self._update_cache(k_BSGK, v_BSGK)
+      k_BSGK, v_BSGK, q_offset, cache_segment_ids, overflow = self._update_cache(k_BSGK, v_BSGK)
       if cache_segment_ids is not None:
         kv_segment_ids = cache_segment_ids
         q_segment_ids = jnp.ones_like(q_segment_ids)
@@ -158,6 +163,7 @@ class Attention(nn.Module):
         causal=causal, bias=bias, scale=K ** -0.5 if self.scale is None else self.scale,
         q_offset=q_offset, dropout_rate=self.dropout_rate if use_dropout else 0.0,
         dropout_rng=self.make_rng("dropout") if use_dropout else None)
+    out_BTHK = jnp.where(overflow, jnp.nan, out_BTHK)
     out_BTHK = sh.constrain(out_BTHK, (sh.BATCH, sh.LENGTH, sh.HEADS, sh.HEAD_DIM))
     return self._proj(out_BTHK, "BTHK,HKD->BTD", (H, K, D), (sh.HEADS, sh.HEAD_DIM, sh.EMBED),
                       self.out_init, "out")

@@ -97,7 +97,9 @@ class Bert(nn.Module):
     self.embed_ln = layers.LayerNorm(cfg.norm_eps, **kw)
     self.embed_dropout = nn.Dropout(cfg.dropout_rate)
     self.encoder = _Encoder(cfg)
-    dense = lambda: layers.mlp.dense(cfg.d_model, (sh.EMBED, sh.MLP),
+    # The D -> D denses keep their output unsplit: with it split over "tensor" on D, XLA's
+    # SPMD partitioner (jax 0.10) computes wrong gradients through the tied un-embedding.
+    dense = lambda: layers.mlp.dense(cfg.d_model, (sh.EMBED, None),
                                      nn.initializers.normal(0.02), **kw)
     if cfg.head == "mlm":
       self.mlm_dense = dense()
@@ -138,6 +140,7 @@ class Bert(nn.Module):
       return h_BTD
     act = layers.mlp.activation(self.cfg.activation)
     h_BTD = self.mlm_ln(act(self.mlm_dense(h_BTD)))
+    h_BTD = sh.constrain(h_BTD, (sh.BATCH, sh.LENGTH, sh.EMBED))
     logits_BTV = self.token_embed.attend(h_BTD) + self.mlm_bias.astype(jnp.float32)
     if self.cfg.pooler and self.is_initializing():
       self.pooled(h_BTD)
