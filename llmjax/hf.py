@@ -133,7 +133,7 @@ def _gpt2(config, t: _Tensors, overrides):
       activation=_activation(config.get("activation_function", "gelu_new")),
       norm_eps=config.get("layer_norm_epsilon", 1e-5), dropout_rate=config.get("resid_pdrop", 0.1),
       tie_embeddings=not _untied(t, "lm_head.weight", "wte.weight"), **overrides)
-  K, F = cfg.k, cfg.d_ff
+  K, F = cfg.k, cfg.mlp_dim
   ln = lambda n: {"scale": t(f"{n}.weight", (D,)), "bias": t(f"{n}.bias", (D,))}
   conv = lambda n, i, o: {"kernel": t(f"{n}.weight", (i, o)), "bias": t(f"{n}.bias", (o,))}
   params = {"wte": {"embedding": t("wte.weight", (cfg.vocab_size, D))},
@@ -181,7 +181,7 @@ def _bert(config, t: _Tensors, arch, overrides):
       norm_eps=config.get("layer_norm_eps", 1e-12),
       dropout_rate=config.get("hidden_dropout_prob", 0.1), head="mlm" if mlm else "none",
       pooler=t.has("pooler.dense.weight"), **overrides)
-  H, K, F = cfg.num_heads, cfg.k, cfg.d_ff
+  H, K, F = cfg.num_heads, cfg.k, cfg.mlp_dim
   ln = lambda n: {"scale": t(f"{n}.weight", (D,)), "bias": t(f"{n}.bias", (D,))}
   dense = lambda n, i, o: {"kernel": t.linear(f"{n}.weight", i, (o,)), "bias": t(f"{n}.bias", (o,))}
   e = "embeddings"
@@ -234,7 +234,7 @@ def _t5(config, t: _Tensors, overrides):
       relative_max_distance=config.get("relative_attention_max_distance", 128),
       norm_eps=config.get("layer_norm_epsilon", 1e-6), dropout_rate=config.get("dropout_rate", 0.1),
       **overrides)
-  D, H, K, F = cfg.d_model, cfg.num_heads, cfg.k, cfg.d_ff
+  D, H, K, F = cfg.d_model, cfg.num_heads, cfg.k, cfg.mlp_dim
   norm = lambda n: {"scale": t(f"{n}.weight", (D,))}
 
   def attention(p):

@@ -71,7 +71,7 @@ class BertBlock(nn.Module):
                              name="attn", **kw)(x_BTD, q_segment_ids=segment_ids_BT)
     h_BTD = nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=self.deterministic)
     x_BTD = layers.LayerNorm(cfg.norm_eps, name="attn_ln", **kw)(x_BTD + h_BTD)
-    h_BTD = layers.Mlp(cfg.d_ff, cfg.activation, name="mlp", **kw)(x_BTD)
+    h_BTD = layers.Mlp(cfg.mlp_dim, cfg.activation, name="mlp", **kw)(x_BTD)
     h_BTD = nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=self.deterministic)
     x_BTD = layers.LayerNorm(cfg.norm_eps, name="mlp_ln", **kw)(x_BTD + h_BTD)
     return sh.constrain(x_BTD, (sh.BATCH, sh.LENGTH, sh.EMBED)), None

@@ -37,8 +37,11 @@ def from_size(cls, sizes: dict[str, dict[str, Any]], size: str, **overrides):
 def validate_common(cfg) -> None:
   """Checks the fields every family has; called from each config's __post_init__."""
   name = type(cfg).__name__
-  for field in ("vocab_size", "d_model", "num_layers", "num_heads", "d_ff"):
+  for field in ("vocab_size", "d_model", "num_layers", "num_heads"):
     check(getattr(cfg, field) > 0, f"{name}.{field} must be positive, got {getattr(cfg, field)}")
+  check(cfg.d_ff >= 0, f"{name}.d_ff must be positive (or 0 for 4 * d_model), got {cfg.d_ff}")
+  check(cfg.head_dim is None or cfg.head_dim > 0,
+        f"{name}.head_dim must be positive (or None for d_model // num_heads), got {cfg.head_dim}")
   if cfg.head_dim is None:
     check(cfg.d_model % cfg.num_heads == 0,
           f"{name}.d_model={cfg.d_model} is not divisible by num_heads={cfg.num_heads} "
@@ -67,6 +70,11 @@ class ConfigMixin:
   def k(self) -> int:
     """Head width K."""
     return self.d_model // self.num_heads if self.head_dim is None else self.head_dim
+
+  @property
+  def mlp_dim(self) -> int:
+    """Feed-forward width F: d_ff, or 4 * d_model where d_ff is 0."""
+    return self.d_ff or 4 * self.d_model
 
   @property
   def compute_dtype(self):

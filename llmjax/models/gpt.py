@@ -49,8 +49,6 @@ class GPTConfig(common.ConfigMixin):
   attention_impl: str = "xla"
 
   def __post_init__(self):
-    if self.d_ff == 0:
-      object.__setattr__(self, "d_ff", 4 * self.d_model)
     common.validate_common(self)
     common.check(self.positions in ("learned", "rope", "sinusoidal"),
                  f"GPTConfig.positions={self.positions!r}; expected learned, rope or sinusoidal")
@@ -94,7 +92,7 @@ class GPTBlock(nn.Module):
             _norm(cfg, "ln_1")(x_BTD), q_segment_ids=segment_ids_BT, causal=True,
             positions=positions_BT)
     x_BTD = x_BTD + nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=self.deterministic)
-    h_BTD = layers.Mlp(cfg.d_ff, cfg.activation, cfg.gated, cfg.use_bias,
+    h_BTD = layers.Mlp(cfg.mlp_dim, cfg.activation, cfg.gated, cfg.use_bias,
                        deterministic=self.deterministic, dtype=cfg.compute_dtype,
                        param_dtype=cfg.weight_dtype, wo_init=resid_init, name="mlp")(
                            _norm(cfg, "ln_2")(x_BTD))

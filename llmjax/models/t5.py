@@ -87,9 +87,9 @@ def _attention(cfg: T5Config, deterministic: bool, name: str) -> layers.Attentio
 
 def _mlp(cfg: T5Config, deterministic: bool) -> layers.Mlp:
   normal = nn.initializers.normal
-  return layers.Mlp(cfg.d_ff, cfg.activation, cfg.gated, use_bias=False,
+  return layers.Mlp(cfg.mlp_dim, cfg.activation, cfg.gated, use_bias=False,
                     dropout_rate=cfg.dropout_rate, deterministic=deterministic,
-                    wi_init=normal(cfg.d_model ** -0.5), wo_init=normal(cfg.d_ff ** -0.5),
+                    wi_init=normal(cfg.d_model ** -0.5), wo_init=normal(cfg.mlp_dim ** -0.5),
                     name="mlp", **_kw(cfg))
 
 
