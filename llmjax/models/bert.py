@@ -20,7 +20,7 @@ SIZES = {
 
 
 @dataclasses.dataclass(frozen=True)
-class BertConfig(common.ConfigMixin):
+class BertConfig(common.BaseConfig):
   """Hyperparameters of a BERT model; defaults are BERT-base (uncased vocabulary)."""
 
   vocab_size: int = 30522
@@ -34,20 +34,13 @@ class BertConfig(common.ConfigMixin):
   d_ff: int = 3072
   activation: str = "gelu"
   norm_eps: float = 1e-12
-  dropout_rate: float = 0.1
   head: str = "mlm"  # mlm: logits over the vocabulary | none: final hidden states
   pooler: bool = False  # tanh(dense(h[CLS])), returned by `Bert.pooled`
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  scan_layers: bool = False
-  remat_policy: str = "none"
-  attention_impl: str = "xla"
 
   def __post_init__(self):
-    common.validate_common(self)
+    super().__post_init__()
     common.check(self.head in ("mlm", "none"), f"BertConfig.head={self.head!r}; expected mlm or none")
     common.check(self.type_vocab_size > 0, "BertConfig.type_vocab_size must be positive")
-    layers.mlp.activation(self.activation)
 
   @classmethod
   def from_size(cls, size: str, **overrides) -> "BertConfig":

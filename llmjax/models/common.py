@@ -10,6 +10,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from llmjax import sharding as sh
+from llmjax.layers.mlp import ACTIVATIONS
 
 # Named rematerialization policies for `remat_policy`: what the backward pass may keep.
 REMAT_POLICIES = {
@@ -57,10 +58,23 @@ def validate_common(cfg) -> None:
       jnp.dtype(getattr(cfg, field))
     except TypeError:
       raise ValueError(f"{name}.{field}={getattr(cfg, field)!r} is not a dtype name") from None
+  check(cfg.activation in ACTIVATIONS,
+        f"{name}.activation={cfg.activation!r}; expected one of {sorted(ACTIVATIONS)}")
 
 
-class ConfigMixin:
-  """Derived values and helpers shared by the family configs (frozen dataclasses)."""
+@dataclasses.dataclass(frozen=True)
+class BaseConfig:
+  """Fields and derived values every family config has; the families subclass it."""
+
+  dropout_rate: float = 0.1
+  dtype: str = "float32"  # compute dtype of activations
+  param_dtype: str = "float32"  # storage dtype of parameters
+  scan_layers: bool = False  # nn.scan over layers (parameters get a leading layers axis)
+  remat_policy: str = "none"  # a key of REMAT_POLICIES
+  attention_impl: str = "xla"  # a key of llmjax.layers.ATTENTION_IMPLS
+
+  def __post_init__(self):
+    validate_common(self)
 
   @property
   def kv_heads(self) -> int:

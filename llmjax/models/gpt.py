@@ -22,7 +22,7 @@ SIZES = {
 
 
 @dataclasses.dataclass(frozen=True)
-class GPTConfig(common.ConfigMixin):
+class GPTConfig(common.BaseConfig):
   """Hyperparameters of a GPT model; defaults are GPT-2 small's."""
 
   vocab_size: int = 50257
@@ -41,21 +41,14 @@ class GPTConfig(common.ConfigMixin):
   norm_eps: float = 1e-5
   use_bias: bool = True
   tie_embeddings: bool = True
-  dropout_rate: float = 0.1
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  scan_layers: bool = False
-  remat_policy: str = "none"
-  attention_impl: str = "xla"
 
   def __post_init__(self):
-    common.validate_common(self)
+    super().__post_init__()
     common.check(self.positions in ("learned", "rope", "sinusoidal"),
                  f"GPTConfig.positions={self.positions!r}; expected learned, rope or sinusoidal")
     common.check(self.norm in ("layernorm", "rmsnorm"),
                  f"GPTConfig.norm={self.norm!r}; expected layernorm or rmsnorm")
     common.check(self.max_seq_len > 0, f"GPTConfig.max_seq_len={self.max_seq_len} must be positive")
-    layers.mlp.activation(self.activation)
 
   @classmethod
   def from_size(cls, size: str, **overrides) -> "GPTConfig":

@@ -27,7 +27,7 @@ SIZES = {
 
 
 @dataclasses.dataclass(frozen=True)
-class T5Config(common.ConfigMixin):
+class T5Config(common.BaseConfig):
   """Hyperparameters of a T5 model; defaults are T5-small v1.0 (relu, tied scaled head)."""
 
   vocab_size: int = 32128
@@ -45,20 +45,13 @@ class T5Config(common.ConfigMixin):
   relative_buckets: int = 32
   relative_max_distance: int = 128
   norm_eps: float = 1e-6
-  dropout_rate: float = 0.1
-  dtype: str = "float32"
-  param_dtype: str = "float32"
-  scan_layers: bool = False
-  remat_policy: str = "none"
-  attention_impl: str = "xla"
 
   def __post_init__(self):
-    common.validate_common(self)
+    super().__post_init__()
     common.check(self.decoder_layers > 0, "T5Config.num_decoder_layers must be positive")
     common.check(self.relative_buckets >= 4 and self.relative_max_distance > 0,
                  f"T5Config.relative_buckets={self.relative_buckets} must be >= 4 and "
                  f"relative_max_distance={self.relative_max_distance} positive")
-    layers.mlp.activation(self.activation)
 
   @property
   def decoder_layers(self) -> int:

@@ -62,9 +62,10 @@ def test_family_specific_bad_field(family, field, value):
     FROM_SIZE[family](**{field: value})
 
 
-def test_unknown_activation_lists_known_ones():
-  with pytest.raises(ValueError, match=r"unknown activation 'swish'.*gelu_tanh"):
-    GPTConfig.from_size("tiny", activation="swish")
+@pytest.mark.parametrize("cls", [GPTConfig, BertConfig, T5Config])
+def test_unknown_activation_names_the_field_and_lists_known_ones(cls):
+  with pytest.raises(ValueError, match=rf"{cls.__name__}\.activation='swish'.*gelu_tanh"):
+    cls.from_size("tiny", activation="swish")
 
 
 @pytest.mark.parametrize("cls", [GPTConfig, BertConfig, T5Config])
