@@ -9,6 +9,16 @@ from flax import linen as nn
 from llmjax import sharding as sh
 
 
+def lookup(table_ND: jax.Array, ids_BT: jax.Array, axes: tuple[str, str]) -> jax.Array:
+  """Rows of a table named `axes`, gathered with the table split over its rows only.
+
+  XLA's partitioner cannot gather from a table also split on D into activations split
+  over batch without replicating the whole table first; gathering D-whole avoids that.
+  """
+  table_ND = sh.constrain(table_ND, (axes[0], None))
+  return sh.constrain(jnp.take(table_ND, ids_BT, axis=0), (sh.BATCH, sh.LENGTH, None))
+
+
 class Embed(nn.Module):
   """A [V, D] table: `__call__` looks tokens up, `attend` projects back onto the vocabulary."""
 
@@ -28,7 +38,7 @@ class Embed(nn.Module):
     """Rows of the table for integer ids, in `dtype`."""
     if not jnp.issubdtype(ids_BT.dtype, jnp.integer):
       raise ValueError(f"Embed expects integer token ids, got dtype {ids_BT.dtype}")
-    return jnp.take(self.embedding, ids_BT, axis=0).astype(self.dtype)
+    return lookup(self.embedding, ids_BT, self.axes).astype(self.dtype)
 
   def attend(self, x_BTD: jax.Array) -> jax.Array:
     """Logits over the table's rows, computed and returned in float32."""

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from llmjax import sharding as sh
+from llmjax.layers.embedding import lookup
 
 
 def segment_positions(segment_ids_BT: jax.Array) -> jax.Array:
@@ -34,7 +35,7 @@ class LearnedPositions(nn.Module):
     table = self.param("embedding",
                        nn.with_logical_partitioning(self.embedding_init, (sh.POSITIONS, sh.EMBED)),
                        (self.max_length, self.features), self.param_dtype)
-    return jnp.take(table, positions_BT, axis=0).astype(self.dtype)
+    return lookup(table, positions_BT, (sh.POSITIONS, sh.EMBED)).astype(self.dtype)
 
 
 def sinusoidal(positions_BT: jax.Array, features: int, max_timescale: float = 10_000.0) -> jax.Array:
