@@ -114,25 +114,48 @@ class _Tensors:
     return sorted(k for k in self.tensors if k not in self.used and not _IGNORED.search(k))
 
 
-def _activation(name: str) -> str:
+# Config fields a caller may override on load: how the model runs, never what it computes.
+OVERRIDABLE = ("dtype", "param_dtype", "scan_layers", "remat_policy", "attention_impl",
+               "dropout_rate")
+# Heads a checkpoint may carry that the llmjax model has no place for, by design.
+_UNUSED_HEADS = re.compile(r"^cls\.seq_relationship\.")
+
+
+def _activation(config: dict[str, Any], key: str, default: str) -> str:
+  name = config.get(key, default)
   if name not in _ACTIVATIONS:
-    raise ValueError(f"unsupported activation {name!r} in config.json; llmjax maps "
+    raise ValueError(f"unsupported activation {key}={name!r} in config.json; llmjax maps "
                      f"{sorted(_ACTIVATIONS)}")
   return _ACTIVATIONS[name]
 
 
-def _gpt2(config, t: _Tensors, overrides):
-  for key, ok in (("scale_attn_by_inverse_layer_idx", False), ("reorder_and_upcast_attn", False),
-                  ("scale_attn_weights", True)):
+def _reject(config: dict[str, Any], family: str, **expected) -> None:
+  """Raises for a config option that would change the math away from what llmjax computes."""
+  for key, ok in expected.items():
     if config.get(key, ok) != ok:
-      raise ValueError(f"unsupported GPT-2 option {key}={config[key]!r}")
+      raise ValueError(f"unsupported {family} option {key}={config[key]!r}; llmjax reads {ok!r}")
+
+
+def _config(cls, derived: dict[str, Any], overrides: dict[str, Any]):
+  """cls(**derived) with `overrides` applied, allowing only the OVERRIDABLE fields."""
+  bad = sorted(set(overrides) - set(OVERRIDABLE))
+  if bad:
+    raise ValueError(f"cannot override {bad} when loading a checkpoint (they are fixed by its "
+                     f"weights or math); overridable fields: {list(OVERRIDABLE)}")
+  return cls(**{**derived, **overrides})
+
+
+def _gpt2(config, t: _Tensors, overrides):
+  # reorder_and_upcast_attn only changes precision; llmjax's attention logits are float32.
+  _reject(config, "GPT-2", scale_attn_by_inverse_layer_idx=False, scale_attn_weights=True,
+          add_cross_attention=False)
   D, H = config["n_embd"], config["n_head"]
-  cfg = models.GPTConfig(
+  cfg = _config(models.GPTConfig, dict(
       vocab_size=config["vocab_size"], max_seq_len=config["n_positions"], d_model=D,
       num_layers=config["n_layer"], num_heads=H, d_ff=config.get("n_inner") or 4 * D,
-      activation=_activation(config.get("activation_function", "gelu_new")),
+      activation=_activation(config, "activation_function", "gelu_new"),
       norm_eps=config.get("layer_norm_epsilon", 1e-5), dropout_rate=config.get("resid_pdrop", 0.1),
-      tie_embeddings=not _untied(t, "lm_head.weight", "wte.weight"), **overrides)
+      tie_embeddings=not _untied(t, "lm_head.weight", "wte.weight")), overrides)
   K, F = cfg.k, cfg.mlp_dim
   ln = lambda n: {"scale": t(f"{n}.weight", (D,)), "bias": t(f"{n}.bias", (D,))}
   conv = lambda n, i, o: {"kernel": t(f"{n}.weight", (i, o)), "bias": t(f"{n}.bias", (o,))}
@@ -168,19 +191,18 @@ def _untied(t: _Tensors, head: str, embedding: str) -> bool:
 
 
 def _bert(config, t: _Tensors, arch, overrides):
-  if config.get("position_embedding_type", "absolute") != "absolute":
-    raise ValueError(f"unsupported BERT position_embedding_type="
-                     f"{config['position_embedding_type']!r}; llmjax reads 'absolute'")
+  _reject(config, "BERT", position_embedding_type="absolute", is_decoder=False,
+          add_cross_attention=False)
   D = config["hidden_size"]
   mlm = arch == "BertForMaskedLM"
-  cfg = models.BertConfig(
+  cfg = _config(models.BertConfig, dict(
       vocab_size=config["vocab_size"], max_seq_len=config["max_position_embeddings"],
       type_vocab_size=config.get("type_vocab_size", 2), d_model=D,
       num_layers=config["num_hidden_layers"], num_heads=config["num_attention_heads"],
-      d_ff=config["intermediate_size"], activation=_activation(config.get("hidden_act", "gelu")),
+      d_ff=config["intermediate_size"], activation=_activation(config, "hidden_act", "gelu"),
       norm_eps=config.get("layer_norm_eps", 1e-12),
       dropout_rate=config.get("hidden_dropout_prob", 0.1), head="mlm" if mlm else "none",
-      pooler=t.has("pooler.dense.weight"), **overrides)
+      pooler=t.has("pooler.dense.weight")), overrides)
   H, K, F = cfg.num_heads, cfg.k, cfg.mlp_dim
   ln = lambda n: {"scale": t(f"{n}.weight", (D,)), "bias": t(f"{n}.bias", (D,))}
   dense = lambda n, i, o: {"kernel": t.linear(f"{n}.weight", i, (o,)), "bias": t(f"{n}.bias", (o,))}
@@ -221,19 +243,21 @@ def _bert(config, t: _Tensors, arch, overrides):
 def _t5(config, t: _Tensors, overrides):
   ff = config.get("feed_forward_proj", "relu")
   gated = ff.startswith("gated-")
+  act_key = "dense_act_fn" if config.get("dense_act_fn") else "feed_forward_proj"
   act = config.get("dense_act_fn") or ff.removeprefix("gated-")
   act = "gelu_new" if (gated and act == "gelu") else act  # HF maps gated-gelu to gelu_new
-  cfg = models.T5Config(
+  decoder_layers = config.get("num_decoder_layers")
+  cfg = _config(models.T5Config, dict(
       vocab_size=config["vocab_size"], d_model=config["d_model"], num_layers=config["num_layers"],
-      num_decoder_layers=config.get("num_decoder_layers") or config["num_layers"],
+      num_decoder_layers=config["num_layers"] if decoder_layers is None else decoder_layers,
       num_heads=config["num_heads"], head_dim=config["d_kv"], d_ff=config["d_ff"],
-      activation=_activation(act), gated=gated,
+      activation=_activation({act_key: act}, act_key, act), gated=gated,
       tie_embeddings=not _untied(t, "lm_head.weight", "shared.weight"),
       scale_logits=config.get("scale_decoder_outputs", config.get("tie_word_embeddings", True)),
       relative_buckets=config.get("relative_attention_num_buckets", 32),
       relative_max_distance=config.get("relative_attention_max_distance", 128),
-      norm_eps=config.get("layer_norm_epsilon", 1e-6), dropout_rate=config.get("dropout_rate", 0.1),
-      **overrides)
+      norm_eps=config.get("layer_norm_epsilon", 1e-6), dropout_rate=config.get("dropout_rate", 0.1)),
+      overrides)
   D, H, K, F = cfg.d_model, cfg.num_heads, cfg.k, cfg.mlp_dim
   norm = lambda n: {"scale": t(f"{n}.weight", (D,))}
 
@@ -279,8 +303,10 @@ def convert(config: dict[str, Any], tensors: dict[str, np.ndarray], path: str = 
             **overrides) -> tuple[Any, dict]:
   """(llmjax config, numpy params) from a Hugging Face config dict and tensors.
 
-  `overrides` replace llmjax config fields (e.g. dtype, param_dtype, scan_layers,
-  attention_impl, remat_policy, dropout_rate).
+  `overrides` replace the llmjax config fields named in OVERRIDABLE (dtype, param_dtype,
+  scan_layers, remat_policy, attention_impl, dropout_rate). A tensor the model has no place
+  for is an error, except known task heads llmjax does not build (BERT's next-sentence
+  head), which are logged.
   """
   arch = architecture(config, tensors)
   if arch.startswith("GPT2"):
@@ -291,9 +317,14 @@ def convert(config: dict[str, Any], tensors: dict[str, np.ndarray], path: str = 
   else:
     cfg, params = _t5(config, _tensors := _Tensors(tensors, ("",), path), overrides)
   unused = _tensors.unused()
-  if unused:  # e.g. BERT's next-sentence head: said out loud, not silently dropped
-    logging.warning("checkpoint %r: %d tensors are not part of the llmjax %s model and were "
-                    "not loaded: %s", path, len(unused), arch, unused[:10])
+  heads = [k for k in unused if _UNUSED_HEADS.search(k)]
+  if heads:
+    logging.warning("checkpoint %r: not loading %s (a task head the llmjax %s model does not "
+                    "have)", path, heads, arch)
+  unknown = [k for k in unused if k not in heads]
+  if unknown:
+    raise ValueError(f"checkpoint {path!r} holds tensors the llmjax {arch} model has no place "
+                     f"for: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}")
   if cfg.scan_layers:
     params = _stack_all(params)
   return cfg, params
@@ -311,8 +342,8 @@ def _stack_all(params: dict) -> dict:
 def load(path: str, **overrides) -> tuple[nn.Module, dict]:
   """(model, params) for a local Hugging Face checkpoint directory.
 
-  `overrides` replace llmjax config fields, e.g. `hf.load(p, dtype="bfloat16",
-  scan_layers=True)`. Params are jax arrays in the config's `param_dtype`.
+  `overrides` replace the run-time config fields in OVERRIDABLE, e.g.
+  `hf.load(p, dtype="bfloat16", scan_layers=True)`. Params are jax arrays in the config's `param_dtype`.
   """
   config, tensors = read_checkpoint(path)
   cfg, params = convert(config, tensors, path, **overrides)

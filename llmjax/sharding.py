@@ -3,9 +3,9 @@
 Layers name the dimensions of their parameters and activations with the logical
 names below; they never name mesh axes. `RULES` maps logical names to the mesh axes
 of a (data, fsdp, tensor) mesh. Flax reads the rules in order and gives each mesh
-axis to at most one dimension of an array, so an activation named
-("batch", "length", "embed") is split over data and fsdp by batch, while a parameter
-named ("embed", "mlp") is split over fsdp by embed and over tensor by mlp.
+axis to at most one dimension of an array. Parameters and activations name the model
+width differently (`embed` vs `act_embed`) so that FSDP splits a parameter's D while
+an activation [B, T, D] is split over data and fsdp by batch and keeps D whole.
 """
 
 from __future__ import annotations
@@ -23,7 +23,8 @@ MESH_AXES = ("data", "fsdp", "tensor")
 # Logical axis names used across llmjax. Declared here once; layers refer to them.
 BATCH = "batch"  # examples in a batch
 LENGTH = "length"  # sequence positions (activations only)
-EMBED = "embed"  # model width D
+EMBED = "embed"  # model width D of parameters
+ACT_EMBED = "act_embed"  # model width D of activations: kept whole by default
 HEADS = "heads"  # query heads H
 KV_HEADS = "kv_heads"  # key/value heads G
 HEAD_DIM = "kv"  # per-head width K
@@ -44,6 +45,7 @@ RULES: Rules = (
     (MLP, "tensor"),
     (VOCAB, "tensor"),
     (LENGTH, None),
+    (ACT_EMBED, None),
     (HEAD_DIM, None),
     (LAYERS, None),
     (POSITIONS, None),

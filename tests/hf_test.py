@@ -174,3 +174,31 @@ def test_unused_tensors_are_reported(tmp_path, caplog):
   save_file(tensors, os.path.join(tmp_path, "model.safetensors"))
   hf.load(str(tmp_path))
   assert "cls.seq_relationship.weight" in caplog.text
+
+
+def test_unknown_tensors_are_an_error(tmp_path):
+  from safetensors.numpy import save_file
+  hf_reference.make_gpt2(str(tmp_path))
+  cfg, tensors = hf.read_checkpoint(str(tmp_path))
+  tensors["transformer.h.0.crossattention.c_attn.weight"] = np.zeros((64, 128), np.float32)
+  save_file(tensors, os.path.join(tmp_path, "model.safetensors"))
+  with pytest.raises(ValueError, match=r"no place for: \['transformer\.h\.0\.crossattention"):
+    hf.load(str(tmp_path))
+
+
+def test_options_that_change_the_math_are_rejected(tmp_path):
+  hf_reference.make_bert_model(str(tmp_path))
+  _rewrite(tmp_path, config={"is_decoder": True})
+  with pytest.raises(ValueError, match="unsupported BERT option is_decoder=True"):
+    hf.load(str(tmp_path))
+  _rewrite(tmp_path, config={"is_decoder": False, "hidden_act": "mish"})
+  with pytest.raises(ValueError, match="unsupported activation hidden_act='mish'"):
+    hf.load(str(tmp_path))
+
+
+def test_only_run_time_fields_can_be_overridden(tmp_path):
+  hf_reference.make_gpt2(str(tmp_path))
+  model, _ = hf.load(str(tmp_path), dropout_rate=0.0, remat_policy="full")
+  assert (model.cfg.dropout_rate, model.cfg.remat_policy) == (0.0, "full")
+  with pytest.raises(ValueError, match=r"cannot override \['norm_eps'\]"):
+    hf.load(str(tmp_path), norm_eps=1e-6)

@@ -368,3 +368,9 @@ def test_logical_sharding_drops_axes_that_do_not_divide(mesh):
   total = _run(jax.jit(lambda p: sum(jnp.sum(x) for x in jax.tree.leaves(p))), placed)
   np.testing.assert_allclose(float(total), sum(float(np.sum(x)) for x in
                                                jax.tree.leaves(params)), rtol=1e-5)
+
+
+def test_activations_keep_d_whole_even_when_batch_gives_up_fsdp():
+  rules = [(name, ("data",) if name == sh.BATCH else axes) for name, axes in sh.RULES]
+  assert nn.logical_to_mesh_axes((sh.BATCH, sh.LENGTH, sh.ACT_EMBED), rules) == P("data", None, None)
+  assert nn.logical_to_mesh_axes((sh.EMBED, sh.MLP), rules) == P("fsdp", "tensor")

@@ -12,6 +12,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+import jax  # noqa: E402
 from absl import app, flags  # noqa: E402
 
 from llmjax import checkpoint, hf  # noqa: E402
@@ -31,7 +32,7 @@ def main(argv):
   model, params = hf.load(FLAGS.hf_dir, param_dtype=FLAGS.param_dtype,
                           scan_layers=FLAGS.scan_layers)
   checkpoint.save_model(FLAGS.out_dir, model, params)
-  n = sum(x.size for x in __import__("jax").tree.leaves(params))
+  n = sum(x.size for x in jax.tree.leaves(params))
   print(f"wrote {type(model).__name__} ({n:,} parameters) to {os.path.abspath(FLAGS.out_dir)}")
 
 

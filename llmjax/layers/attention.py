@@ -132,6 +132,8 @@ class Attention(nn.Module):
       raise ValueError(f"unknown attention impl {self.impl!r}; expected one of "
                        f"{sorted(ATTENTION_IMPLS)}")
     self_attention = kv_BSD is None
+    if self.rope_theta is not None and not self_attention:
+      raise ValueError("rotary embeddings (rope_theta) apply to self-attention only")
     kv_BSD = x_BTD if self_attention else kv_BSD
     kv_segment_ids = q_segment_ids if kv_segment_ids is None else kv_segment_ids
     D = x_BTD.shape[-1]

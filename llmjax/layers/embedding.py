@@ -16,7 +16,7 @@ def lookup(table_ND: jax.Array, ids_BT: jax.Array, axes: tuple[str, str]) -> jax
   over batch without replicating the whole table first; gathering D-whole avoids that.
   """
   table_ND = sh.constrain(table_ND, (axes[0], None))
-  return sh.constrain(jnp.take(table_ND, ids_BT, axis=0), (sh.BATCH, sh.LENGTH, None))
+  return sh.constrain(jnp.take(table_ND, ids_BT, axis=0), (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
 
 
 class Embed(nn.Module):

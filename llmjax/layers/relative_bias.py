@@ -41,7 +41,6 @@ class RelativePositionBias(nn.Module):
   max_distance: int
   num_heads: int
   bidirectional: bool
-  dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   embedding_init: nn.initializers.Initializer = nn.initializers.normal(1.0)
 

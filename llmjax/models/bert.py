@@ -58,7 +58,7 @@ class BertBlock(nn.Module):
   def __call__(self, x_BTD, segment_ids_BT):
     cfg = self.cfg
     kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
-    x_BTD = sh.constrain(x_BTD, (sh.BATCH, sh.LENGTH, sh.EMBED))
+    x_BTD = sh.constrain(x_BTD, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
     h_BTD = layers.Attention(cfg.num_heads, cfg.kv_heads, cfg.k, dropout_rate=cfg.dropout_rate,
                              deterministic=self.deterministic, impl=cfg.attention_impl,
                              name="attn", **kw)(x_BTD, q_segment_ids=segment_ids_BT)
@@ -67,7 +67,7 @@ class BertBlock(nn.Module):
     h_BTD = layers.Mlp(cfg.mlp_dim, cfg.activation, name="mlp", **kw)(x_BTD)
     h_BTD = nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=self.deterministic)
     x_BTD = layers.LayerNorm(cfg.norm_eps, name="mlp_ln", **kw)(x_BTD + h_BTD)
-    return sh.constrain(x_BTD, (sh.BATCH, sh.LENGTH, sh.EMBED)), None
+    return sh.constrain(x_BTD, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED)), None
 
 
 class Bert(nn.Module):
@@ -133,7 +133,7 @@ class Bert(nn.Module):
       return h_BTD
     act = layers.mlp.activation(self.cfg.activation)
     h_BTD = self.mlm_ln(act(self.mlm_dense(h_BTD)))
-    h_BTD = sh.constrain(h_BTD, (sh.BATCH, sh.LENGTH, sh.EMBED))
+    h_BTD = sh.constrain(h_BTD, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
     logits_BTV = self.token_embed.attend(h_BTD) + self.mlm_bias.astype(jnp.float32)
     if self.cfg.pooler and self.is_initializing():
       self.pooled(h_BTD)

@@ -75,7 +75,7 @@ class GPTBlock(nn.Module):
   def __call__(self, x_BTD, segment_ids_BT, positions_BT):
     cfg = self.cfg
     resid_init = nn.initializers.normal(0.02 / (2 * cfg.num_layers) ** 0.5)
-    x_BTD = sh.constrain(x_BTD, (sh.BATCH, sh.LENGTH, sh.EMBED))
+    x_BTD = sh.constrain(x_BTD, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
     h_BTD = layers.Attention(
         cfg.num_heads, cfg.kv_heads, cfg.k, use_bias=cfg.use_bias,
         rope_theta=cfg.rope_theta if cfg.positions == "rope" else None,
@@ -90,7 +90,7 @@ class GPTBlock(nn.Module):
                        param_dtype=cfg.weight_dtype, wo_init=resid_init, name="mlp")(
                            _norm(cfg, "ln_2")(x_BTD))
     x_BTD = x_BTD + nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=self.deterministic)
-    return sh.constrain(x_BTD, (sh.BATCH, sh.LENGTH, sh.EMBED)), None
+    return sh.constrain(x_BTD, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED)), None
 
 
 class GPT(nn.Module):
@@ -99,7 +99,8 @@ class GPT(nn.Module):
   `segment_ids` [B, T]: 0 marks padding, equal non-zero ids mark one packed sequence
   (default: one sequence per row). `positions` default to each token's index within its
   segment. With `decode=True` the attention layers keep a KV cache: initialize with a
-  [B, max_length] input, then feed tokens step by step with mutable=["cache"].
+  [B, max_length] input, then feed tokens (unpadded rows, no segment_ids) step by step
+  with mutable=["cache"]; a step past max_length gives NaN.
   """
 
   cfg: GPTConfig
@@ -115,6 +116,8 @@ class GPT(nn.Module):
       common.check(T <= cfg.max_seq_len,
                    f"GPT: sequence length {T} exceeds GPTConfig.max_seq_len={cfg.max_seq_len} "
                    f"(the learned position table)")
+    common.check(not (self.decode and segment_ids is not None),
+                 "GPT(decode=True) decodes unpadded, unpacked rows: pass no segment_ids")
     segment_ids_BT = jnp.ones_like(tokens) if segment_ids is None else segment_ids
     if positions is None:
       positions = layers.segment_positions(segment_ids_BT)

@@ -98,7 +98,7 @@ class T5Block(nn.Module):
     cfg, det = self.cfg, self.deterministic
     norm = lambda name: layers.RMSNorm(cfg.norm_eps, name=name, **_kw(cfg))
     drop = lambda h: nn.Dropout(cfg.dropout_rate)(h, deterministic=det)
-    x_BTD = sh.constrain(x_BTD, (sh.BATCH, sh.LENGTH, sh.EMBED))
+    x_BTD = sh.constrain(x_BTD, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
     x_BTD = x_BTD + drop(_attention(cfg, det, "self_attn")(
         norm("self_attn_norm")(x_BTD), q_segment_ids=segment_ids_BT, causal=self.is_decoder,
         bias=bias_1HTT))
@@ -107,7 +107,7 @@ class T5Block(nn.Module):
           norm("cross_attn_norm")(x_BTD), encoded_BSD, q_segment_ids=segment_ids_BT,
           kv_segment_ids=enc_segment_ids_BS))
     x_BTD = x_BTD + drop(_mlp(cfg, det)(norm("mlp_norm")(x_BTD)))
-    return sh.constrain(x_BTD, (sh.BATCH, sh.LENGTH, sh.EMBED)), None
+    return sh.constrain(x_BTD, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED)), None
 
 
 class T5Stack(nn.Module):
@@ -124,7 +124,7 @@ class T5Stack(nn.Module):
     bias_1HTT = layers.RelativePositionBias(
         cfg.relative_buckets, cfg.relative_max_distance, cfg.num_heads,
         bidirectional=not self.is_decoder, embedding_init=nn.initializers.normal(
-            cfg.d_model ** -0.5), name="relpos_bias", **_kw(cfg))(T, T)
+            cfg.d_model ** -0.5), name="relpos_bias", param_dtype=cfg.weight_dtype)(T, T)
     x_BTD = nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=deterministic)
     args = (segment_ids_BT, bias_1HTT) + ((encoded_BSD, enc_segment_ids_BS)
                                           if self.is_decoder else ())

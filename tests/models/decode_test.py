@@ -85,3 +85,11 @@ def test_feeding_past_the_cache_gives_nan_not_silent_garbage(positions):
     cache = mutated["cache"]
     finite.append(bool(np.isfinite(np.asarray(logits)).all()))
   assert finite == [True] * 6 + [False] * 2
+
+
+def test_decode_refuses_segment_ids():
+  cfg = GPTConfig.from_size("tiny", num_layers=1, dropout_rate=0.0)
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  with pytest.raises(ValueError, match="decode=True.*no segment_ids"):
+    jax.eval_shape(GPT(cfg, decode=True).init, jax.random.key(0), tokens,
+                   segment_ids=jnp.ones_like(tokens))
