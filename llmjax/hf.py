@@ -310,13 +310,15 @@ def convert(config: dict[str, Any], tensors: dict[str, np.ndarray], path: str = 
   """
   arch = architecture(config, tensors)
   if arch.startswith("GPT2"):
-    cfg, params = _gpt2(config, _tensors := _Tensors(tensors, ("transformer.", ""), path), overrides)
+    t = _Tensors(tensors, ("transformer.", ""), path)
+    cfg, params = _gpt2(config, t, overrides)
   elif arch.startswith("Bert"):
-    _tensors = _Tensors(tensors, ("bert.", "") if arch == "BertForMaskedLM" else ("", "bert."), path)
-    cfg, params = _bert(config, _tensors, arch, overrides)
+    t = _Tensors(tensors, ("bert.", "") if arch == "BertForMaskedLM" else ("", "bert."), path)
+    cfg, params = _bert(config, t, arch, overrides)
   else:
-    cfg, params = _t5(config, _tensors := _Tensors(tensors, ("",), path), overrides)
-  unused = _tensors.unused()
+    t = _Tensors(tensors, ("",), path)
+    cfg, params = _t5(config, t, overrides)
+  unused = t.unused()
   heads = [k for k in unused if _UNUSED_HEADS.search(k)]
   if heads:
     logging.warning("checkpoint %r: not loading %s (a task head the llmjax %s model does not "

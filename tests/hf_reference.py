@@ -123,64 +123,52 @@ def _np(x: torch.Tensor) -> np.ndarray:
     return x.detach().to(torch.float32).cpu().numpy()
 
 
-def _gpt2_ref(model):
-    """Return ``ref_fn(tokens, mask) -> logits`` for a GPT2LMHeadModel."""
+def _reference(model, forward: Callable) -> Callable:
+    """``ref_fn(*numpy int arrays)``: ``forward`` on long tensors, no grad, float32 numpy out.
 
-    def ref_fn(tokens, mask):
-        """Compute GPT-2 logits [B,T,V] with explicit position_ids = arange(T)."""
-        tokens = _long(tokens)
-        pos = torch.arange(tokens.shape[1], dtype=torch.long)[None].expand_as(tokens)
+    A tuple of outputs comes back as a tuple of arrays; ``ref_fn.model`` is ``model``.
+    """
+
+    def ref_fn(*arrays):
         with torch.no_grad():
-            out = model(input_ids=tokens, attention_mask=_long(mask), position_ids=pos, use_cache=False)
-        return _np(out.logits)
+            out = forward(*(_long(a) for a in arrays))
+        return tuple(_np(o) for o in out) if isinstance(out, tuple) else _np(out)
 
     ref_fn.model = model
     return ref_fn
+
+
+def _gpt2_ref(model):
+    """``ref_fn(tokens, mask) -> logits [B,T,V]`` with explicit position_ids = arange(T)."""
+
+    def forward(tokens, mask):
+        pos = torch.arange(tokens.shape[1], dtype=torch.long)[None].expand_as(tokens)
+        return model(input_ids=tokens, attention_mask=mask, position_ids=pos, use_cache=False).logits
+
+    return _reference(model, forward)
 
 
 def _bert_mlm_ref(model):
-    """Return ``ref_fn(tokens, mask, token_types) -> logits`` for BertForMaskedLM."""
-
-    def ref_fn(tokens, mask, token_types):
-        """Compute BERT MLM logits [B,T,V]."""
-        with torch.no_grad():
-            out = model(input_ids=_long(tokens), attention_mask=_long(mask), token_type_ids=_long(token_types))
-        return _np(out.logits)
-
-    ref_fn.model = model
-    return ref_fn
+    """``ref_fn(tokens, mask, token_types) -> logits [B,T,V]`` for BertForMaskedLM."""
+    return _reference(model, lambda tokens, mask, types: model(
+        input_ids=tokens, attention_mask=mask, token_type_ids=types).logits)
 
 
 def _bert_model_ref(model):
-    """Return ``ref_fn(tokens, mask, token_types) -> (hidden, pooled)`` for BertModel."""
+    """``ref_fn(tokens, mask, token_types) -> (last_hidden_state, pooler_output)``."""
 
-    def ref_fn(tokens, mask, token_types):
-        """Compute BertModel (last_hidden_state [B,T,D], pooler_output [B,D])."""
-        with torch.no_grad():
-            out = model(input_ids=_long(tokens), attention_mask=_long(mask), token_type_ids=_long(token_types))
-        return _np(out.last_hidden_state), _np(out.pooler_output)
+    def forward(tokens, mask, types):
+        out = model(input_ids=tokens, attention_mask=mask, token_type_ids=types)
+        return out.last_hidden_state, out.pooler_output
 
-    ref_fn.model = model
-    return ref_fn
+    return _reference(model, forward)
 
 
 def _t5_ref(model):
-    """Return ``ref_fn(enc_tokens, enc_mask, dec_tokens, dec_mask) -> logits`` for T5."""
-
-    def ref_fn(enc_tokens, enc_mask, dec_tokens, dec_mask):
-        """Compute T5 decoder logits [B,Td,V] with decoder_input_ids=dec_tokens."""
-        with torch.no_grad():
-            out = model(
-                input_ids=_long(enc_tokens),
-                attention_mask=_long(enc_mask),
-                decoder_input_ids=_long(dec_tokens),
-                decoder_attention_mask=_long(dec_mask),
-                use_cache=False,
-            )
-        return _np(out.logits)
-
-    ref_fn.model = model
-    return ref_fn
+    """``ref_fn(enc_tokens, enc_mask, dec_tokens, dec_mask) -> logits [B,Td,V]``."""
+    return _reference(model, lambda enc, enc_mask, dec, dec_mask: model(
+        input_ids=enc, attention_mask=enc_mask, decoder_input_ids=dec,
+        decoder_attention_mask=dec_mask, use_cache=False).logits)
 
 
 def _example_inputs(seed: int, n_text: int) -> tuple:

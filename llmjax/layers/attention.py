@@ -90,7 +90,7 @@ class Attention(nn.Module):
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     y = jnp.einsum(eq, x, kernel)
     if self.use_bias:
-      bias_shape = shape[2:] if eq.startswith("BTHK") else shape[1:]
+      bias_shape = shape[x.ndim - 2:]  # the output dims: the kernel less the contracted ones
       bias = self.param(f"{name}_bias",
                         nn.with_logical_partitioning(nn.initializers.zeros, axes[-len(bias_shape):]),
                         bias_shape, self.param_dtype)

@@ -127,16 +127,14 @@ class Bert(nn.Module):
   def __call__(self, tokens, segment_ids=None, token_types=None, positions=None, *,
                deterministic: bool = True) -> jax.Array:
     h_BTD = self.hidden(tokens, segment_ids, token_types, positions, deterministic=deterministic)
+    if self.cfg.pooler and self.is_initializing():
+      self.pooled(h_BTD)  # create the pooler's parameters
     if self.cfg.head == "none":
-      if self.cfg.pooler and self.is_initializing():
-        self.pooled(h_BTD)  # create the pooler's parameters
       return h_BTD
     act = layers.mlp.activation(self.cfg.activation)
     h_BTD = self.mlm_ln(act(self.mlm_dense(h_BTD)))
     h_BTD = sh.constrain(h_BTD, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
     logits_BTV = self.token_embed.attend(h_BTD) + self.mlm_bias.astype(jnp.float32)
-    if self.cfg.pooler and self.is_initializing():
-      self.pooled(h_BTD)
     return sh.constrain(logits_BTV, (sh.BATCH, sh.LENGTH, sh.VOCAB))
 
 
