@@ -22,12 +22,9 @@ import optax
 from absl import app, flags
 from flax import linen as nn
 
+from llmjax.data.sources import STDLIB_FILES
 from llmjax.models.gpt import GPT, GPTConfig
 
-# Modules whose .py sources every CPython 3.10+ ships (pathlib and zipfile became packages later).
-STDLIB_FILES = ("argparse.py", "ast.py", "collections/__init__.py", "dataclasses.py", "difflib.py",
-                "enum.py", "functools.py", "inspect.py", "os.py", "shutil.py", "subprocess.py",
-                "textwrap.py", "threading.py", "typing.py")
 VAL_FRACTION = 0.05
 
 

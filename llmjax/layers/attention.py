@@ -20,18 +20,27 @@ from llmjax.layers.positions import apply_rope
 
 
 def attention_mask(q_segment_ids_BT: jax.Array, kv_segment_ids_BS: jax.Array, *,
-                   causal: bool, q_offset: jax.Array | int = 0) -> jax.Array:
-  """Boolean [B, 1, T, S]: same segment and, if causal, key index <= query index."""
+                   causal: bool, q_offset: jax.Array | int = 0,
+                   prefix_mask: jax.Array | None = None) -> jax.Array:
+  """Boolean [B, 1, T, S]: same segment and, if causal, key index <= query index.
+
+  `prefix_mask` [B, T] (causal self-attention only) marks a prefix-LM's prefix: queries in
+  it also see the later prefix keys of their segment, so the prefix is bidirectional.
+  """
   mask_BTS = q_segment_ids_BT[:, :, None] == kv_segment_ids_BS[:, None, :]
   if causal:
     T, S = q_segment_ids_BT.shape[1], kv_segment_ids_BS.shape[1]
     q_pos_T = jnp.arange(T) + q_offset
-    mask_BTS = mask_BTS & (jnp.arange(S)[None, :] <= q_pos_T[:, None])[None]
+    visible_BTS = (jnp.arange(S)[None, :] <= q_pos_T[:, None])[None]
+    if prefix_mask is not None:
+      prefix_BT = prefix_mask.astype(bool)
+      visible_BTS = visible_BTS | (prefix_BT[:, :, None] & prefix_BT[:, None, :])
+    mask_BTS = mask_BTS & visible_BTS
   return mask_BTS[:, None]
 
 
 def xla_attention(q_BTHK, k_BSGK, v_BSGK, *, q_segment_ids, kv_segment_ids, causal, bias=None,
-                  scale, q_offset=0, dropout_rate=0.0, dropout_rng=None):
+                  scale, q_offset=0, dropout_rate=0.0, dropout_rng=None, prefix_mask=None):
   """Plain jnp attention: float32 logits and softmax; GQA without repeating K and V."""
   B, T, H, K = q_BTHK.shape
   G = k_BSGK.shape[2]
@@ -42,7 +51,7 @@ def xla_attention(q_BTHK, k_BSGK, v_BSGK, *, q_segment_ids, kv_segment_ids, caus
     logits_BGRTS = logits_BGRTS + bias.astype(jnp.float32).reshape(
         bias.shape[0], G, H // G, *bias.shape[2:])
   mask_B11TS = attention_mask(q_segment_ids, kv_segment_ids, causal=causal,
-                              q_offset=q_offset)[:, None]
+                              q_offset=q_offset, prefix_mask=prefix_mask)[:, None]
   # A fully masked row (a padding query with no padding keys) becomes uniform, not NaN.
   logits_BGRTS = jnp.where(mask_B11TS, logits_BGRTS, jnp.finfo(jnp.float32).min)
   probs_BGRTS = jax.nn.softmax(logits_BGRTS, axis=-1)
@@ -123,8 +132,12 @@ class Attention(nn.Module):
   def __call__(self, x_BTD: jax.Array, kv_BSD: jax.Array | None = None, *,
                q_segment_ids: jax.Array, kv_segment_ids: jax.Array | None = None,
                causal: bool = False, bias: jax.Array | None = None,
-               positions: jax.Array | None = None) -> jax.Array:
-    """Attends queries from `x_BTD` to keys from `kv_BSD` (default: `x_BTD` itself)."""
+               positions: jax.Array | None = None,
+               prefix_mask: jax.Array | None = None) -> jax.Array:
+    """Attends queries from `x_BTD` to keys from `kv_BSD` (default: `x_BTD` itself).
+
+    `prefix_mask` (causal self-attention) makes the marked prefix bidirectional (prefix LM).
+    """
     H, G, K = self.num_heads, self.num_kv_heads, self.head_dim
     if H % G:
       raise ValueError(f"num_heads={H} is not divisible by num_kv_heads={G}")
@@ -134,6 +147,8 @@ class Attention(nn.Module):
     self_attention = kv_BSD is None
     if self.rope_theta is not None and not self_attention:
       raise ValueError("rotary embeddings (rope_theta) apply to self-attention only")
+    if prefix_mask is not None and not (causal and self_attention and not self.decode):
+      raise ValueError("prefix_mask applies to causal self-attention outside decoding only")
     kv_BSD = x_BTD if self_attention else kv_BSD
     kv_segment_ids = q_segment_ids if kv_segment_ids is None else kv_segment_ids
     D = x_BTD.shape[-1]
@@ -164,7 +179,8 @@ class Attention(nn.Module):
         q_BTHK, k_BSGK, v_BSGK, q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids,
         causal=causal, bias=bias, scale=K ** -0.5 if self.scale is None else self.scale,
         q_offset=q_offset, dropout_rate=self.dropout_rate if use_dropout else 0.0,
-        dropout_rng=self.make_rng("dropout") if use_dropout else None)
+        dropout_rng=self.make_rng("dropout") if use_dropout else None,
+        **({} if prefix_mask is None else {"prefix_mask": prefix_mask}))
     out_BTHK = jnp.where(overflow, jnp.nan, out_BTHK)
     out_BTHK = sh.constrain(out_BTHK, (sh.BATCH, sh.LENGTH, sh.HEADS, sh.HEAD_DIM))
     return self._proj(out_BTHK, "BTHK,HKD->BTD", (H, K, D), (sh.HEADS, sh.HEAD_DIM, sh.EMBED),

@@ -72,7 +72,7 @@ class GPTBlock(nn.Module):
   decode: bool = False
 
   @nn.compact
-  def __call__(self, x_BTD, segment_ids_BT, positions_BT):
+  def __call__(self, x_BTD, segment_ids_BT, positions_BT, prefix_mask_BT=None):
     cfg = self.cfg
     resid_init = nn.initializers.normal(0.02 / (2 * cfg.num_layers) ** 0.5)
     x_BTD = sh.constrain(x_BTD, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
@@ -83,7 +83,7 @@ class GPTBlock(nn.Module):
         impl=cfg.attention_impl, decode=self.decode, dtype=cfg.compute_dtype,
         param_dtype=cfg.weight_dtype, out_init=resid_init, name="attn")(
             _norm(cfg, "ln_1")(x_BTD), q_segment_ids=segment_ids_BT, causal=True,
-            positions=positions_BT)
+            positions=positions_BT, prefix_mask=prefix_mask_BT)
     x_BTD = x_BTD + nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=self.deterministic)
     h_BTD = layers.Mlp(cfg.mlp_dim, cfg.activation, cfg.gated, cfg.use_bias,
                        deterministic=self.deterministic, dtype=cfg.compute_dtype,
@@ -98,7 +98,8 @@ class GPT(nn.Module):
 
   `segment_ids` [B, T]: 0 marks padding, equal non-zero ids mark one packed sequence
   (default: one sequence per row). `positions` default to each token's index within its
-  segment. With `decode=True` the attention layers keep a KV cache: initialize with a
+  segment. `prefix_mask` [B, T] (prefix LM) marks positions that attend bidirectionally
+  among themselves within their segment. With `decode=True` the attention layers keep a KV cache: initialize with a
   [B, max_length] input, then feed tokens (unpadded rows, no segment_ids) step by step
   with mutable=["cache"]; a step past max_length gives NaN.
   """
@@ -108,9 +109,11 @@ class GPT(nn.Module):
 
   @nn.compact
   def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
-               positions: jax.Array | None = None, *, deterministic: bool = True) -> jax.Array:
+               positions: jax.Array | None = None, *, prefix_mask: jax.Array | None = None,
+               deterministic: bool = True) -> jax.Array:
     cfg = self.cfg
-    common.check_inputs("GPT", tokens, segment_ids=segment_ids, positions=positions)
+    common.check_inputs("GPT", tokens, segment_ids=segment_ids, positions=positions,
+                        prefix_mask=prefix_mask)
     T = tokens.shape[1]
     if cfg.positions == "learned":
       common.check(T <= cfg.max_seq_len,
@@ -118,6 +121,8 @@ class GPT(nn.Module):
                    f"(the learned position table)")
     common.check(not (self.decode and segment_ids is not None),
                  "GPT(decode=True) decodes unpadded, unpacked rows: pass no segment_ids")
+    common.check(not (self.decode and prefix_mask is not None),
+                 "GPT(decode=True) has no prefix_mask: run the prefix without decode")
     segment_ids_BT = jnp.ones_like(tokens) if segment_ids is None else segment_ids
     if positions is None:
       positions = layers.segment_positions(segment_ids_BT)
@@ -138,7 +143,7 @@ class GPT(nn.Module):
       x_BTD = x_BTD + layers.sinusoidal(positions, cfg.d_model).astype(cfg.compute_dtype)
     x_BTD = nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=deterministic)
     x_BTD = common.run_layers(GPTBlock, cfg, cfg.num_layers, x_BTD, segment_ids_BT, positions,
-                              deterministic=deterministic, decode=self.decode)
+                              prefix_mask, deterministic=deterministic, decode=self.decode)
     x_BTD = _norm(cfg, "ln_f")(x_BTD)
     if cfg.tie_embeddings:
       logits_BTV = wte.attend(x_BTD)

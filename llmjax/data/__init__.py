@@ -1,0 +1,7 @@
+"""Data: document sources, tokenizers and the Grain pipeline that turns them into batches."""
+
+from llmjax.data.pipeline import fill, make_pipeline
+from llmjax.data.sources import (ArrayRecordSource, JsonlSource, TextSource, builtin_source,
+                                 expand_paths, split_source)
+from llmjax.data.tokenizers import (ByteTokenizer, SentencePieceTokenizer, check_vocab,
+                                    load_tokenizer, train_sentencepiece)

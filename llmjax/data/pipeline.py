@@ -1,0 +1,154 @@
+"""The input pipeline on Grain: documents -> tokens -> objective -> packed rows -> batches.
+
+    source ─shard by process─▶ shuffle(seed) ─▶ repeat ─▶ tokenize + objective.examples
+           ─▶ flatten ─▶ pack | concat | pad ─▶ batch ─▶ objective.batch ─▶ [worker prefetch]
+
+Everything random is keyed by the seed and the element's index, so the pipeline is a pure
+function of (source, seed, position): `iterator.get_state()` / `set_state()` (or Orbax via
+`grain.checkpoint.CheckpointSave(iterator)`) resume it exactly, mid-epoch and mid-document.
+
+    it = iter(make_pipeline(source, tokenizer, CausalLM(tokenizer, 256), batch_size=8))
+    batch = next(it)      # dict of [8, 256] numpy arrays; keys in objectives/base.py
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import grain
+import grain.experimental as gx
+import numpy as np
+from absl import logging
+
+PACKINGS = ("pack", "concat", "pad")
+
+
+class _DocumentToExamples:
+  """(document, rng) -> the objective's examples; a class so worker processes can pickle it."""
+
+  def __init__(self, tokenizer, objective):
+    self.tokenizer, self.objective = tokenizer, objective
+
+  def __call__(self, document, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
+    tokens = self.tokenizer.encode(document) if isinstance(document, str) else document
+    return self.objective.examples(np.asarray(tokens, np.int32), rng)
+
+
+class _Flatten(grain.experimental.FlatMapTransform):
+  max_fan_out = 1 << 20
+
+  def flat_map(self, examples):
+    return examples
+
+
+class _Pad:
+  """One example per row, padded to `lengths`, with the packer's segment-id and position features."""
+
+  def __init__(self, lengths: dict[str, int]):
+    self.lengths = lengths
+
+  def __call__(self, example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    row = {}
+    for key, length in self.lengths.items():
+      value = example[key]
+      n = len(value)
+      row[key] = np.pad(value, (0, length - n))
+      row[key + "_segment_ids"] = (np.arange(length) < n).astype(np.int32)
+      row[key + "_positions"] = np.where(np.arange(length) < n, np.arange(length), 0).astype(np.int32)
+    return row
+
+
+class _FillBatch:
+  """Pads a short final batch with empty rows (segment 0, weight 0) so every batch has one shape."""
+
+  def __init__(self, batch_size: int):
+    self.batch_size = batch_size
+
+  def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    short = self.batch_size - len(next(iter(batch.values())))
+    if short == 0:
+      return batch
+    return {k: np.concatenate([v, np.zeros((short, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+
+
+def _check_source(source, tokenizer) -> None:
+  if len(source) == 0:
+    raise ValueError(f"{source} holds no documents")
+  made_with = getattr(source, "tokenizer_fingerprint", None)
+  if made_with is not None and made_with != tokenizer.fingerprint:
+    raise ValueError(f"{source} was tokenized with {source.tokenizer!r}, which is not the "
+                     f"pipeline's tokenizer {tokenizer}; re-tokenize it or use the same tokenizer")
+
+
+def make_pipeline(source, tokenizer, objective, *, batch_size: int, seed: int = 0,
+                  shuffle: bool = True, num_epochs: int | None = None, packing: str = "pack",
+                  num_packing_bins: int | None = None, shard_index: int | None = None,
+                  shard_count: int | None = None, worker_count: int = 0,
+                  prefetch: int = 2) -> grain.IterDataset:
+  """A Grain dataset of batches of `objective` made from `source`; `iter()` it to read.
+
+  Args:
+    source: a random-access document source (see data/sources.py).
+    tokenizer: encodes text documents (pre-tokenized sources must have used the same one).
+    objective: an object with `lengths`, `examples(tokens, rng)` and `batch(rows)`.
+    batch_size: rows per batch on this process; a short last batch is filled with empty rows.
+    seed: drives the shuffle, the objective's randomness and the packer's bin order.
+    num_epochs: passes over the source; None repeats forever.
+    packing: "pack" (first-fit packing of whole examples, with segment ids), "concat"
+      (examples concatenated and cut into rows; causal LM only) or "pad" (one example per row).
+    num_packing_bins: rows the packer fills at once (more: fuller rows); default 4 * batch_size.
+    shard_index, shard_count: this process's share of the documents (default: jax's process
+      index and count), so each host of a pod reads different data.
+    worker_count: processes that run the pipeline ahead of the trainer; 0 runs it in a
+      background thread of this process.
+    prefetch: batches made ahead, per worker (0 with no workers: made on demand).
+  """
+  import jax  # only for the process index: the pipeline itself never touches devices
+  if packing not in PACKINGS:
+    raise ValueError(f"packing={packing!r}; expected one of {PACKINGS}")
+  if batch_size < 1:
+    raise ValueError(f"batch_size={batch_size} must be positive")
+  if packing == "concat" and not getattr(objective, "splittable", False):
+    raise ValueError(f"packing='concat' cuts examples across rows, which {type(objective).__name__}"
+                     f" examples do not survive; use packing='pack' or 'pad'")
+  _check_source(source, tokenizer)
+  shard_index = jax.process_index() if shard_index is None else shard_index
+  shard_count = jax.process_count() if shard_count is None else shard_count
+  if not 0 <= shard_index < shard_count:
+    raise ValueError(f"shard_index={shard_index} not in [0, shard_count={shard_count})")
+  if len(source) < shard_count:
+    raise ValueError(f"{source} has {len(source)} documents, fewer than the {shard_count} "
+                     f"processes that share it")
+
+  ds = grain.MapDataset.source(source)[shard_index::shard_count]
+  if shuffle:
+    ds = ds.shuffle(seed=seed)
+  ds = ds.repeat(num_epochs)
+  example_seed = int(np.random.SeedSequence([seed, shard_index]).generate_state(1)[0])
+  ds = ds.random_map(_DocumentToExamples(tokenizer, objective), seed=example_seed)
+  # One thread runs the whole pipeline ahead (below): faster than Grain's 16 reader threads
+  # fighting over the GIL on a few cores.
+  ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
+  ds = gx.FlatMapIterDataset(ds, _Flatten())
+  if packing == "pack":
+    ds = gx.FirstFitPackIterDataset(ds, length_struct=dict(objective.lengths),
+                                    num_packing_bins=num_packing_bins or 4 * batch_size,
+                                    seed=seed, shuffle_bins=shuffle)
+  elif packing == "concat":
+    ds = gx.ConcatThenSplitIterDataset(ds, length_struct=dict(objective.lengths))
+  else:
+    ds = ds.map(_Pad(dict(objective.lengths)))
+  ds = ds.batch(batch_size, drop_remainder=False).map(_FillBatch(batch_size)).map(objective.batch)
+  if worker_count:
+    ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
+                                                     per_worker_buffer_size=prefetch))
+  elif prefetch:
+    ds = gx.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
+  logging.info("pipeline: %s, %s, %s packing, batch %d, shard %d/%d", source,
+               type(objective).__name__, packing, batch_size, shard_index, shard_count)
+  return ds
+
+
+def fill(batch: dict[str, Any], key: str = "segment_ids") -> float:
+  """The fraction of a batch's positions that hold tokens (not padding)."""
+  return float(np.mean(np.asarray(batch[key]) > 0))

@@ -1,0 +1,337 @@
+"""Document sources: random-access sequences of documents that Grain reads by index.
+
+Every source has `len(source)`, `source[i]` (a `str`, or an int array for pre-tokenized
+ArrayRecord shards) and `sizes` (bytes or tokens per document, for splitting). Text files are
+indexed once (document offsets only) and read through mmap, so a source costs a few bytes per
+document of memory, pickles cheaply into worker processes, and reads any document in O(1).
+
+    TextSource("data/*.txt", split="line")            # a document per line
+    TextSource("wiki.txt", split="paragraph")          # blank-line separated documents
+    JsonlSource("c4-*.jsonl", field="text")
+    ArrayRecordSource("shards/")                       # written by tools/tokenize_corpus.py
+    builtin_source()                                   # this Python's standard library
+    train, val = split_source(source, validation_fraction=0.05)
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import mmap
+import os
+
+import numpy as np
+from absl import logging
+
+SPLITS = ("line", "paragraph", "file")
+_SPACE_BYTES = np.frombuffer(b" \t\n\r\v\f", np.uint8)
+# Modules whose .py sources every CPython 3.10+ ships: the corpus that needs no download.
+STDLIB_FILES = ("argparse.py", "ast.py", "collections/__init__.py", "dataclasses.py", "difflib.py",
+                "enum.py", "functools.py", "inspect.py", "os.py", "shutil.py", "subprocess.py",
+                "textwrap.py", "threading.py", "typing.py")
+
+
+def expand_paths(patterns: str | list[str] | tuple[str, ...]) -> list[str]:
+  """Files named by paths, glob patterns or comma-separated lists of them, each pattern non-empty."""
+  if isinstance(patterns, str):
+    patterns = [p for p in patterns.split(",") if p]
+  if not patterns:
+    raise ValueError("no data files given")
+  paths = []
+  for pattern in patterns:
+    if os.path.isdir(pattern):
+      raise ValueError(f"{pattern!r} is a directory; give files or a glob such as {pattern}/*.txt")
+    matches = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
+    if not matches:
+      what = "matches no file" if glob.has_magic(pattern) else "does not exist"
+      raise FileNotFoundError(f"data path {pattern!r} {what}")
+    paths.extend(matches)
+  return paths
+
+
+def _count_bad_utf8(data: bytes, path: str) -> None:
+  """Logs how many invalid UTF-8 sequences `path` has; reading replaces each by U+FFFD."""
+  try:
+    data.decode("utf-8")
+  except UnicodeDecodeError:
+    text = data.decode("utf-8", errors="replace")
+    bad = text.count("\ufffd") - data.count("\ufffd".encode())
+    logging.warning("%s: %d invalid UTF-8 sequence(s); each is read as U+FFFD", path, bad)
+
+
+def _document_spans(data: bytes, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """(starts, ends) byte offsets of the non-blank documents of one file."""
+  arr = np.frombuffer(data, np.uint8)
+  if split == "file":
+    has_text = bool(np.any(~np.isin(arr, _SPACE_BYTES)))
+    return (np.array([0]), np.array([len(arr)])) if has_text else (np.zeros(0, int),) * 2
+  newlines = np.flatnonzero(arr == ord("\n"))
+  starts = np.concatenate([[0], newlines + 1])
+  ends = np.concatenate([newlines, [len(arr)]])
+  text_before = np.concatenate([[0], np.cumsum(~np.isin(arr, _SPACE_BYTES))])
+  has_text = text_before[ends] > text_before[starts]
+  if split == "line":
+    return starts[has_text], ends[has_text]
+  # Paragraphs: maximal runs of consecutive non-blank lines.
+  first = has_text & ~np.concatenate([[False], has_text[:-1]])
+  last = has_text & ~np.concatenate([has_text[1:], [False]])
+  return starts[first], ends[last]
+
+
+class _MappedFiles:
+  """Read-only mmaps of files, opened on first use; pickles without them (workers reopen)."""
+
+  def __init__(self, paths: list[str]):
+    self.paths, self._maps = paths, {}
+
+  def read(self, f: int, start: int, end: int) -> bytes:
+    if f not in self._maps:
+      with open(self.paths[f], "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        self._maps[f] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+    return self._maps[f][start:end]
+
+  def __getstate__(self):
+    return {"paths": self.paths, "_maps": {}}
+
+
+class TextSource:
+  """Documents of UTF-8 text files: one per line, per paragraph or per file; blank ones skipped."""
+
+  def __init__(self, patterns, split: str = "line"):
+    if split not in SPLITS:
+      raise ValueError(f"split={split!r}; expected one of {SPLITS}")
+    self.paths, self.split = expand_paths(patterns), split
+    starts, ends, files = [], [], []
+    for f, path in enumerate(self.paths):
+      with open(path, "rb") as fh:
+        data = fh.read()
+      _count_bad_utf8(data, path)
+      s, e = _document_spans(data, split)
+      starts.append(s), ends.append(e), files.append(np.full(len(s), f, np.int32))
+    self._starts, self._ends = np.concatenate(starts), np.concatenate(ends)
+    self._files = np.concatenate(files)
+    self.sizes = self._ends - self._starts
+    if len(self) == 0:
+      raise ValueError(f"no text in {self.paths}: every file is empty or blank")
+    self._files_map = _MappedFiles(self.paths)
+
+  def __len__(self) -> int:
+    return len(self._starts)
+
+  def __getitem__(self, i: int) -> str:
+    i = int(i)
+    data = self._files_map.read(int(self._files[i]), self._starts[i], self._ends[i])
+    return data.decode("utf-8", errors="replace")
+
+  def __repr__(self):
+    return f"TextSource({len(self.paths)} files, {len(self)} documents by {self.split})"
+
+
+class JsonlSource:
+  """Documents from one string field of JSON-lines files; lines without it are counted and reported."""
+
+  MAX_REPORTED = 5
+
+  def __init__(self, patterns, field: str = "text"):
+    self.paths, self.field = expand_paths(patterns), field
+    records, sizes, problems = [], [], []
+    for f, path in enumerate(self.paths):
+      with open(path, "rb") as fh:
+        data = fh.read()
+      _count_bad_utf8(data, path)
+      offset = 0
+      for line_no, line in enumerate(data.split(b"\n"), 1):
+        start, offset = offset, offset + len(line) + 1
+        if not line.strip():
+          continue
+        try:
+          value = json.loads(line.decode("utf-8", errors="replace")).get(field)
+        except (ValueError, AttributeError):
+          problems.append(f"{path}:{line_no}: not a JSON object")
+          continue
+        if not isinstance(value, str):
+          problems.append(f"{path}:{line_no}: " + (f"no field {field!r}" if value is None else
+                                                  f"field {field!r} is {type(value).__name__}"))
+          continue
+        records.append((f, start, offset - 1))
+        sizes.append(len(value.encode("utf-8")))
+    for problem in problems[:self.MAX_REPORTED]:
+      logging.warning("skipped %s", problem)
+    if problems:
+      logging.warning("JsonlSource skipped %d of %d lines without a string %r field (%s)",
+                      len(problems), len(problems) + len(records), field,
+                      "first shown above" if len(problems) <= self.MAX_REPORTED else
+                      f"first {self.MAX_REPORTED} shown above")
+    self.skipped = problems
+    if not records:
+      raise ValueError(f"no line of {self.paths} has a string field {field!r}"
+                       + (f"; first problem: {problems[0]}" if problems else ""))
+    self._records = np.asarray(records, np.int64)
+    self.sizes = np.asarray(sizes)
+    self._files_map = _MappedFiles(self.paths)
+
+  def __len__(self) -> int:
+    return len(self._records)
+
+  def __getitem__(self, i: int) -> str:
+    f, start, end = self._records[int(i)]
+    line = self._files_map.read(int(f), int(start), int(end))
+    return json.loads(line.decode("utf-8", errors="replace"))[self.field]
+
+  def __repr__(self):
+    return f"JsonlSource({len(self.paths)} files, {len(self)} documents, field={self.field!r})"
+
+
+class ArrayRecordSource:
+  """ArrayRecord shards: token arrays when a `meta.json` (from tools/tokenize_corpus.py) is beside them, else UTF-8 text."""
+
+  def __init__(self, patterns):
+    import grain
+    if isinstance(patterns, str) and os.path.isdir(patterns):
+      patterns = os.path.join(patterns, "*.array_record")
+    self.paths = expand_paths(patterns)
+    meta_path = os.path.join(os.path.dirname(self.paths[0]), "meta.json")
+    self.meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else None
+    self._dtype = np.dtype(self.meta["dtype"]) if self.meta else None
+    self._source = grain.sources.ArrayRecordDataSource(self.paths)
+    if len(self._source) == 0:
+      raise ValueError(f"the ArrayRecord shards {self.paths} hold no records")
+
+  @property
+  def tokenizer(self) -> str | None:
+    """The tokenizer spec the shards were made with, or None for text shards."""
+    return self.meta["tokenizer"] if self.meta else None
+
+  @property
+  def tokenizer_fingerprint(self) -> str | None:
+    """The fingerprint of that tokenizer: the pipeline's must be equal."""
+    return self.meta.get("fingerprint", self.meta["tokenizer"]) if self.meta else None
+
+  @property
+  def sizes(self) -> np.ndarray:
+    itemsize = self._dtype.itemsize if self._dtype is not None else 1
+    return np.array([len(self._source[i]) // itemsize for i in range(len(self))])
+
+  def __len__(self) -> int:
+    return len(self._source)
+
+  def __getitem__(self, i: int):
+    record = self._source[int(i)]
+    if self._dtype is None:
+      return record.decode("utf-8", errors="replace")
+    return np.frombuffer(record, self._dtype).astype(np.int32)
+
+  def __repr__(self):
+    kind = f"tokens of {self.tokenizer}" if self.meta else "text"
+    return f"ArrayRecordSource({len(self.paths)} shards, {len(self)} documents, {kind})"
+
+
+def builtin_source(split: str = "paragraph") -> TextSource:
+  """The sources of STDLIB_FILES from this Python's install (about 1 MB): a corpus on every machine."""
+  root = os.path.dirname(os.__file__)
+  paths = [p for p in (os.path.join(root, n) for n in STDLIB_FILES) if os.path.isfile(p)]
+  if not paths:  # a stripped install may lack them
+    raise FileNotFoundError(f"no standard-library sources under {root}; give data files instead")
+  return TextSource(paths, split=split)
+
+
+class SubsetSource:
+  """A view of some documents of a source, the last one possibly cut at `cut` bytes or tokens."""
+
+  def __init__(self, source, indices: np.ndarray, head: int | None = None, tail: int | None = None):
+    self.source, self.indices = source, np.asarray(indices, np.int64)
+    self.head, self.tail = head, tail  # keep only [:head] of the last / [tail:] of the first
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  @property
+  def tokenizer(self) -> str | None:
+    return getattr(self.source, "tokenizer", None)
+
+  @property
+  def tokenizer_fingerprint(self) -> str | None:
+    return getattr(self.source, "tokenizer_fingerprint", None)
+
+  def __repr__(self):
+    return f"{self.source!r}[{len(self)} of {len(self.source)} documents]"
+
+  @property
+  def sizes(self) -> np.ndarray:
+    return np.array([len(_encode(self[i])) for i in range(len(self))])
+
+  def __getitem__(self, i: int):
+    i = int(i)
+    doc = self.source[int(self.indices[i])]
+    if self.head is not None and i == len(self) - 1:
+      return _cut(doc, self.head)[0]
+    if self.tail is not None and i == 0:
+      return _cut(doc, self.tail)[1]
+    return doc
+
+
+def _encode(doc):
+  return doc.encode("utf-8") if isinstance(doc, str) else doc
+
+
+def _cut(doc, at: int):
+  """(doc[:at], doc[at:]) by bytes for text (moved back to a character boundary) or by tokens."""
+  if not isinstance(doc, str):
+    return doc[:at], doc[at:]
+  data = doc.encode("utf-8")
+  while 0 < at < len(data) and (data[at] & 0xC0) == 0x80:
+    at -= 1
+  return data[:at].decode("utf-8"), data[at:].decode("utf-8")
+
+
+def split_source(source, validation_fraction: float = 0.05, *, method: str = "tail",
+                 seed: int = 0) -> tuple[SubsetSource, SubsetSource]:
+  """(train, validation) views of `source`, the same on every machine and every run.
+
+  "tail": validation is the last `validation_fraction` of the corpus by size, cutting the
+  boundary document in two (nanoGPT's split of one text file). "hash": each document goes to
+  validation with probability `validation_fraction`, decided by `seed` and its index alone.
+  """
+  if not 0.0 < validation_fraction < 1.0:
+    raise ValueError(f"validation_fraction={validation_fraction} must be in (0, 1)")
+  n = len(source)
+  if method == "hash":
+    is_val = np.random.default_rng(seed).random(n) < validation_fraction
+    if is_val.all() or not is_val.any():
+      raise ValueError(f"{source} has too few documents ({n}) to hold out "
+                       f"{validation_fraction:.0%} of them; use method='tail'")
+    return SubsetSource(source, np.flatnonzero(~is_val)), SubsetSource(source, np.flatnonzero(is_val))
+  if method != "tail":
+    raise ValueError(f"method={method!r}; expected 'tail' or 'hash'")
+  ends = np.cumsum(np.asarray(source.sizes, np.int64))
+  boundary = int(round(ends[-1] * (1.0 - validation_fraction)))
+  if boundary <= 0 or boundary >= ends[-1]:
+    raise ValueError(f"{source} is too small ({ends[-1]} bytes/tokens) to split")
+  doc = int(np.searchsorted(ends, boundary, side="left"))  # the document holding the boundary
+  at = boundary - (ends[doc - 1] if doc else 0)
+  if at == source.sizes[doc]:  # the boundary falls between documents
+    return (SubsetSource(source, np.arange(doc + 1)), SubsetSource(source, np.arange(doc + 1, n)))
+  return (SubsetSource(source, np.arange(doc + 1), head=int(at)),
+          SubsetSource(source, np.arange(doc, n), tail=int(at)))
+
+
+def open_source(path: str, *, format: str | None = None, split: str = "line",
+                field: str = "text"):
+  """The source `path` names: "builtin", text files, JSONL (.jsonl/.json) or ArrayRecord shards.
+
+  `format` ("text", "jsonl", "array_record") overrides the guess from the file extension.
+  """
+  if path == "builtin":
+    return builtin_source(split)
+  if format is None:
+    first = path.split(",")[0]
+    format = ("array_record" if first.endswith(".array_record") or os.path.isdir(first) else
+              "jsonl" if first.endswith((".jsonl", ".json")) else "text")
+  if format == "text":
+    return TextSource(path, split=split)
+  if format == "jsonl":
+    return JsonlSource(path, field=field)
+  if format == "array_record":
+    return ArrayRecordSource(path)
+  raise ValueError(f"format={format!r}; expected 'text', 'jsonl' or 'array_record'")

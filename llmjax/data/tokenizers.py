@@ -1,0 +1,210 @@
+"""Tokenizers: bytes (no training, the default) and SentencePiece, with one interface.
+
+Both expose `encode(text) -> int32 array`, `encode_batch`, `decode`, `decode_batch`,
+`vocab_size`, `spec` (what load_tokenizer takes), `fingerprint` (equal iff two
+tokenizers give the same ids), the special ids (`pad_id`, `eos_id`, `bos_id`, `unk_id`, `mask_id`, `cls_id`,
+`sep_id`, `sentinel_ids`, any of them None where the vocabulary lacks it), `special_ids` (the
+ids an objective must never corrupt) and `word_starts(ids)` for whole-word masking.
+`load_tokenizer("byte")` or `load_tokenizer("path/to/spm.model")` picks one by name.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Iterable, Sequence
+
+import numpy as np
+
+SPECIALS = ("[PAD]", "[EOS]", "[BOS]", "[UNK]", "[MASK]", "[CLS]", "[SEP]")
+_WHITESPACE = np.frombuffer(b" \t\n\r\v\f", np.uint8)
+
+
+def sentinel_piece(k: int) -> str:
+  """The k-th sentinel's text, as in T5: `<extra_id_0>`, `<extra_id_1>`, ..."""
+  return f"<extra_id_{k}>"
+
+
+class _Specials:
+  """Derived views of the special ids, shared by both tokenizers."""
+  pad_id: int | None
+  eos_id: int | None
+  bos_id: int | None
+  mask_id: int | None
+  cls_id: int | None
+  sep_id: int | None
+  sentinel_ids: tuple[int, ...]
+
+  @property
+  def special_ids(self) -> frozenset[int]:
+    """Ids that are never text: padding, EOS/BOS, [MASK]/[CLS]/[SEP] and the sentinels."""
+    ids = (self.pad_id, self.eos_id, self.bos_id, self.mask_id, self.cls_id, self.sep_id)
+    return frozenset(i for i in ids if i is not None) | frozenset(self.sentinel_ids)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    return [self.encode(t) for t in texts]
+
+  def decode_batch(self, ids_batch) -> list[str]:
+    return [self.decode(ids) for ids in ids_batch]
+
+  def require(self, **needs: bool) -> None:
+    """Raises ValueError naming each special id an objective needs but this vocabulary lacks."""
+    missing = [name for name, needed in needs.items() if needed and getattr(self, name) is None]
+    if missing:
+      raise ValueError(f"{self} has no {', '.join(missing)}; train the tokenizer with them "
+                       f"(tools/train_tokenizer.py --bert_specials / --num_sentinels)")
+
+
+class ByteTokenizer(_Specials):
+  """UTF-8 bytes as tokens: the 7 SPECIALS at ids 0-6, byte b at 7 + b, then the sentinels."""
+
+  def __init__(self, num_sentinels: int = 100):
+    if num_sentinels < 0:
+      raise ValueError(f"num_sentinels={num_sentinels} must be >= 0")
+    (self.pad_id, self.eos_id, self.bos_id, self.unk_id, self.mask_id, self.cls_id,
+     self.sep_id) = range(len(SPECIALS))
+    self.offset = len(SPECIALS)
+    self.sentinel_ids = tuple(range(self.offset + 256, self.offset + 256 + num_sentinels))
+    self.vocab_size = self.offset + 256 + num_sentinels
+    self.spec = "byte" if num_sentinels == 100 else f"byte:{num_sentinels}"
+    self.fingerprint = f"byte:{num_sentinels}"
+
+  def __repr__(self):
+    return f"ByteTokenizer(num_sentinels={len(self.sentinel_ids)})"
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.frombuffer(text.encode("utf-8"), np.uint8).astype(np.int32) + self.offset
+
+  def decode(self, ids) -> str:
+    """Text of `ids`: padding, EOS and BOS are dropped, other specials written by name."""
+    out, run = [], []
+    for i in np.asarray(ids).reshape(-1).tolist():
+      if self.offset <= i < self.offset + 256:
+        run.append(i - self.offset)
+        continue
+      if run:
+        out.append(bytes(run).decode("utf-8", errors="replace"))
+        run = []
+      if i in (self.pad_id, self.eos_id, self.bos_id):
+        continue
+      out.append(SPECIALS[i] if 0 <= i < self.offset else
+                 sentinel_piece(i - self.offset - 256) if self.offset + 256 <= i < self.vocab_size
+                 else "[UNK]")
+    if run:
+      out.append(bytes(run).decode("utf-8", errors="replace"))
+    return "".join(out)
+
+  def word_starts(self, ids) -> np.ndarray:
+    """True where a word begins: after whitespace, at whitespace, never inside a UTF-8 character."""
+    b = np.asarray(ids) - self.offset
+    space = np.isin(b, _WHITESPACE)
+    continuation = (b >= 0x80) & (b < 0xC0)
+    prev_space = np.concatenate([[True], space[:-1]])
+    return (space | prev_space) & ~continuation
+
+
+class SentencePieceTokenizer(_Specials):
+  """A trained SentencePiece model; [MASK]/[CLS]/[SEP] and `<extra_id_k>` found by their pieces."""
+
+  def __init__(self, path: str):
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"SentencePiece model {path!r} does not exist")
+    with open(path, "rb") as f:
+      self._load(f.read())
+    self.spec = path
+
+  def _load(self, proto: bytes) -> None:
+    import hashlib
+    import sentencepiece as spm
+    self._proto = proto
+    self.fingerprint = "spm:" + hashlib.sha256(proto).hexdigest()[:16]
+    self._sp = spm.SentencePieceProcessor()
+    self._sp.LoadFromSerializedProto(proto)
+    sp = self._sp
+    self.vocab_size = sp.GetPieceSize()
+    optional = lambda i: None if i < 0 else i
+    self.pad_id, self.eos_id = optional(sp.pad_id()), optional(sp.eos_id())
+    self.bos_id, self.unk_id = optional(sp.bos_id()), optional(sp.unk_id())
+    self.mask_id, self.cls_id, self.sep_id = (self._piece_id(p) for p in ("[MASK]", "[CLS]", "[SEP]"))
+    sentinels = []
+    while (i := self._piece_id(sentinel_piece(len(sentinels)))) is not None:
+      sentinels.append(i)
+    self.sentinel_ids = tuple(sentinels)
+    pieces = [sp.IdToPiece(i) for i in range(self.vocab_size)]
+    self._starts_V = np.array([p.startswith("\u2581") or sp.IsControl(i) or sp.IsUnknown(i)
+                               for i, p in enumerate(pieces)])
+
+  def _piece_id(self, piece: str) -> int | None:
+    i = self._sp.PieceToId(piece)
+    return i if self._sp.IdToPiece(i) == piece and not self._sp.IsUnknown(i) else None
+
+  def __getstate__(self):  # the processor itself does not pickle; worker processes reload it
+    return {"proto": self._proto, "spec": self.spec}
+
+  def __setstate__(self, state):
+    self._load(state["proto"])
+    self.spec = state["spec"]
+
+  def __repr__(self):
+    return f"SentencePieceTokenizer({self.spec!r}, vocab_size={self.vocab_size})"
+
+  def encode(self, text: str) -> np.ndarray:
+    return np.asarray(self._sp.EncodeAsIds(text), np.int32)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
+    return [np.asarray(ids, np.int32) for ids in self._sp.EncodeAsIds(list(texts))]
+
+  def decode(self, ids) -> str:
+    ids = [i for i in np.asarray(ids).reshape(-1).tolist() if i != self.pad_id]
+    return self._sp.DecodeIds(ids)
+
+  def word_starts(self, ids) -> np.ndarray:
+    return self._starts_V[np.asarray(ids)]
+
+
+def load_tokenizer(spec: str):
+  """"byte" (100 sentinels), "byte:N" (N sentinels) or the path of a SentencePiece .model file."""
+  if spec == "byte" or spec.startswith("byte:"):
+    count = spec.partition(":")[2] if ":" in spec else "100"
+    if not count.isdigit():
+      raise ValueError(f"tokenizer {spec!r}: expected 'byte' or 'byte:N' with N sentinels")
+    return ByteTokenizer(int(count))
+  if not spec.endswith(".model"):
+    raise ValueError(f"tokenizer {spec!r}: expected 'byte', 'byte:N' or a SentencePiece .model path")
+  return SentencePieceTokenizer(spec)
+
+
+def check_vocab(tokenizer, model_vocab_size: int) -> None:
+  """Raises ValueError if the tokenizer makes ids the model's embedding table has no row for."""
+  if tokenizer.vocab_size > model_vocab_size:
+    raise ValueError(f"{tokenizer} has {tokenizer.vocab_size} ids but the model's vocab_size is "
+                     f"{model_vocab_size}; raise the model's vocab_size to at least "
+                     f"{tokenizer.vocab_size}")
+
+
+def train_sentencepiece(texts: Iterable[str], model_prefix: str, *, vocab_size: int,
+                        model_type: str = "unigram", num_sentinels: int = 0,
+                        bert_specials: bool = False, byte_fallback: bool = True,
+                        character_coverage: float = 0.9995, num_threads: int = 2,
+                        **trainer_options) -> SentencePieceTokenizer:
+  """Trains a SentencePiece model on `texts` (each a sentence or line) and loads it.
+
+  Ids 0-3 are pad, eos, bos, unk; then [MASK] [CLS] [SEP] if `bert_specials`, then the
+  sentinels `<extra_id_0>`... Writes `model_prefix`.model and .vocab. The model is lossless
+  by default (decode(encode(text)) == text: no normalization, whitespace kept, unseen
+  characters as UTF-8 bytes); pass e.g. normalization_rule_name="nmt_nfkc" for T5's behaviour.
+  """
+  options = {"normalization_rule_name": "identity", "remove_extra_whitespaces": False,
+             "allow_whitespace_only_pieces": True, "max_sentence_length": 1 << 14,
+             **trainer_options}
+  import sentencepiece as spm
+  if model_type not in ("unigram", "bpe"):
+    raise ValueError(f"model_type={model_type!r}; expected 'unigram' or 'bpe'")
+  symbols = (["[MASK]", "[CLS]", "[SEP]"] if bert_specials else []) + [
+      sentinel_piece(k) for k in range(num_sentinels)]
+  os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
+  spm.SentencePieceTrainer.Train(
+      sentence_iterator=iter(texts), model_prefix=model_prefix, vocab_size=vocab_size,
+      model_type=model_type, byte_fallback=byte_fallback, character_coverage=character_coverage,
+      pad_id=0, eos_id=1, bos_id=2, unk_id=3, user_defined_symbols=symbols,
+      num_threads=num_threads, minloglevel=2, **options)
+  return SentencePieceTokenizer(model_prefix + ".model")

@@ -1,0 +1,75 @@
+"""What every objective shares: the weighted cross-entropy and the packed-row bookkeeping.
+
+An objective is a data transform plus the loss it implies. The data pipeline calls
+`examples(tokens, rng)` on each document's token ids and packs the examples into rows of
+`lengths`; `batch(row)` names the packed features; the trainer calls `logits(...)` and
+`loss(...)`. Batches are flat dicts of arrays with the same keys for every objective:
+
+    decoder-only / encoder-only   tokens targets weights segment_ids positions [prefix_mask]
+    encoder-decoder               encoder_tokens encoder_segment_ids encoder_positions
+                                  decoder_tokens decoder_targets decoder_weights
+                                  decoder_segment_ids decoder_positions
+
+`segment_ids` number the packed examples of a row from 1; 0 is padding.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array, *,
+                  label_smoothing: float = 0.0, z_loss: float = 0.0) -> dict[str, jax.Array]:
+  """Weighted sums, in float32: `loss` (what is minimized), `nll`, `correct` and `weight`.
+
+  `loss` adds label smoothing (the target's probability mass spread uniformly over the
+  vocabulary by `label_smoothing`) and PaLM's z-loss `z_loss * log(Z)**2` to the negative log
+  likelihood `nll`. Divide a sum by `weight` for the mean over the tokens that count.
+  """
+  logits_BTV = logits_BTV.astype(jnp.float32)
+  weights_BT = weights_BT.astype(jnp.float32)
+  log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
+  # A one-hot contraction, not a gather: it stays correct and cheap with V split over devices.
+  onehot_BTV = jax.nn.one_hot(targets_BT, logits_BTV.shape[-1], dtype=jnp.float32)
+  nll_BT = log_z_BT - jnp.sum(logits_BTV * onehot_BTV, axis=-1)
+  loss_BT = nll_BT
+  if label_smoothing:
+    smooth_BT = log_z_BT - jnp.mean(logits_BTV, axis=-1)  # cross-entropy with the uniform
+    loss_BT = (1.0 - label_smoothing) * nll_BT + label_smoothing * smooth_BT
+  if z_loss:
+    loss_BT = loss_BT + z_loss * jnp.square(log_z_BT)
+  correct_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
+  return {"loss": jnp.sum(loss_BT * weights_BT), "nll": jnp.sum(nll_BT * weights_BT),
+          "correct": jnp.sum(correct_BT * weights_BT), "weight": jnp.sum(weights_BT)}
+
+
+class Objective:
+  """Base class: subclasses set `lengths`, `examples`, `batch`, `logits`; the loss is shared."""
+
+  targets_key, weights_key = "targets", "weights"
+  lengths: dict[str, int]
+  # Whether an example may be cut across rows (packing="concat") and keep its meaning.
+  splittable = False
+
+  def loss(self, logits_BTV, batch, *, label_smoothing: float = 0.0,
+           z_loss: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """(mean loss over weighted tokens, sums) for `logits` of `batch`; the sums add across batches."""
+    sums = cross_entropy(logits_BTV, batch[self.targets_key], batch[self.weights_key],
+                         label_smoothing=label_smoothing, z_loss=z_loss)
+    return sums["loss"] / jnp.maximum(sums["weight"], 1.0), sums
+
+
+def segments(row: dict[str, np.ndarray], key: str) -> tuple[np.ndarray, np.ndarray]:
+  """(segment_ids, positions) of feature `key` of a packed or padded row (`key_segment_ids`, ...)."""
+  return row[key + "_segment_ids"], row[key + "_positions"]
+
+
+def chunks(tokens: np.ndarray, size: int, overlap: int = 0) -> list[np.ndarray]:
+  """Consecutive pieces of at most `size` tokens, each starting `size - overlap` after the last."""
+  if size <= overlap:
+    raise ValueError(f"chunk size {size} must exceed the overlap {overlap}")
+  step = size - overlap
+  n = max(len(tokens) - overlap, 1)
+  return [tokens[s:s + size] for s in range(0, n, step)]

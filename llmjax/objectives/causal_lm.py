@@ -1,0 +1,88 @@
+"""Causal LM (GPT) and prefix LM (T5 section 3.2.1, UL2's S-denoiser): next-token prediction.
+
+A document becomes BOS + tokens + EOS, cut into windows of `seq_len + 1` tokens that overlap
+by one, so every token after BOS is a target exactly once: window w gives tokens w[:-1] and
+targets w[1:]. Targets are made per window before packing, so no target ever crosses into
+the next packed document.
+
+Prefix LM splits each window at a random point: the prefix is seen bidirectionally
+(`prefix_mask`, over input positions) and only the suffix is predicted. The position whose
+input is the prefix's last token predicts the suffix's first token, so its weight is 1; the
+positions whose targets lie inside the prefix have weight 0.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from llmjax.objectives.base import Objective, chunks, segments
+
+
+class CausalLM(Objective):
+  """Next-token prediction on decoder-only models; loss on every real token."""
+
+  splittable = True  # a window cut in two is two shorter windows
+
+  def __init__(self, tokenizer, seq_len: int, *, add_bos: bool = True, add_eos: bool = True):
+    if seq_len < 1:
+      raise ValueError(f"seq_len={seq_len} must be at least 1 for causal LM")
+    if add_bos or add_eos:
+      tokenizer.require(bos_id=add_bos, eos_id=add_eos)
+    self.seq_len = seq_len
+    self.bos = [tokenizer.bos_id] if add_bos else []
+    self.eos = [tokenizer.eos_id] if add_eos else []
+    self.lengths = {"tokens": seq_len, "targets": seq_len}
+
+  def windows(self, tokens: np.ndarray) -> list[np.ndarray]:
+    full = np.concatenate([self.bos, tokens, self.eos]).astype(np.int32)
+    return [w for w in chunks(full, self.seq_len + 1, overlap=1) if len(w) >= 2]
+
+  def examples(self, tokens: np.ndarray, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
+    del rng  # deterministic
+    return [{"tokens": w[:-1], "targets": w[1:]} for w in self.windows(tokens)]
+
+  def batch(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    segment_ids, positions = segments(row, "tokens")
+    return {"tokens": row["tokens"], "targets": row["targets"],
+            "weights": (segment_ids > 0).astype(np.float32), "segment_ids": segment_ids,
+            "positions": positions}
+
+  def logits(self, model, variables, batch, **apply_kwargs):
+    return model.apply(variables, batch["tokens"], batch["segment_ids"], batch["positions"],
+                       **apply_kwargs)
+
+
+class PrefixLM(CausalLM):
+  """Decoder-only with a bidirectional prefix of uniformly random length; loss on the suffix."""
+
+  splittable = False  # a cut would leave a suffix without its prefix
+
+  def __init__(self, tokenizer, seq_len: int, *, add_bos: bool = True, add_eos: bool = True):
+    if seq_len < 2:
+      raise ValueError(f"seq_len={seq_len} is too short for prefix LM: a window needs a prefix "
+                       f"token and a target")
+    super().__init__(tokenizer, seq_len, add_bos=add_bos, add_eos=add_eos)
+    self.lengths = {"tokens": seq_len, "targets": seq_len, "weights": seq_len,
+                    "prefix_mask": seq_len}
+
+  def examples(self, tokens: np.ndarray, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
+    out = []
+    for w in self.windows(tokens):
+      n = len(w) - 1
+      # Prefix of p >= 1 input tokens; with n == 1 the lone target is the suffix.
+      p = int(rng.integers(1, n)) if n > 1 else 1
+      index = np.arange(n)
+      out.append({"tokens": w[:-1], "targets": w[1:],
+                  "weights": (index >= p - 1).astype(np.float32),
+                  "prefix_mask": (index < p).astype(np.int32)})
+    return out
+
+  def batch(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = super().batch(row)
+    out["weights"] = row["weights"].astype(np.float32)
+    out["prefix_mask"] = row["prefix_mask"]
+    return out
+
+  def logits(self, model, variables, batch, **apply_kwargs):
+    return model.apply(variables, batch["tokens"], batch["segment_ids"], batch["positions"],
+                       prefix_mask=batch["prefix_mask"], **apply_kwargs)
