@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from llmjax import data, objectives
+from llmjax.data import shards as shard_writer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -51,6 +52,8 @@ def test_train_tokenizer(spm_model):
   assert len(tok.sentinel_ids) == 20 and len(set(tok.sentinel_ids)) == 20
   text = "def f(x):\n    return x  # \u00e9\u4e2d\U0001F600"
   assert tok.decode(tok.encode(text)) == text
+  # Text that spells a special is text: only the objectives put special ids in.
+  assert not set(tok.encode("see <extra_id_0> and [MASK] or [CLS]").tolist()) & tok.special_ids
 
 
 def test_tokenize_corpus_round_trip(corpus, spm_model, tmp_path):
@@ -72,6 +75,23 @@ def test_tokenize_corpus_round_trip(corpus, spm_model, tmp_path):
                        batch_size=2)
 
 
+def test_shards_keep_their_tokenizer_straight(tmp_path):
+  """Token shards record sizes; shards of two tokenizers, or re-tokenizing ids, are refused."""
+  docs = tmp_path / "docs.txt"
+  docs.write_text("first line\nsecond, longer line\nthird \u00e9\n")
+  source = data.TextSource(str(docs))
+  byte, byte5 = data.ByteTokenizer(), data.ByteTokenizer(num_sentinels=5)
+  shard_writer.write_shards(source, byte, str(tmp_path / "a"), num_shards=2, show_progress=False)
+  shard_writer.write_shards(source, byte5, str(tmp_path / "b"), show_progress=False)
+  shards = data.ArrayRecordSource(str(tmp_path / "a"))
+  np.testing.assert_array_equal(shards.sizes, [len(byte.encode(source[i])) for i in range(3)])
+  with pytest.raises(ValueError, match="different tokenizers"):
+    data.ArrayRecordSource(f"{tmp_path}/a/*.array_record,{tmp_path}/b/*.array_record")
+  with pytest.raises(ValueError, match="holds ids of tokenizer"):
+    shard_writer.write_shards(shards, byte5, str(tmp_path / "c"), show_progress=False)
+  assert not (tmp_path / "c").exists()  # nothing half-written is left behind
+
+
 def test_tools_reject_bad_input(tmp_path):
   """A missing input or a non-empty output directory ends the tool with a one-line reason."""
   proc = run_tool("tokenize_corpus.py", f"--input={tmp_path}/nope*.txt",
@@ -81,7 +101,7 @@ def test_tools_reject_bad_input(tmp_path):
   run_tool("tokenize_corpus.py", f"--input={tmp_path}/a.txt", f"--output_dir={tmp_path}/out")
   proc = run_tool("tokenize_corpus.py", f"--input={tmp_path}/a.txt",
                   f"--output_dir={tmp_path}/out", check=False)
-  assert proc.returncode != 0 and "already holds" in proc.stderr
+  assert proc.returncode != 0 and "not empty" in proc.stderr
   proc = run_tool("train_tokenizer.py", f"--input={tmp_path}/missing.txt",
                   f"--model_prefix={tmp_path}/t", check=False)
   assert proc.returncode != 0 and "does not exist" in proc.stderr

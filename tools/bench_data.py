@@ -47,7 +47,7 @@ def trainer_rate(steps: int) -> float:
   import jax
   import optax
   from llmjax.models.gpt import GPT, GPTConfig
-  model = GPT(GPTConfig.from_size("tiny", d_model=128, num_layers=4, num_heads=4,
+  model = GPT(GPTConfig.from_size("tiny", vocab_size=384, d_model=128, num_layers=4, num_heads=4,
                                   max_seq_len=FLAGS.seq_len, dropout_rate=0.0))
   tokens_BT = np.zeros((FLAGS.batch_size, FLAGS.seq_len), np.int32)
   params = jax.jit(model.init)(jax.random.key(0), tokens_BT)["params"]

@@ -35,7 +35,7 @@ def lines(source, max_documents=None):
   progress = Progress("reading", total=n)
   for i in range(n):
     document = source[i]
-    progress.update(1, nbytes=len(document))
+    progress.update(1, nbytes=len(document.encode("utf-8")))
     yield from (line for line in document.split("\n") if line.strip())
   progress.close()
 
@@ -44,6 +44,8 @@ def main(argv):
   del argv
   try:
     source = open_source(FLAGS.input, format=FLAGS.format, split=FLAGS.split, field=FLAGS.field)
+    if getattr(source, "tokenizer", None):
+      raise ValueError(f"{FLAGS.input} holds token ids, not text; train on the original text")
     tokenizer = train_sentencepiece(
         lines(source, FLAGS.max_documents), FLAGS.model_prefix, vocab_size=FLAGS.vocab_size,
         model_type=FLAGS.model_type, num_sentinels=FLAGS.num_sentinels,

@@ -3,9 +3,16 @@
     source ─shard by process─▶ shuffle(seed) ─▶ repeat ─▶ tokenize + objective.examples
            ─▶ flatten ─▶ pack | concat | pad ─▶ batch ─▶ objective.batch ─▶ [worker prefetch]
 
-Everything random is keyed by the seed and the element's index, so the pipeline is a pure
-function of (source, seed, position): `iterator.get_state()` / `set_state()` (or Orbax via
-`grain.checkpoint.CheckpointSave(iterator)`) resume it exactly, mid-epoch and mid-document.
+Everything random is keyed by the seed and the element's index, so the batches are a pure
+function of the source, the arguments of `make_pipeline` (worker_count included: workers
+split the documents among them) and the position: `iterator.get_state()` / `set_state()`
+(or Orbax via `grain.checkpoint.CheckpointSave(iterator)`) resume it exactly, mid-epoch and
+mid-document. A state saved under other arguments is refused, naming what differs.
+
+With several processes and a finite `num_epochs`, processes run out of data after different
+numbers of batches; a multi-host step would then hang. So by default each process then
+yields empty batches (`is_padding(batch)`) forever, and the trainer stops once every
+process's batch is padding.
 
     it = iter(make_pipeline(source, tokenizer, CausalLM(tokenizer, 256), batch_size=8))
     batch = next(it)      # dict of [8, 256] numpy arrays; keys in objectives/base.py
@@ -71,6 +78,63 @@ class _FillBatch:
     return {k: np.concatenate([v, np.zeros((short, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
 
 
+def padding_batch(objective, batch_size: int) -> dict[str, np.ndarray]:
+  """An all-padding batch of `objective` (segment ids 0, weights 0) with the real batches' keys."""
+  rows = {}
+  for key, length in objective.lengths.items():
+    for suffix in ("", "_segment_ids", "_positions"):
+      rows[key + suffix] = np.zeros((batch_size, length), np.int32)
+  return objective.batch(rows)
+
+
+def is_padding(batch: dict[str, Any]) -> bool:
+  """True for a batch without a single real token (what a process yields after its data ends)."""
+  key = "segment_ids" if "segment_ids" in batch else "encoder_segment_ids"
+  return not np.any(np.asarray(batch[key]))
+
+
+class _Guarded(grain.IterDataset):
+  """The pipeline's last stage: states that carry their arguments, and padding after the end."""
+
+  def __init__(self, parent, config: dict[str, Any], padding: dict[str, np.ndarray] | None):
+    super().__init__(parent)
+    self.config, self.padding = config, padding
+
+  def __iter__(self):
+    return _GuardedIterator(self._parent.__iter__(), self.config, self.padding)
+
+
+class _GuardedIterator(grain.DatasetIterator):
+
+  def __init__(self, parent, config, padding):
+    super().__init__(parent)
+    self.config, self.padding, self.exhausted = config, padding, False
+
+  def __next__(self):
+    if not self.exhausted:
+      try:
+        return next(self._parent)
+      except StopIteration:
+        if self.padding is None:
+          raise
+        self.exhausted = True
+    return {k: v.copy() for k, v in self.padding.items()}
+
+  def get_state(self):
+    return {"pipeline": dict(self.config), "exhausted": self.exhausted,
+            "parent": self._parent.get_state()}
+
+  def set_state(self, state):
+    saved = state.get("pipeline", {})
+    differ = [f"{k}={saved.get(k)!r} (now {v!r})" for k, v in self.config.items()
+              if saved.get(k) != v]
+    if differ:
+      raise ValueError(f"this data-iterator state was saved by a pipeline with other arguments: "
+                       f"{', '.join(differ)}; resuming would skip or repeat data")
+    self._parent.set_state(state["parent"])
+    self.exhausted = bool(state["exhausted"])
+
+
 def _check_source(source, tokenizer) -> None:
   if len(source) == 0:
     raise ValueError(f"{source} holds no documents")
@@ -84,7 +148,7 @@ def make_pipeline(source, tokenizer, objective, *, batch_size: int, seed: int = 
                   shuffle: bool = True, num_epochs: int | None = None, packing: str = "pack",
                   num_packing_bins: int | None = None, shard_index: int | None = None,
                   shard_count: int | None = None, worker_count: int = 0,
-                  prefetch: int = 2) -> grain.IterDataset:
+                  prefetch: int = 2, pad_after_end: bool | None = None) -> grain.IterDataset:
   """A Grain dataset of batches of `objective` made from `source`; `iter()` it to read.
 
   Args:
@@ -102,6 +166,8 @@ def make_pipeline(source, tokenizer, objective, *, batch_size: int, seed: int = 
     worker_count: processes that run the pipeline ahead of the trainer; 0 runs it in a
       background thread of this process.
     prefetch: batches made ahead, per worker (0 with no workers: made on demand).
+    pad_after_end: after the last epoch, yield padding batches forever instead of stopping;
+      default: when several processes share a finite number of epochs (see above).
   """
   import jax  # only for the process index: the pipeline itself never touches devices
   if packing not in PACKINGS:
@@ -140,10 +206,20 @@ def make_pipeline(source, tokenizer, objective, *, batch_size: int, seed: int = 
     ds = ds.map(_Pad(dict(objective.lengths)))
   ds = ds.batch(batch_size, drop_remainder=False).map(_FillBatch(batch_size)).map(objective.batch)
   if worker_count:
+    from absl import flags
+    if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; a notebook has none
+      flags.FLAGS.mark_as_parsed()
     ds = ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=worker_count,
                                                      per_worker_buffer_size=prefetch))
   elif prefetch:
     ds = gx.ThreadPrefetchIterDataset(ds, prefetch_buffer_size=prefetch)
+  if pad_after_end is None:
+    pad_after_end = shard_count > 1 and num_epochs is not None
+  config = {"documents": len(source), "objective": repr(objective), "batch_size": batch_size,
+            "seed": seed, "shuffle": shuffle, "num_epochs": num_epochs, "packing": packing,
+            "num_packing_bins": num_packing_bins or 4 * batch_size, "shard_index": shard_index,
+            "shard_count": shard_count, "worker_count": worker_count}
+  ds = _Guarded(ds, config, padding_batch(objective, batch_size) if pad_after_end else None)
   logging.info("pipeline: %s, %s, %s packing, batch %d, shard %d/%d", source,
                type(objective).__name__, packing, batch_size, shard_index, shard_count)
   return ds

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import tempfile
 
 import numpy as np
 
@@ -15,40 +17,59 @@ def write_shards(source, tokenizer, output_dir: str, *, num_shards: int = 8,
   """Writes `source`'s documents, tokenized, to `num_shards` shards plus `meta.json`; returns the meta.
 
   Document i goes to shard i * num_shards // len(source) (contiguous ranges, so a shard reads
-  sequentially), as uint16 ids when the vocabulary fits, else int32. Every document is
-  written, empty ones too, so shard indices match the source's.
+  sequentially), as uint16 ids when the vocabulary fits, else int32, with `sizes.npy` (tokens
+  per document). Every document is written, empty ones too, so indices match the source's.
   """
   from array_record.python import array_record_module as ar
   if num_shards < 1:
     raise ValueError(f"num_shards={num_shards} must be positive")
   if len(source) == 0:
     raise ValueError(f"{source} holds no documents")
+  made_with = getattr(source, "tokenizer_fingerprint", None)
+  if made_with is not None and made_with != tokenizer.fingerprint:
+    raise ValueError(f"{source} holds ids of tokenizer {source.tokenizer!r}, not of {tokenizer}; "
+                     f"tokenize the original text instead")
   num_shards = min(num_shards, len(source))
-  os.makedirs(output_dir, exist_ok=True)
-  existing = [f for f in os.listdir(output_dir) if f.endswith(".array_record")]
-  if existing:
-    raise ValueError(f"{output_dir} already holds {len(existing)} shard(s); give an empty directory")
+  if os.path.isdir(output_dir) and os.listdir(output_dir):
+    raise ValueError(f"{output_dir} is not empty; give a new or empty directory")
+  # Written beside, then renamed: a directory with shards always has its meta.json.
+  parent = os.path.dirname(os.path.abspath(output_dir))
+  os.makedirs(parent, exist_ok=True)
+  staging = tempfile.mkdtemp(prefix=".tokenizing-", dir=parent)
   dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.int32
   names = [f"shard-{i:05d}-of-{num_shards:05d}.array_record" for i in range(num_shards)]
-  writers = [ar.ArrayRecordWriter(os.path.join(output_dir, n), "group_size:1") for n in names]
+  writers = [ar.ArrayRecordWriter(os.path.join(staging, n), "group_size:1") for n in names]
   progress = Progress(f"tokenizing into {output_dir}", total=len(source)) if show_progress else None
-  tokens = 0
+  sizes = np.zeros(len(source), np.int64)
   try:
     for i in range(len(source)):
       document = source[i]
       ids = tokenizer.encode(document) if isinstance(document, str) else np.asarray(document)
       writers[i * num_shards // len(source)].write(ids.astype(dtype).tobytes())
-      tokens += len(ids)
+      sizes[i] = len(ids)
       if progress:
-        progress.update(1, nbytes=len(document) if isinstance(document, str) else 0)
-  finally:
+        progress.update(1, nbytes=len(document.encode("utf-8")) if isinstance(document, str) else 0)
     for w in writers:
       w.close()
+    meta = {"tokenizer": tokenizer.spec, "fingerprint": tokenizer.fingerprint,
+            "vocab_size": tokenizer.vocab_size, "dtype": np.dtype(dtype).name,
+            "documents": len(source), "tokens": int(sizes.sum()), "source": repr(source),
+            "shards": names}
+    np.save(os.path.join(staging, "sizes.npy"), sizes)
+    with open(os.path.join(staging, "meta.json"), "w") as f:
+      json.dump(meta, f, indent=1)
+    if os.path.isdir(output_dir):
+      os.rmdir(output_dir)
+    os.rename(staging, output_dir)
+  except BaseException:
+    for w in writers:
+      try:
+        w.close()
+      except Exception:  # already closed, or the failure itself
+        pass
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+  finally:
     if progress:
       progress.close()
-  meta = {"tokenizer": tokenizer.spec, "fingerprint": tokenizer.fingerprint,
-          "vocab_size": tokenizer.vocab_size, "dtype": np.dtype(dtype).name, "documents": len(source), "tokens": tokens,
-          "source": repr(source), "shards": names}
-  with open(os.path.join(output_dir, "meta.json"), "w") as f:
-    json.dump(meta, f, indent=1)
   return meta

@@ -15,6 +15,8 @@ document of memory, pickles cheaply into worker processes, and reads any documen
 
 from __future__ import annotations
 
+import codecs
+import functools
 import glob
 import json
 import mmap
@@ -49,27 +51,45 @@ def expand_paths(patterns: str | list[str] | tuple[str, ...]) -> list[str]:
   return paths
 
 
-def _count_bad_utf8(data: bytes, path: str) -> None:
+_BLOCK = 1 << 24  # bytes per step when scanning a file, so memory stays bounded
+_HAS_TEXT = np.ones(256, bool)
+_HAS_TEXT[_SPACE_BYTES] = False
+
+
+def _map_file(path: str):
+  """The file's bytes, memory-mapped (b"" for an empty file, which mmap refuses)."""
+  with open(path, "rb") as fh:
+    if os.fstat(fh.fileno()).st_size == 0:
+      return b""
+    return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+
+
+def _count_bad_utf8(data, path: str) -> None:
   """Logs how many invalid UTF-8 sequences `path` has; reading replaces each by U+FFFD."""
-  try:
-    data.decode("utf-8")
-  except UnicodeDecodeError:
-    text = data.decode("utf-8", errors="replace")
-    bad = text.count("\ufffd") - data.count("\ufffd".encode())
+  decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+  bad = 0
+  for start in range(0, len(data), _BLOCK):
+    block = data[start:start + _BLOCK]
+    bad += decoder.decode(block, final=start + _BLOCK >= len(data)).count("\ufffd")
+    bad -= block.count("\ufffd".encode())  # real U+FFFD characters are not errors
+  if bad > 0:
     logging.warning("%s: %d invalid UTF-8 sequence(s); each is read as U+FFFD", path, bad)
 
 
-def _document_spans(data: bytes, split: str) -> tuple[np.ndarray, np.ndarray]:
-  """(starts, ends) byte offsets of the non-blank documents of one file."""
-  arr = np.frombuffer(data, np.uint8)
+def _document_spans(data, split: str) -> tuple[np.ndarray, np.ndarray]:
+  """(starts, ends) byte offsets of the non-blank documents of one file; CRLF ends lines too."""
+  arr = np.frombuffer(data, np.uint8) if len(data) else np.zeros(0, np.uint8)
   if split == "file":
-    has_text = bool(np.any(~np.isin(arr, _SPACE_BYTES)))
+    has_text = any(_HAS_TEXT[arr[i:i + _BLOCK]].any() for i in range(0, len(arr), _BLOCK))
     return (np.array([0]), np.array([len(arr)])) if has_text else (np.zeros(0, int),) * 2
   newlines = np.flatnonzero(arr == ord("\n"))
   starts = np.concatenate([[0], newlines + 1])
   ends = np.concatenate([newlines, [len(arr)]])
-  text_before = np.concatenate([[0], np.cumsum(~np.isin(arr, _SPACE_BYTES))])
-  has_text = text_before[ends] > text_before[starts]
+  if len(starts) and starts[-1] == len(arr):  # nothing after the last newline
+    starts, ends = starts[:-1], ends[:-1]
+  # A line has text if any of its bytes does; an empty line's reduce sees its newline (space).
+  has_text = np.logical_or.reduceat(_HAS_TEXT[arr], starts) if len(starts) else np.zeros(0, bool)
+  ends = ends - ((ends > starts) & (arr[np.maximum(ends - 1, 0)] == ord("\r")))
   if split == "line":
     return starts[has_text], ends[has_text]
   # Paragraphs: maximal runs of consecutive non-blank lines.
@@ -86,9 +106,7 @@ class _MappedFiles:
 
   def read(self, f: int, start: int, end: int) -> bytes:
     if f not in self._maps:
-      with open(self.paths[f], "rb") as fh:
-        size = os.fstat(fh.fileno()).st_size
-        self._maps[f] = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) if size else b""
+      self._maps[f] = _map_file(self.paths[f])
     return self._maps[f][start:end]
 
   def __getstate__(self):
@@ -104,11 +122,11 @@ class TextSource:
     self.paths, self.split = expand_paths(patterns), split
     starts, ends, files = [], [], []
     for f, path in enumerate(self.paths):
-      with open(path, "rb") as fh:
-        data = fh.read()
+      data = _map_file(path)
       _count_bad_utf8(data, path)
       s, e = _document_spans(data, split)
       starts.append(s), ends.append(e), files.append(np.full(len(s), f, np.int32))
+      del data  # the index keeps offsets only
     self._starts, self._ends = np.concatenate(starts), np.concatenate(ends)
     self._files = np.concatenate(files)
     self.sizes = self._ends - self._starts
@@ -150,16 +168,17 @@ class JsonlSource:
         except (ValueError, AttributeError):
           problems.append(f"{path}:{line_no}: not a JSON object")
           continue
-        if not isinstance(value, str):
-          problems.append(f"{path}:{line_no}: " + (f"no field {field!r}" if value is None else
-                                                  f"field {field!r} is {type(value).__name__}"))
+        if not isinstance(value, str) or not value.strip():
+          problems.append(f"{path}:{line_no}: " + (
+              f"no field {field!r}" if value is None else f"field {field!r} is blank"
+              if isinstance(value, str) else f"field {field!r} is {type(value).__name__}"))
           continue
         records.append((f, start, offset - 1))
         sizes.append(len(value.encode("utf-8")))
     for problem in problems[:self.MAX_REPORTED]:
       logging.warning("skipped %s", problem)
     if problems:
-      logging.warning("JsonlSource skipped %d of %d lines without a string %r field (%s)",
+      logging.warning("JsonlSource skipped %d of %d lines without text in field %r (%s)",
                       len(problems), len(problems) + len(records), field,
                       "first shown above" if len(problems) <= self.MAX_REPORTED else
                       f"first {self.MAX_REPORTED} shown above")
@@ -191,12 +210,27 @@ class ArrayRecordSource:
     if isinstance(patterns, str) and os.path.isdir(patterns):
       patterns = os.path.join(patterns, "*.array_record")
     self.paths = expand_paths(patterns)
-    meta_path = os.path.join(os.path.dirname(self.paths[0]), "meta.json")
-    self.meta = json.load(open(meta_path)) if os.path.isfile(meta_path) else None
+    metas = {}
+    for directory in sorted({os.path.dirname(p) for p in self.paths}):
+      meta_path = os.path.join(directory, "meta.json")
+      metas[directory] = json.load(open(meta_path)) if os.path.isfile(meta_path) else None
+    kinds = {None if m is None else m.get("fingerprint", m["tokenizer"]) for m in metas.values()}
+    if len(kinds) > 1:
+      raise ValueError(f"the shards {sorted(metas)} were written by different tokenizers "
+                       f"(or some as text): {sorted(map(str, kinds))}; read them separately")
+    self.meta = next(iter(metas.values()))
     self._dtype = np.dtype(self.meta["dtype"]) if self.meta else None
     self._source = grain.sources.ArrayRecordDataSource(self.paths)
     if len(self._source) == 0:
       raise ValueError(f"the ArrayRecord shards {self.paths} hold no records")
+    self._sizes = None
+    if self.meta and all(os.path.isfile(os.path.join(d, "sizes.npy")) for d in metas):
+      # Shard order is the sorted path order, as written: one sizes file per directory.
+      sizes = {d: np.load(os.path.join(d, "sizes.npy")) for d in metas}
+      every = all(len(m["shards"]) == len([p for p in self.paths if os.path.dirname(p) == d])
+                  for d, m in metas.items())
+      if every:
+        self._sizes = np.concatenate([sizes[d] for d in sorted(metas)])
 
   @property
   def tokenizer(self) -> str | None:
@@ -210,8 +244,11 @@ class ArrayRecordSource:
 
   @property
   def sizes(self) -> np.ndarray:
-    itemsize = self._dtype.itemsize if self._dtype is not None else 1
-    return np.array([len(self._source[i]) // itemsize for i in range(len(self))])
+    """Tokens (or bytes) per document: from sizes.npy when written with the shards, else read once."""
+    if self._sizes is None:
+      itemsize = self._dtype.itemsize if self._dtype is not None else 1
+      self._sizes = np.array([len(self._source[i]) // itemsize for i in range(len(self))])
+    return self._sizes
 
   def __len__(self) -> int:
     return len(self._source)
@@ -257,9 +294,12 @@ class SubsetSource:
   def __repr__(self):
     return f"{self.source!r}[{len(self)} of {len(self.source)} documents]"
 
-  @property
+  @functools.cached_property
   def sizes(self) -> np.ndarray:
-    return np.array([len(_encode(self[i])) for i in range(len(self))])
+    sizes = np.asarray(self.source.sizes)[self.indices].copy()
+    for i in {0, len(self) - 1} if (self.head, self.tail) != (None, None) else ():
+      sizes[i] = len(_encode(self[i]))  # only a cut document is read
+    return sizes
 
   def __getitem__(self, i: int):
     i = int(i)
@@ -304,13 +344,14 @@ def split_source(source, validation_fraction: float = 0.05, *, method: str = "ta
     return SubsetSource(source, np.flatnonzero(~is_val)), SubsetSource(source, np.flatnonzero(is_val))
   if method != "tail":
     raise ValueError(f"method={method!r}; expected 'tail' or 'hash'")
-  ends = np.cumsum(np.asarray(source.sizes, np.int64))
+  sizes = np.asarray(source.sizes, np.int64)
+  ends = np.cumsum(sizes)
   boundary = int(round(ends[-1] * (1.0 - validation_fraction)))
   if boundary <= 0 or boundary >= ends[-1]:
     raise ValueError(f"{source} is too small ({ends[-1]} bytes/tokens) to split")
   doc = int(np.searchsorted(ends, boundary, side="left"))  # the document holding the boundary
   at = boundary - (ends[doc - 1] if doc else 0)
-  if at == source.sizes[doc]:  # the boundary falls between documents
+  if at == sizes[doc]:  # the boundary falls between documents
     return (SubsetSource(source, np.arange(doc + 1)), SubsetSource(source, np.arange(doc + 1, n)))
   return (SubsetSource(source, np.arange(doc + 1), head=int(at)),
           SubsetSource(source, np.arange(doc, n), tail=int(at)))

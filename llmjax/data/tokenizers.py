@@ -189,7 +189,10 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, *, vocab_size: 
   """Trains a SentencePiece model on `texts` (each a sentence or line) and loads it.
 
   Ids 0-3 are pad, eos, bos, unk; then [MASK] [CLS] [SEP] if `bert_specials`, then the
-  sentinels `<extra_id_0>`... Writes `model_prefix`.model and .vocab. The model is lossless
+  sentinels `<extra_id_0>`... They are control symbols: text that spells "[MASK]" or
+  "<extra_id_0>" is encoded as ordinary text, never as the special id (as in T5, whose
+  sentinels live outside the SentencePiece model), and decode drops them.
+  Writes `model_prefix`.model and .vocab. The model is lossless
   by default (decode(encode(text)) == text: no normalization, whitespace kept, unseen
   characters as UTF-8 bytes); pass e.g. normalization_rule_name="nmt_nfkc" for T5's behaviour.
   """
@@ -205,6 +208,6 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, *, vocab_size: 
   spm.SentencePieceTrainer.Train(
       sentence_iterator=iter(texts), model_prefix=model_prefix, vocab_size=vocab_size,
       model_type=model_type, byte_fallback=byte_fallback, character_coverage=character_coverage,
-      pad_id=0, eos_id=1, bos_id=2, unk_id=3, user_defined_symbols=symbols,
+      pad_id=0, eos_id=1, bos_id=2, unk_id=3, control_symbols=symbols,
       num_threads=num_threads, minloglevel=2, **options)
   return SentencePieceTokenizer(model_prefix + ".model")

@@ -2,7 +2,7 @@
 
 An objective is a data transform plus the loss it implies. The data pipeline calls
 `examples(tokens, rng)` on each document's token ids and packs the examples into rows of
-`lengths`; `batch(row)` names the packed features; the trainer calls `logits(...)` and
+`lengths`; `batch(rows)` names the batched [B, L] features; the trainer calls `logits(...)` and
 `loss(...)`. Batches are flat dicts of arrays with the same keys for every objective:
 
     decoder-only / encoder-only   tokens targets weights segment_ids positions [prefix_mask]
@@ -48,10 +48,27 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.
 class Objective:
   """Base class: subclasses set `lengths`, `examples`, `batch`, `logits`; the loss is shared."""
 
+  def __init__(self, tokenizer):
+    self.vocab_size, self.tokenizer_fingerprint = tokenizer.vocab_size, tokenizer.fingerprint
+
   targets_key, weights_key = "targets", "weights"
   lengths: dict[str, int]
   # Whether an example may be cut across rows (packing="concat") and keep its meaning.
   splittable = False
+
+  def __repr__(self):
+    """The class and its settings: stable across runs, so pipeline states can be checked."""
+    settings = {k: v for k, v in sorted(vars(self).items())
+                if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))}
+    return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in settings.items())})"
+
+  def check_model(self, model) -> None:
+    """Raises ValueError if the model's embedding table has no row for some of our token ids."""
+    vocab = getattr(getattr(model, "cfg", None), "vocab_size", None)
+    if vocab is not None and vocab < self.vocab_size:
+      raise ValueError(f"{type(self).__name__} makes ids up to {self.vocab_size - 1} (its "
+                       f"tokenizer has {self.vocab_size}) but the model's vocab_size is {vocab}; "
+                       f"raise the model's vocab_size to at least {self.vocab_size}")
 
   def loss(self, logits_BTV, batch, *, label_smoothing: float = 0.0,
            z_loss: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
@@ -61,9 +78,9 @@ class Objective:
     return sums["loss"] / jnp.maximum(sums["weight"], 1.0), sums
 
 
-def segments(row: dict[str, np.ndarray], key: str) -> tuple[np.ndarray, np.ndarray]:
-  """(segment_ids, positions) of feature `key` of a packed or padded row (`key_segment_ids`, ...)."""
-  return row[key + "_segment_ids"], row[key + "_positions"]
+def segments(rows: dict[str, np.ndarray], key: str) -> tuple[np.ndarray, np.ndarray]:
+  """(segment_ids, positions) [B, L] of feature `key` of packed or padded rows."""
+  return rows[key + "_segment_ids"], rows[key + "_positions"]
 
 
 def chunks(tokens: np.ndarray, size: int, overlap: int = 0) -> list[np.ndarray]:

@@ -28,6 +28,7 @@ class CausalLM(Objective):
       raise ValueError(f"seq_len={seq_len} must be at least 1 for causal LM")
     if add_bos or add_eos:
       tokenizer.require(bos_id=add_bos, eos_id=add_eos)
+    super().__init__(tokenizer)
     self.seq_len = seq_len
     self.bos = [tokenizer.bos_id] if add_bos else []
     self.eos = [tokenizer.eos_id] if add_eos else []
@@ -41,13 +42,14 @@ class CausalLM(Objective):
     del rng  # deterministic
     return [{"tokens": w[:-1], "targets": w[1:]} for w in self.windows(tokens)]
 
-  def batch(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    segment_ids, positions = segments(row, "tokens")
-    return {"tokens": row["tokens"], "targets": row["targets"],
+  def batch(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    segment_ids, positions = segments(rows, "tokens")
+    return {"tokens": rows["tokens"], "targets": rows["targets"],
             "weights": (segment_ids > 0).astype(np.float32), "segment_ids": segment_ids,
             "positions": positions}
 
   def logits(self, model, variables, batch, **apply_kwargs):
+    self.check_model(model)
     return model.apply(variables, batch["tokens"], batch["segment_ids"], batch["positions"],
                        **apply_kwargs)
 
@@ -77,12 +79,13 @@ class PrefixLM(CausalLM):
                   "prefix_mask": (index < p).astype(np.int32)})
     return out
 
-  def batch(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    out = super().batch(row)
-    out["weights"] = row["weights"].astype(np.float32)
-    out["prefix_mask"] = row["prefix_mask"]
+  def batch(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    out = super().batch(rows)
+    out["weights"] = rows["weights"].astype(np.float32)
+    out["prefix_mask"] = rows["prefix_mask"]
     return out
 
   def logits(self, model, variables, batch, **apply_kwargs):
+    self.check_model(model)
     return model.apply(variables, batch["tokens"], batch["segment_ids"], batch["positions"],
                        prefix_mask=batch["prefix_mask"], **apply_kwargs)

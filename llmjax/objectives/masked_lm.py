@@ -4,7 +4,9 @@ Choose `rate` of the maskable tokens (never a special token such as [CLS], [SEP]
 at most `max_predictions` of them; replace 80% of the chosen by [MASK], 10% by a random token
 and leave 10% as they are. The loss is taken only at the chosen positions. With whole-word
 masking the choice is made over words (a word token and the continuation pieces after it),
-as in BERT's `create_pretraining_data.py`.
+as in BERT's `create_pretraining_data.py`. Two deliberate differences from that script: the
+15% is of the maskable tokens (it counts [CLS] and [SEP] too, so it picks one more token in
+a few rows), and random replacements are never special ids (it may insert a [SEP] or [PAD]).
 """
 
 from __future__ import annotations
@@ -95,7 +97,12 @@ class MaskedLM(Objective):
     if seq_len < 3:
       raise ValueError(f"seq_len={seq_len} is too short for masked LM: [CLS] and [SEP] leave "
                        f"no room for a token")
+    if not 0.0 < rate <= 1.0:
+      raise ValueError(f"rate={rate} must be in (0, 1]")
+    if max_predictions is not None and max_predictions < 1:
+      raise ValueError(f"max_predictions={max_predictions} must be >= 1 (or None: no cap)")
     tokenizer.require(mask_id=True, cls_id=True, sep_id=True)
+    super().__init__(tokenizer)
     self.tokenizer, self.seq_len, self.rate = tokenizer, seq_len, rate
     self.max_predictions, self.whole_word = max_predictions, whole_word
     self.special_ids = tuple(sorted(tokenizer.special_ids))
@@ -112,12 +119,13 @@ class MaskedLM(Objective):
       out.append({"tokens": inputs, "targets": targets, "weights": weights})
     return out
 
-  def batch(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    segment_ids, positions = segments(row, "tokens")
-    return {"tokens": row["tokens"], "targets": row["targets"],
-            "weights": row["weights"].astype(np.float32), "segment_ids": segment_ids,
+  def batch(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    segment_ids, positions = segments(rows, "tokens")
+    return {"tokens": rows["tokens"], "targets": rows["targets"],
+            "weights": rows["weights"].astype(np.float32), "segment_ids": segment_ids,
             "positions": positions}
 
   def logits(self, model, variables, batch, **apply_kwargs):
+    self.check_model(model)
     return model.apply(variables, batch["tokens"], batch["segment_ids"],
                        positions=batch["positions"], **apply_kwargs)

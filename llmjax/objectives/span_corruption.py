@@ -139,6 +139,11 @@ class SpanCorruption(Objective):
   def __init__(self, tokenizer, inputs_length: int, *, noise_density: float = 0.15,
                mean_noise_span_length: float = 3.0, decoder_start_id: int | None = None):
     tokenizer.require(eos_id=True)
+    super().__init__(tokenizer)
+    start = tokenizer.pad_id if decoder_start_id is None else decoder_start_id
+    if start is None or not 0 <= start < tokenizer.vocab_size:
+      raise ValueError(f"decoder_start_id={start} (default: the pad id) must be an id in "
+                       f"[0, {tokenizer.vocab_size}); {tokenizer} has no pad id, so give one")
     self.tokens_length, self.targets_length = span_corruption_lengths(
         inputs_length, noise_density, mean_noise_span_length)
     if self.tokens_length < 2:
@@ -158,7 +163,7 @@ class SpanCorruption(Objective):
       raise ValueError(f"{tokenizer} has {len(tokenizer.sentinel_ids)} sentinel ids but chunks of "
                        f"{self.tokens_length} tokens make up to {max_spans} noise spans")
     self.sentinel_ids, self.eos_id = tokenizer.sentinel_ids, tokenizer.eos_id
-    self.start_id = tokenizer.pad_id if decoder_start_id is None else decoder_start_id
+    self.start_id = start
     self.lengths = {"encoder_tokens": inputs_length, "decoder_targets": self.targets_length,
                     "decoder_tokens": self.targets_length}
 
@@ -177,15 +182,16 @@ class SpanCorruption(Objective):
                   "decoder_tokens": np.concatenate([[self.start_id], targets[:-1]]).astype(np.int32)})
     return out
 
-  def batch(self, row: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    enc_segment_ids, enc_positions = segments(row, "encoder_tokens")
-    dec_segment_ids, dec_positions = segments(row, "decoder_targets")
-    return {"encoder_tokens": row["encoder_tokens"], "encoder_segment_ids": enc_segment_ids,
-            "encoder_positions": enc_positions, "decoder_tokens": row["decoder_tokens"],
-            "decoder_targets": row["decoder_targets"],
+  def batch(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    enc_segment_ids, enc_positions = segments(rows, "encoder_tokens")
+    dec_segment_ids, dec_positions = segments(rows, "decoder_targets")
+    return {"encoder_tokens": rows["encoder_tokens"], "encoder_segment_ids": enc_segment_ids,
+            "encoder_positions": enc_positions, "decoder_tokens": rows["decoder_tokens"],
+            "decoder_targets": rows["decoder_targets"],
             "decoder_weights": (dec_segment_ids > 0).astype(np.float32),
             "decoder_segment_ids": dec_segment_ids, "decoder_positions": dec_positions}
 
   def logits(self, model, variables, batch, **apply_kwargs):
+    self.check_model(model)
     return model.apply(variables, batch["encoder_tokens"], batch["decoder_tokens"],
                        batch["encoder_segment_ids"], batch["decoder_segment_ids"], **apply_kwargs)

@@ -13,7 +13,7 @@ import grain
 import numpy as np
 import pytest
 
-from llmjax.data import ByteTokenizer, TextSource, make_pipeline
+from llmjax.data import ByteTokenizer, TextSource, is_padding, make_pipeline, padding_batch
 from llmjax.objectives import CausalLM, MaskedLM, PrefixLM, SpanCorruption
 from tests.data.common import OBJECTIVES, SEQ, TOK, assert_batches_equal, documents, take
 
@@ -90,18 +90,72 @@ def test_resume_through_orbax(small_corpus, tmp_path):
   assert_batches_equal(reference[stop:], batches)
 
 
-def test_two_shards_read_disjointdocuments(short_docs):
+def _until_padding(it, limit=10_000):
+  """The batches of `it` before its first all-padding batch."""
+  out = []
+  for _ in range(limit):
+    batch = next(it)
+    if is_padding(batch):
+      return out
+    out.append(batch)
+  raise AssertionError("no padding batch after the data")
+
+
+def test_two_shards_read_disjoint_documents(short_docs):
   """Two processes each read half of the documents in an epoch: disjoint, together all of them."""
   path, lines = short_docs
   seen = []
   for shard_index in (0, 1):
-    batches = take(make_pipeline(TextSource(path), TOK, CausalLM(TOK, SEQ), batch_size=8,
-                                  seed=3, num_epochs=1, shard_index=shard_index, shard_count=2))
-    docs = documents(batches)
+    it = iter(make_pipeline(TextSource(path), TOK, CausalLM(TOK, SEQ), batch_size=8, seed=3,
+                            num_epochs=1, shard_index=shard_index, shard_count=2))
+    docs = documents(_until_padding(it))
+    it.close()
     assert len(docs) == len(set(docs)) == len(lines) // 2
     seen.append(set(docs))
   assert not seen[0] & seen[1]
   assert seen[0] | seen[1] == set(lines)
+
+
+def test_processes_keep_stepping_in_lockstep_after_their_data(long_docs):
+  """With a finite epoch, a process whose shard ends first yields padding batches, forever and
+  on resume too, so a multi-host step never waits on a process that stopped."""
+  path, _ = long_docs
+  make = lambda i: make_pipeline(TextSource(path), TOK, SpanCorruption(TOK, SEQ), batch_size=4,
+                                 seed=0, num_epochs=1, shard_index=i, shard_count=3)
+  iters = [iter(make(i)) for i in range(3)]
+  counts = [len(_until_padding(it)) for it in iters]
+  assert len(set(counts)) > 1, counts  # uneven shards: the case that would hang
+  padding = padding_batch(SpanCorruption(TOK, SEQ), 4)
+  for it in iters:
+    state = it.get_state()
+    for _ in range(3):
+      assert_batches_equal([next(it)], [padding])
+    resumed = iter(make(0 if it is iters[0] else 1 if it is iters[1] else 2))
+    resumed.set_state(state)
+    assert is_padding(next(resumed))
+    resumed.close()
+    it.close()
+  # Asked not to pad, the pipeline just ends.
+  single = make_pipeline(TextSource(path), TOK, CausalLM(TOK, SEQ), batch_size=4, num_epochs=1,
+                         shard_index=0, shard_count=3, pad_after_end=False)
+  assert not any(is_padding(b) for b in take(single))
+
+
+@pytest.mark.parametrize("change", [{"batch_size": 8}, {"seed": 1}, {"shard_count": 1},
+                                    {"packing": "pad"}])
+def test_state_from_other_arguments_is_refused(small_corpus, change):
+  """Restoring a state saved under other pipeline arguments names them instead of silently
+  skipping or repeating data."""
+  args = dict(batch_size=4, seed=0, shard_index=0, shard_count=2, packing="pack")
+  it = iter(make_pipeline(TextSource(small_corpus), TOK, CausalLM(TOK, SEQ), **args))
+  next(it)
+  state = it.get_state()
+  it.close()
+  other = iter(make_pipeline(TextSource(small_corpus), TOK, CausalLM(TOK, SEQ),
+                             **{**args, **change}))
+  with pytest.raises(ValueError, match=next(iter(change))):
+    other.set_state(state)
+  other.close()
 
 
 # --------------------------------------------------------------------------- packing

@@ -27,7 +27,8 @@ def _is_blank(line):
 
 
 def _lines(text):
-  return [line for line in text.split("\n") if not _is_blank(line)]
+  """Non-blank lines; a CRLF line end leaves no "\\r" behind."""
+  return [line.removesuffix("\r") for line in text.split("\n") if not _is_blank(line)]
 
 
 def _paragraphs(text):
@@ -35,7 +36,7 @@ def _paragraphs(text):
   for line in text.split("\n") + [""]:
     if _is_blank(line):
       if current:
-        paragraphs.append("\n".join(current))
+        paragraphs.append("\n".join(current).removesuffix("\r"))
       current = []
     else:
       current.append(line)
@@ -231,7 +232,7 @@ def test_valid_utf8_logs_nothing(tmp_path, caplog):
 
 def test_jsonl_documents_are_the_field_values(tmp_path):
   """Documents are the field's string values, escapes decoded, across files in order."""
-  values = ["plain", "with \"quotes\" and \\ backslash", "two\nlines\n", "", "naïve 🦊 日本語",
+  values = ["plain", "with \"quotes\" and \\ backslash", "two\nlines\n", "x", "naïve 🦊 日本語",
             "tab\there", " spaced "]
   lines = [json.dumps({"id": k, "body": v}, ensure_ascii=k % 2 == 0) for k, v in enumerate(values)]
   a = _write(tmp_path / "a.jsonl", "\n".join(lines[:4]) + "\n")
@@ -254,14 +255,16 @@ def test_jsonl_skips_and_reports_bad_lines(tmp_path, caplog):
       '{"text": "second é"}',       # 6
       '[1, 2, 3]',                  # 7: not an object
       '{"text": "third", "x": 1}',  # 8
+      '{"text": " \\n "}',          # 9: blank text
   ]) + "\n"
   path = _write(tmp_path / "d.jsonl", content)
   with caplog.at_level(pylogging.WARNING):
     source = JsonlSource(path)
   assert _docs(source) == ["first", "second é", "third"]
-  assert len(source.skipped) == 4
-  for line_no, problem in zip((2, 3, 4, 7), source.skipped):
+  assert len(source.skipped) == 5
+  for line_no, problem in zip((2, 3, 4, 7, 9), source.skipped):
     assert f"{path}:{line_no}" in problem
+  assert "blank" in source.skipped[-1]
   logged = "\n".join(_warnings(caplog))
   for line_no in (2, 3, 4, 7):
     assert f"{path}:{line_no}" in logged

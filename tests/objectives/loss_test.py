@@ -125,3 +125,24 @@ def test_prefix_mask_refused_where_it_has_no_meaning():
     GPT(cfg, decode=True).init(jax.random.key(0), tokens, prefix_mask=jnp.ones_like(tokens))
   with pytest.raises(ValueError, match="prefix_mask"):
     GPT(cfg).init(jax.random.key(0), tokens, prefix_mask=jnp.ones((1, 7), jnp.int32))
+
+
+def test_objectives_refuse_bad_settings_up_front():
+  """A model too small for the tokenizer, a bad masking rate or cap, or no decoder start id is
+  an error naming the value, raised before any batch is made."""
+  tok = data.ByteTokenizer()
+  objective = objectives.CausalLM(tok, 8)
+  model = GPT(GPTConfig.from_size("tiny", vocab_size=256))  # the byte tokenizer has 363 ids
+  batch = {k: jnp.zeros((1, 8), jnp.int32) for k in ("tokens", "segment_ids", "positions")}
+  with pytest.raises(ValueError, match="vocab_size"):
+    objective.logits(model, {}, batch)
+  for kwargs, match in [({"rate": 0.0}, "rate"), ({"rate": 1.5}, "rate"),
+                        ({"max_predictions": 0}, "max_predictions")]:
+    with pytest.raises(ValueError, match=match):
+      objectives.MaskedLM(tok, 16, **kwargs)
+  with pytest.raises(ValueError, match="decoder_start_id"):
+    objectives.SpanCorruption(tok, 64, decoder_start_id=tok.vocab_size)
+  no_pad = data.ByteTokenizer()
+  no_pad.pad_id = None  # as a SentencePiece model trained without a pad piece
+  with pytest.raises(ValueError, match="no pad id"):
+    objectives.SpanCorruption(no_pad, 64)
