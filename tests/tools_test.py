@@ -1,4 +1,5 @@
-"""The data tools end to end, as a researcher runs them: train a tokenizer, shard a corpus, benchmark."""
+"""The data tools end to end, as a researcher runs them: train a tokenizer, shard a corpus,
+benchmark."""
 
 import json
 import os
@@ -45,7 +46,8 @@ def spm_model(corpus, tmp_path_factory):
 
 
 def test_train_tokenizer(spm_model):
-  """The trained model has the reserved ids, BERT specials and ordered sentinels, and round-trips text."""
+  """The trained model has the reserved ids, BERT specials and ordered sentinels, and
+  round-trips text."""
   tok = data.load_tokenizer(spm_model)
   assert (tok.pad_id, tok.eos_id, tok.bos_id, tok.unk_id) == (0, 1, 2, 3)
   assert None not in (tok.mask_id, tok.cls_id, tok.sep_id)

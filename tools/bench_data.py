@@ -18,7 +18,8 @@ from llmjax import data, objectives
 from llmjax.data.sources import SPLITS
 
 flags.DEFINE_string("data", "builtin", "Files, globs, a shard directory or 'builtin'.")
-flags.DEFINE_enum("split", "paragraph", SPLITS, "Text files: a document per line, paragraph or file.")
+flags.DEFINE_enum("split", "paragraph", SPLITS,
+                  "Text files: a document per line, paragraph or file.")
 flags.DEFINE_string("tokenizer", "byte", "'byte', 'byte:N' or a SentencePiece .model path.")
 flags.DEFINE_integer("batch_size", 8, "Rows per batch.")
 flags.DEFINE_integer("seq_len", 128, "Row length (encoder length for span corruption).")
@@ -61,7 +62,8 @@ def trainer_rate(steps: int) -> float:
     updates, opt_state = tx.update(grads, opt_state, params)
     return optax.apply_updates(params, updates), opt_state
 
-  batch = {"tokens": tokens_BT, "targets": tokens_BT, "weights": np.ones(tokens_BT.shape, np.float32),
+  batch = {"tokens": tokens_BT, "targets": tokens_BT,
+           "weights": np.ones(tokens_BT.shape, np.float32),
            "segment_ids": np.ones_like(tokens_BT), "positions": np.broadcast_to(
                np.arange(FLAGS.seq_len, dtype=np.int32), tokens_BT.shape)}
   opt_state = tx.init(params)
@@ -83,7 +85,8 @@ def main(argv):
     print(f"trainer (tiny GPT, this CPU): {trainer:,.0f} tokens/s")
   print(f"{'objective':<16} {'tokens/s':>12} {'fill':>6}" + ("  x trainer" if trainer else ""))
   for name, make in objectives.OBJECTIVES.items():
-    rate, fill = pipeline_rate(source, tokenizer, make(tokenizer, FLAGS.seq_len), FLAGS.seconds_each)
+    rate, fill = pipeline_rate(source, tokenizer, make(tokenizer, FLAGS.seq_len),
+                               FLAGS.seconds_each)
     print(f"{name:<16} {rate:12,.0f} {fill:6.1%}" + (f"  {rate / trainer:9.1f}" if trainer else ""))
 
 

@@ -49,7 +49,8 @@ class _Flatten(grain.experimental.FlatMapTransform):
 
 
 class _Pad:
-  """One example per row, padded to `lengths`, with the packer's segment-id and position features."""
+  """One example per row, padded to `lengths`, with the packer's segment-id and position
+  features."""
 
   def __init__(self, lengths: dict[str, int]):
     self.lengths = lengths
@@ -61,7 +62,8 @@ class _Pad:
       n = len(value)
       row[key] = np.pad(value, (0, length - n))
       row[key + "_segment_ids"] = (np.arange(length) < n).astype(np.int32)
-      row[key + "_positions"] = np.where(np.arange(length) < n, np.arange(length), 0).astype(np.int32)
+      row[key + "_positions"] = np.where(np.arange(length) < n, np.arange(length),
+                                         0).astype(np.int32)
     return row
 
 
@@ -75,7 +77,8 @@ class _FillBatch:
     short = self.batch_size - len(next(iter(batch.values())))
     if short == 0:
       return batch
-    return {k: np.concatenate([v, np.zeros((short, *v.shape[1:]), v.dtype)]) for k, v in batch.items()}
+    return {k: np.concatenate([v, np.zeros((short, *v.shape[1:]), v.dtype)])
+            for k, v in batch.items()}
 
 
 def padding_batch(objective, batch_size: int) -> dict[str, np.ndarray]:

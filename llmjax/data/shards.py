@@ -14,7 +14,8 @@ from llmjax.data.progress import Progress
 
 def write_shards(source, tokenizer, output_dir: str, *, num_shards: int = 8,
                  show_progress: bool = True) -> dict:
-  """Writes `source`'s documents, tokenized, to `num_shards` shards plus `meta.json`; returns the meta.
+  """Writes `source`'s documents, tokenized, to `num_shards` shards plus `meta.json`; returns
+  the meta.
 
   Document i goes to shard i * num_shards // len(source) (contiguous ranges, so a shard reads
   sequentially), as uint16 ids when the vocabulary fits, else int32, with `sizes.npy` (tokens

@@ -34,7 +34,8 @@ STDLIB_FILES = ("argparse.py", "ast.py", "collections/__init__.py", "dataclasses
 
 
 def expand_paths(patterns: str | list[str] | tuple[str, ...]) -> list[str]:
-  """Files named by paths, glob patterns or comma-separated lists of them, each pattern non-empty."""
+  """Files named by paths, glob patterns or comma-separated lists of them, each pattern
+  non-empty."""
   if isinstance(patterns, str):
     patterns = [p for p in patterns.split(",") if p]
   if not patterns:
@@ -147,7 +148,8 @@ class TextSource:
 
 
 class JsonlSource:
-  """Documents from one string field of JSON-lines files; lines without it are counted and reported."""
+  """Documents from one string field of JSON-lines files; lines without it are counted and
+  reported."""
 
   MAX_REPORTED = 5
 
@@ -203,7 +205,8 @@ class JsonlSource:
 
 
 class ArrayRecordSource:
-  """ArrayRecord shards: token arrays when a `meta.json` (from tools/tokenize_corpus.py) is beside them, else UTF-8 text."""
+  """ArrayRecord shards: token arrays when a `meta.json` (from tools/tokenize_corpus.py) is
+  beside them, else UTF-8 text."""
 
   def __init__(self, patterns):
     import grain
@@ -244,7 +247,8 @@ class ArrayRecordSource:
 
   @property
   def sizes(self) -> np.ndarray:
-    """Tokens (or bytes) per document: from sizes.npy when written with the shards, else read once."""
+    """Tokens (or bytes) per document: from sizes.npy when written with the shards, else read
+    once."""
     if self._sizes is None:
       itemsize = self._dtype.itemsize if self._dtype is not None else 1
       self._sizes = np.array([len(self._source[i]) // itemsize for i in range(len(self))])
@@ -265,7 +269,8 @@ class ArrayRecordSource:
 
 
 def builtin_source(split: str = "paragraph") -> TextSource:
-  """The sources of STDLIB_FILES from this Python's install (about 1 MB): a corpus on every machine."""
+  """The sources of STDLIB_FILES from this Python's install (about 1 MB): a corpus on every
+  machine."""
   root = os.path.dirname(os.__file__)
   paths = [p for p in (os.path.join(root, n) for n in STDLIB_FILES) if os.path.isfile(p)]
   if not paths:  # a stripped install may lack them
@@ -341,7 +346,8 @@ def split_source(source, validation_fraction: float = 0.05, *, method: str = "ta
     if is_val.all() or not is_val.any():
       raise ValueError(f"{source} has too few documents ({n}) to hold out "
                        f"{validation_fraction:.0%} of them; use method='tail'")
-    return SubsetSource(source, np.flatnonzero(~is_val)), SubsetSource(source, np.flatnonzero(is_val))
+    return (SubsetSource(source, np.flatnonzero(~is_val)),
+            SubsetSource(source, np.flatnonzero(is_val)))
   if method != "tail":
     raise ValueError(f"method={method!r}; expected 'tail' or 'hash'")
   sizes = np.asarray(source.sizes, np.int64)

@@ -2,9 +2,10 @@
 
 Both expose `encode(text) -> int32 array`, `encode_batch`, `decode`, `decode_batch`,
 `vocab_size`, `spec` (what load_tokenizer takes), `fingerprint` (equal iff two
-tokenizers give the same ids), the special ids (`pad_id`, `eos_id`, `bos_id`, `unk_id`, `mask_id`, `cls_id`,
-`sep_id`, `sentinel_ids`, any of them None where the vocabulary lacks it), `special_ids` (the
-ids an objective must never corrupt) and `word_starts(ids)` for whole-word masking.
+tokenizers give the same ids), the special ids (`pad_id`, `eos_id`, `bos_id`, `unk_id`,
+`mask_id`, `cls_id`, `sep_id`, `sentinel_ids`, any of them None where the vocabulary lacks
+it), `special_ids` (the ids an objective must never corrupt) and `word_starts(ids)` for
+whole-word masking.
 `load_tokenizer("byte")` or `load_tokenizer("path/to/spm.model")` picks one by name.
 """
 
@@ -124,7 +125,8 @@ class SentencePieceTokenizer(_Specials):
     optional = lambda i: None if i < 0 else i
     self.pad_id, self.eos_id = optional(sp.pad_id()), optional(sp.eos_id())
     self.bos_id, self.unk_id = optional(sp.bos_id()), optional(sp.unk_id())
-    self.mask_id, self.cls_id, self.sep_id = (self._piece_id(p) for p in ("[MASK]", "[CLS]", "[SEP]"))
+    self.mask_id, self.cls_id, self.sep_id = (self._piece_id(p)
+                                              for p in ("[MASK]", "[CLS]", "[SEP]"))
     sentinels = []
     while (i := self._piece_id(sentinel_piece(len(sentinels)))) is not None:
       sentinels.append(i)
@@ -169,7 +171,8 @@ def load_tokenizer(spec: str):
       raise ValueError(f"tokenizer {spec!r}: expected 'byte' or 'byte:N' with N sentinels")
     return ByteTokenizer(int(count))
   if not spec.endswith(".model"):
-    raise ValueError(f"tokenizer {spec!r}: expected 'byte', 'byte:N' or a SentencePiece .model path")
+    raise ValueError(f"tokenizer {spec!r}: expected 'byte', 'byte:N' or a SentencePiece "
+                     f".model path")
   return SentencePieceTokenizer(spec)
 
 

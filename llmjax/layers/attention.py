@@ -101,7 +101,8 @@ class Attention(nn.Module):
     if self.use_bias:
       bias_shape = shape[x.ndim - 2:]  # the output dims: the kernel less the contracted ones
       bias = self.param(f"{name}_bias",
-                        nn.with_logical_partitioning(nn.initializers.zeros, axes[-len(bias_shape):]),
+                        nn.with_logical_partitioning(nn.initializers.zeros,
+                                                     axes[-len(bias_shape):]),
                         bias_shape, self.param_dtype)
       y = y + bias.astype(self.dtype)
     return y

@@ -99,9 +99,9 @@ class GPT(nn.Module):
   `segment_ids` [B, T]: 0 marks padding, equal non-zero ids mark one packed sequence
   (default: one sequence per row). `positions` default to each token's index within its
   segment. `prefix_mask` [B, T] (prefix LM) marks positions that attend bidirectionally
-  among themselves within their segment. With `decode=True` the attention layers keep a KV cache: initialize with a
-  [B, max_length] input, then feed tokens (unpadded rows, no segment_ids) step by step
-  with mutable=["cache"]; a step past max_length gives NaN.
+  among themselves within their segment. With `decode=True` the attention layers keep a KV
+  cache: initialize with a [B, max_length] input, then feed tokens (unpadded rows, no
+  segment_ids) step by step with mutable=["cache"]; a step past max_length gives NaN.
   """
 
   cfg: GPTConfig

@@ -72,7 +72,8 @@ class Objective:
 
   def loss(self, logits_BTV, batch, *, label_smoothing: float = 0.0,
            z_loss: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(mean loss over weighted tokens, sums) for `logits` of `batch`; the sums add across batches."""
+    """(mean loss over weighted tokens, sums) for `logits` of `batch`; the sums add across
+    batches."""
     sums = cross_entropy(logits_BTV, batch[self.targets_key], batch[self.weights_key],
                          label_smoothing=label_smoothing, z_loss=z_loss)
     return sums["loss"] / jnp.maximum(sums["weight"], 1.0), sums

@@ -42,7 +42,8 @@ def random_non_special(rng: np.random.Generator, n: int, vocab_size: int,
 def mask_tokens(tokens, *, seed, vocab_size: int, mask_id: int, special_ids: Iterable[int],
                 rate: float = 0.15, max_predictions: int | None = None,
                 word_starts=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-  """(inputs, targets, weights) of one sequence under BERT's rule; `seed` is an int or tuple of ints.
+  """(inputs, targets, weights) of one sequence under BERT's rule; `seed` is an int or tuple
+  of ints.
 
   `targets` are the original tokens; `weights` (float32) is 1 at the chosen positions and 0
   elsewhere. `round(rate * maskable)` tokens are chosen (at least 1 if any token is maskable),
@@ -90,7 +91,8 @@ def mask_tokens(tokens, *, seed, vocab_size: int, mask_id: int, special_ids: Ite
 
 
 class MaskedLM(Objective):
-  """BERT pre-training data: [CLS] piece [SEP] rows with `mask_tokens` applied; loss on the chosen."""
+  """BERT pre-training data: [CLS] piece [SEP] rows with `mask_tokens` applied; loss on the
+  chosen."""
 
   def __init__(self, tokenizer, seq_len: int, *, rate: float = 0.15,
                max_predictions: int | None = None, whole_word: bool = False):

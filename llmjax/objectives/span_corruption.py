@@ -1,4 +1,5 @@
-"""T5's span corruption (Raffel et al. 2020, section 3.1.4), written to read against t5.data.preprocessors.
+"""T5's span corruption (Raffel et al. 2020, section 3.1.4), written to read against
+t5.data.preprocessors.
 
 A chunk of `tokens_length` raw tokens is split into alternating non-noise and noise spans,
 starting with non-noise. The inputs keep the non-noise tokens and put one sentinel where each
@@ -38,7 +39,8 @@ def _lengths_after(tokens_length: int, noise_density: float,
 
 def span_corruption_lengths(inputs_length: int, noise_density: float = 0.15,
                             mean_noise_span_length: float = 3.0) -> tuple[int, int]:
-  """(tokens_length, targets_length): the raw chunk that fills `inputs_length` (T5's random_spans_helper).
+  """(tokens_length, targets_length): the raw chunk that fills `inputs_length` (T5's
+  random_spans_helper).
 
   `tokens_length` is the longest raw chunk whose corrupted inputs, plus EOS, fit in
   `inputs_length`; `targets_length` is the length of its targets plus EOS. At density 0.5 the
@@ -49,7 +51,8 @@ def span_corruption_lengths(inputs_length: int, noise_density: float = 0.15,
     raise ValueError(f"inputs_length={inputs_length} is too short for span corruption: "
                      f"it needs at least one token and the EOS")
   tokens_length = inputs_length - 1
-  while _lengths_after(tokens_length + 1, noise_density, mean_noise_span_length)[0] <= inputs_length:
+  while (_lengths_after(tokens_length + 1, noise_density, mean_noise_span_length)[0]
+         <= inputs_length):
     tokens_length += 1
   inputs_length, targets_length = _lengths_after(tokens_length, noise_density,
                                                  mean_noise_span_length)
@@ -61,7 +64,8 @@ def span_corruption_lengths(inputs_length: int, noise_density: float = 0.15,
 
 def noise_counts(length: int, noise_density: float,
                  mean_noise_span_length: float) -> tuple[int, int]:
-  """(noise tokens, noise spans) in a chunk of `length` >= 2 tokens: at least one of each, never all noise."""
+  """(noise tokens, noise spans) in a chunk of `length` >= 2 tokens: at least one of each,
+  never all noise."""
   num_noise = int(round(length * noise_density))
   num_noise = min(max(num_noise, 1), length - 1)
   num_spans = max(int(round(num_noise / mean_noise_span_length)), 1)
@@ -79,7 +83,8 @@ def _random_segmentation(rng: np.random.Generator, num_items: int, num_segments:
 
 def noise_mask(length: int, rng: np.random.Generator, noise_density: float = 0.15,
                mean_noise_span_length: float = 3.0) -> np.ndarray:
-  """Boolean [length]: T5's random_spans_noise_mask, spans alternating and starting with non-noise."""
+  """Boolean [length]: T5's random_spans_noise_mask, spans alternating and starting with
+  non-noise."""
   if length < 2:
     raise ValueError(f"a chunk of {length} token(s) is too short for span corruption; need >= 2")
   num_noise, num_spans = noise_counts(length, noise_density, mean_noise_span_length)
@@ -109,7 +114,8 @@ def span_corrupt(tokens, *, seed, noise_density: float = 0.15, mean_noise_span_l
 
 def corrupt_with_mask(tokens: np.ndarray, mask: np.ndarray,
                       sentinel_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-  """(inputs, targets) for a given noise mask: each noise span becomes one sentinel in the inputs."""
+  """(inputs, targets) for a given noise mask: each noise span becomes one sentinel in the
+  inputs."""
   noise_starts = mask & ~np.concatenate([[False], mask[:-1]])
   num_spans = int(noise_starts.sum())
   if num_spans > len(sentinel_ids):
@@ -179,7 +185,8 @@ class SpanCorruption(Objective):
       targets = np.append(targets, self.eos_id).astype(np.int32)
       out.append({"encoder_tokens": np.append(inputs, self.eos_id).astype(np.int32),
                   "decoder_targets": targets,
-                  "decoder_tokens": np.concatenate([[self.start_id], targets[:-1]]).astype(np.int32)})
+                  "decoder_tokens": np.concatenate([[self.start_id],
+                                                    targets[:-1]]).astype(np.int32)})
     return out
 
   def batch(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

@@ -1,4 +1,5 @@
-"""Tests of llmjax.data.sources.split_source: deterministic train/validation splits of any source."""
+"""Tests of llmjax.data.sources.split_source: deterministic train/validation splits of any
+source."""
 
 import json
 

@@ -24,7 +24,8 @@ def _random_case(seed=0, B=3, T=5, V=11):
 
 
 def test_cross_entropy_matches_optax():
-  """nll is optax's integer-label cross entropy summed under the weights; correct counts argmax hits."""
+  """nll is optax's integer-label cross entropy summed under the weights; correct counts
+  argmax hits."""
   logits, targets, weights = _random_case()
   sums = objectives.cross_entropy(logits, targets, weights)
   want = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
@@ -36,7 +37,8 @@ def test_cross_entropy_matches_optax():
 
 
 def test_label_smoothing_and_z_loss():
-  """Label smoothing equals optax.smooth_labels targets; z-loss adds z * log(Z)^2 per weighted token."""
+  """Label smoothing equals optax.smooth_labels targets; z-loss adds z * log(Z)^2 per
+  weighted token."""
   logits, targets, weights = _random_case(1)
   V = logits.shape[-1]
   smoothed = optax.smooth_labels(jax.nn.one_hot(targets, V), 0.1)
@@ -102,7 +104,8 @@ def test_objective_trains_its_model(name):
 
 
 def test_prefix_is_bidirectional_and_suffix_causal():
-  """With a prefix mask, early prefix outputs see later prefix tokens; suffix outputs never see the future."""
+  """With a prefix mask, early prefix outputs see later prefix tokens; suffix outputs never
+  see the future."""
   cfg = GPTConfig.from_size("tiny", vocab_size=50, max_seq_len=16)
   model = GPT(cfg)
   tokens = jnp.asarray(np.random.default_rng(0).integers(0, 50, (1, 12)))
