@@ -72,7 +72,7 @@ def test_tokenize_corpus_round_trip(corpus, spm_model, tmp_path):
   it = iter(data.make_pipeline(source, tok, objectives.CausalLM(tok, 64), batch_size=2, prefetch=0))
   assert next(it)["tokens"].shape == (2, 64)
   it.close()
-  with pytest.raises(ValueError, match="tokenized with"):
+  with pytest.raises(ValueError, match="holds ids of tokenizer"):
     data.make_pipeline(source, data.ByteTokenizer(), objectives.CausalLM(data.ByteTokenizer(), 64),
                        batch_size=2)
 

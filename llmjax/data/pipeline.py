@@ -27,6 +27,8 @@ import grain.experimental as gx
 import numpy as np
 from absl import logging
 
+from llmjax.data.sources import check_readable
+
 PACKINGS = ("pack", "concat", "pad")
 
 
@@ -138,15 +140,6 @@ class _GuardedIterator(grain.DatasetIterator):
     self.exhausted = bool(state["exhausted"])
 
 
-def _check_source(source, tokenizer) -> None:
-  if len(source) == 0:
-    raise ValueError(f"{source} holds no documents")
-  made_with = getattr(source, "tokenizer_fingerprint", None)
-  if made_with is not None and made_with != tokenizer.fingerprint:
-    raise ValueError(f"{source} was tokenized with {source.tokenizer!r}, which is not the "
-                     f"pipeline's tokenizer {tokenizer}; re-tokenize it or use the same tokenizer")
-
-
 def make_pipeline(source, tokenizer, objective, *, batch_size: int, seed: int = 0,
                   shuffle: bool = True, num_epochs: int | None = None, packing: str = "pack",
                   num_packing_bins: int | None = None, shard_index: int | None = None,
@@ -180,7 +173,7 @@ def make_pipeline(source, tokenizer, objective, *, batch_size: int, seed: int = 
   if packing == "concat" and not getattr(objective, "splittable", False):
     raise ValueError(f"packing='concat' cuts examples across rows, which {type(objective).__name__}"
                      f" examples do not survive; use packing='pack' or 'pad'")
-  _check_source(source, tokenizer)
+  check_readable(source, tokenizer)
   shard_index = jax.process_index() if shard_index is None else shard_index
   shard_count = jax.process_count() if shard_count is None else shard_count
   if not 0 <= shard_index < shard_count:

@@ -10,6 +10,7 @@ import tempfile
 import numpy as np
 
 from llmjax.data.progress import Progress
+from llmjax.data.sources import check_readable
 
 
 def write_shards(source, tokenizer, output_dir: str, *, num_shards: int = 8,
@@ -24,12 +25,7 @@ def write_shards(source, tokenizer, output_dir: str, *, num_shards: int = 8,
   from array_record.python import array_record_module as ar
   if num_shards < 1:
     raise ValueError(f"num_shards={num_shards} must be positive")
-  if len(source) == 0:
-    raise ValueError(f"{source} holds no documents")
-  made_with = getattr(source, "tokenizer_fingerprint", None)
-  if made_with is not None and made_with != tokenizer.fingerprint:
-    raise ValueError(f"{source} holds ids of tokenizer {source.tokenizer!r}, not of {tokenizer}; "
-                     f"tokenize the original text instead")
+  check_readable(source, tokenizer)
   num_shards = min(num_shards, len(source))
   if os.path.isdir(output_dir) and os.listdir(output_dir):
     raise ValueError(f"{output_dir} is not empty; give a new or empty directory")

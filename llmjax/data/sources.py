@@ -382,3 +382,13 @@ def open_source(path: str, *, format: str | None = None, split: str = "line",
   if format == "array_record":
     return ArrayRecordSource(path)
   raise ValueError(f"format={format!r}; expected 'text', 'jsonl' or 'array_record'")
+
+
+def check_readable(source, tokenizer) -> None:
+  """Raises ValueError for an empty source, or one of token ids made by another tokenizer."""
+  if len(source) == 0:
+    raise ValueError(f"{source} holds no documents")
+  made_with = getattr(source, "tokenizer_fingerprint", None)
+  if made_with is not None and made_with != tokenizer.fingerprint:
+    raise ValueError(f"{source} holds ids of tokenizer {source.tokenizer!r}, not of {tokenizer}; "
+                     f"use that tokenizer, or tokenize the original text again")
