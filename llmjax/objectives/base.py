@@ -70,6 +70,22 @@ class Objective:
                        f"tokenizer has {self.vocab_size}) but the model's vocab_size is {vocab}; "
                        f"raise the model's vocab_size to at least {self.vocab_size}")
 
+  def model_args(self, batch) -> tuple[tuple, dict]:
+    """(args, kwargs) of the model call for `batch`."""
+    raise NotImplementedError
+
+  def logits(self, model, variables, batch, **apply_kwargs):
+    """The model's logits for `batch` (apply_kwargs: e.g. deterministic=False, rngs=...)."""
+    self.check_model(model)
+    args, kwargs = self.model_args(batch)
+    return model.apply(variables, *args, **kwargs, **apply_kwargs)
+
+  def init(self, model, rngs, batch):
+    """The model's variables, initialized on `batch`'s shapes."""
+    self.check_model(model)
+    args, kwargs = self.model_args(batch)
+    return model.init(rngs, *args, **kwargs)
+
   def loss(self, logits_BTV, batch, *, label_smoothing: float = 0.0,
            z_loss: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(mean loss over weighted tokens, sums) for `logits` of `batch`; the sums add across

@@ -48,10 +48,8 @@ class CausalLM(Objective):
             "weights": (segment_ids > 0).astype(np.float32), "segment_ids": segment_ids,
             "positions": positions}
 
-  def logits(self, model, variables, batch, **apply_kwargs):
-    self.check_model(model)
-    return model.apply(variables, batch["tokens"], batch["segment_ids"], batch["positions"],
-                       **apply_kwargs)
+  def model_args(self, batch):
+    return (batch["tokens"], batch["segment_ids"], batch["positions"]), {}
 
 
 class PrefixLM(CausalLM):
@@ -85,7 +83,6 @@ class PrefixLM(CausalLM):
     out["prefix_mask"] = rows["prefix_mask"]
     return out
 
-  def logits(self, model, variables, batch, **apply_kwargs):
-    self.check_model(model)
-    return model.apply(variables, batch["tokens"], batch["segment_ids"], batch["positions"],
-                       prefix_mask=batch["prefix_mask"], **apply_kwargs)
+  def model_args(self, batch):
+    return (batch["tokens"], batch["segment_ids"], batch["positions"]), {
+        "prefix_mask": batch["prefix_mask"]}

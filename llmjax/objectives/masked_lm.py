@@ -127,7 +127,5 @@ class MaskedLM(Objective):
             "weights": rows["weights"].astype(np.float32), "segment_ids": segment_ids,
             "positions": positions}
 
-  def logits(self, model, variables, batch, **apply_kwargs):
-    self.check_model(model)
-    return model.apply(variables, batch["tokens"], batch["segment_ids"],
-                       positions=batch["positions"], **apply_kwargs)
+  def model_args(self, batch):
+    return (batch["tokens"], batch["segment_ids"]), {"positions": batch["positions"]}

@@ -198,7 +198,6 @@ class SpanCorruption(Objective):
             "decoder_weights": (dec_segment_ids > 0).astype(np.float32),
             "decoder_segment_ids": dec_segment_ids, "decoder_positions": dec_positions}
 
-  def logits(self, model, variables, batch, **apply_kwargs):
-    self.check_model(model)
-    return model.apply(variables, batch["encoder_tokens"], batch["decoder_tokens"],
-                       batch["encoder_segment_ids"], batch["decoder_segment_ids"], **apply_kwargs)
+  def model_args(self, batch):
+    return (batch["encoder_tokens"], batch["decoder_tokens"], batch["encoder_segment_ids"],
+            batch["decoder_segment_ids"]), {}
