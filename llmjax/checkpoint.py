@@ -45,3 +45,49 @@ def load_model(directory: str, shardings=None) -> tuple[nn.Module, dict]:
                               abstract, shardings)
     params = ckptr.restore(os.path.join(directory, "params"), abstract)
   return model, params
+
+
+def _shapes(tree) -> dict[str, tuple]:
+  return {"/".join(str(getattr(k, "key", k)) for k in path): tuple(x.shape)
+          for path, x in jax.tree_util.tree_leaves_with_path(tree)}
+
+
+def load_params(path: str, abstract_params) -> dict:
+  """Parameters to start fine-tuning from, placed as `abstract_params` (ShapeDtypeStructs
+  with shardings) says.
+
+  `path` is a model checkpoint (`save_model`, `tools/convert_hf.py`) or the workdir of an
+  llmjax run, whose latest checkpoint's parameters are read (not its optimizer state).
+  Parameters that differ from `abstract_params` in names or shapes are an error naming them.
+  """
+  path = os.path.abspath(path)
+  if os.path.isfile(os.path.join(path, "model.json")):
+    directory, prefix = os.path.join(path, "params"), None
+  elif os.path.isdir(os.path.join(path, "checkpoints")):
+    with ocp.CheckpointManager(os.path.join(path, "checkpoints")) as manager:
+      step = manager.latest_step()
+    if step is None:
+      raise ValueError(f"init_from={path!r}: the run's checkpoints directory holds no checkpoint")
+    directory, prefix = os.path.join(path, "checkpoints", str(step), "state"), "params"
+  else:
+    raise ValueError(f"init_from={path!r} is neither a model checkpoint (model.json + params/) "
+                     f"nor an llmjax workdir (checkpoints/)")
+  with ocp.PyTreeCheckpointer() as ckptr:
+    tree = ckptr.metadata(directory)
+    tree = getattr(tree, "item_metadata", tree)
+    tree = getattr(tree, "tree", tree)
+    stored = _shapes(tree[prefix] if prefix else tree)
+    wanted = _shapes(abstract_params)
+    problems = [f"{k}: {stored[k]} there, {wanted[k]} here" for k in sorted(wanted)
+                if k in stored and stored[k] != wanted[k]]
+    problems += [f"{k}: missing there" for k in sorted(set(wanted) - set(stored))]
+    problems += [f"{k}: not in this model" for k in sorted(set(stored) - set(wanted))]
+    if problems:
+      raise ValueError(f"init_from={path!r} does not fit this model ({len(problems)} "
+                       f"parameters differ): " + "; ".join(problems[:6])
+                       + ("; ..." if len(problems) > 6 else ""))
+    item = {prefix: abstract_params} if prefix else abstract_params
+    restored = ckptr.restore(directory, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=prefix is not None))
+  return restored[prefix] if prefix else restored

@@ -56,15 +56,15 @@ def main(argv):
   workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="llmjax-")
   try:
     result = train.train(config, workdir)
-  except (ValueError, FileNotFoundError, FloatingPointError) as e:
+  except (ValueError, FileNotFoundError, FloatingPointError, train.CheckpointError) as e:
     raise SystemExit(f"llmjax.main: {e}") from None
   final = [h for h in result.history if "eval/loss" in h]
   if final:
     print(f"\neval loss {final[0]['eval/loss']:.3f} -> {final[-1]['eval/loss']:.3f} "
           f"(step {final[0]['step']} -> {final[-1]['step']}); workdir {workdir}")
-  if jax.process_index() == 0 and config.train.sample_tokens:
-    text = sample(result.setup, result.params, config.train.sample_prompt,
-                  config.train.sample_tokens)
+  run = result.setup.config  # as trained: `runlocal` shrinks it
+  if jax.process_index() == 0 and run.train.sample_tokens:
+    text = sample(result.setup, result.params, run.train.sample_prompt, run.train.sample_tokens)
     if text is not None:
       print(f"\nsample:\n{text}")
 

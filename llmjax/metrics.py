@@ -67,7 +67,11 @@ class MetricWriter:
     if not self.enabled:
       return
     os.makedirs(workdir, exist_ok=True)
-    self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+    path = os.path.join(workdir, "metrics.jsonl")
+    torn = os.path.isfile(path) and os.path.getsize(path) and not _ends_with_newline(path)
+    self._jsonl = open(path, "a")
+    if torn:  # a run killed mid-line: end that line so the next record stands alone
+      self._jsonl.write("\n")
     try:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(workdir, flush_secs=30)
@@ -92,7 +96,20 @@ class MetricWriter:
       self._tb.close()
 
 
+def _ends_with_newline(path: str) -> bool:
+  with open(path, "rb") as f:
+    f.seek(-1, os.SEEK_END)
+    return f.read(1) == b"\n"
+
+
 def read_metrics(workdir: str) -> list[dict]:
-  """The records of workdir/metrics.jsonl, in order."""
+  """The records of workdir/metrics.jsonl, in order. A run resumed after a kill logs the
+  steps after its checkpoint again (with the same values); a line torn by the kill is skipped."""
+  records = []
   with open(os.path.join(workdir, "metrics.jsonl")) as f:
-    return [json.loads(line) for line in f if line.strip()]
+    for line in f:
+      try:
+        records.append(json.loads(line))
+      except json.JSONDecodeError:
+        continue
+  return records

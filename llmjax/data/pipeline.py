@@ -144,7 +144,8 @@ def make_pipeline(source, tokenizer, objective, *, batch_size: int, seed: int = 
                   shuffle: bool = True, num_epochs: int | None = None, packing: str = "pack",
                   num_packing_bins: int | None = None, shard_index: int | None = None,
                   shard_count: int | None = None, worker_count: int = 0,
-                  prefetch: int = 2, pad_after_end: bool | None = None) -> grain.IterDataset:
+                  prefetch: int = 2, pad_after_end: bool | None = None,
+                  shuffle_window: int = 0) -> grain.IterDataset:
   """A Grain dataset of batches of `objective` made from `source`; `iter()` it to read.
 
   Args:
@@ -162,6 +163,8 @@ def make_pipeline(source, tokenizer, objective, *, batch_size: int, seed: int = 
     worker_count: processes that run the pipeline ahead of the trainer; 0 runs it in a
       background thread of this process.
     prefetch: batches made ahead, per worker (0 with no workers: made on demand).
+    shuffle_window: also shuffle examples within windows of this many (0: off), so the
+      examples of a long document do not arrive in order.
     pad_after_end: after the last epoch, yield padding batches forever instead of stopping;
       default: when several processes share a finite number of epochs (see above).
   """
@@ -192,6 +195,8 @@ def make_pipeline(source, tokenizer, objective, *, batch_size: int, seed: int = 
   # fighting over the GIL on a few cores.
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
   ds = gx.FlatMapIterDataset(ds, _Flatten())
+  if shuffle and shuffle_window > 1:
+    ds = gx.WindowShuffleIterDataset(ds, window_size=shuffle_window, seed=seed)
   if packing == "pack":
     ds = gx.FirstFitPackIterDataset(ds, length_struct=dict(objective.lengths),
                                     num_packing_bins=num_packing_bins or 4 * batch_size,
@@ -214,7 +219,8 @@ def make_pipeline(source, tokenizer, objective, *, batch_size: int, seed: int = 
   config = {"documents": len(source), "objective": repr(objective), "batch_size": batch_size,
             "seed": seed, "shuffle": shuffle, "num_epochs": num_epochs, "packing": packing,
             "num_packing_bins": num_packing_bins or 4 * batch_size, "shard_index": shard_index,
-            "shard_count": shard_count, "worker_count": worker_count}
+            "shard_count": shard_count, "worker_count": worker_count,
+            "shuffle_window": shuffle_window}
   ds = _Guarded(ds, config, padding_batch(objective, batch_size) if pad_after_end else None)
   logging.info("pipeline: %s, %s, %s packing, batch %d, shard %d/%d", source,
                type(objective).__name__, packing, batch_size, shard_index, shard_count)

@@ -25,7 +25,8 @@ import os
 import numpy as np
 from absl import logging
 
-SPLITS = ("line", "paragraph", "file")
+SPLITS = ("line", "paragraph", "file", "chunk")
+CHUNK_BYTES = 1024  # split="chunk": documents are runs of whole lines of about this many bytes
 _SPACE_BYTES = np.frombuffer(b" \t\n\r\v\f", np.uint8)
 # Modules whose .py sources every CPython 3.10+ ships: the corpus that needs no download.
 STDLIB_FILES = ("argparse.py", "ast.py", "collections/__init__.py", "dataclasses.py", "difflib.py",
@@ -93,6 +94,14 @@ def _document_spans(data, split: str) -> tuple[np.ndarray, np.ndarray]:
   ends = ends - ((ends > starts) & (arr[np.maximum(ends - 1, 0)] == ord("\r")))
   if split == "line":
     return starts[has_text], ends[has_text]
+  if split == "chunk":  # cut after the line that ends nearest past each multiple of CHUNK_BYTES
+    cuts = np.unique(np.searchsorted(ends, np.arange(CHUNK_BYTES, len(arr), CHUNK_BYTES)))
+    first = np.concatenate([[0], cuts + 1])
+    first = first[first < len(starts)]
+    keep = np.logical_or.reduceat(has_text, first) if len(first) else np.zeros(0, bool)
+    # A chunk runs to the next one's start: every byte, newlines included, is in one chunk.
+    chunk_ends = np.concatenate([starts[first][1:], [len(arr)]])
+    return starts[first][keep], chunk_ends[keep]
   # Paragraphs: maximal runs of consecutive non-blank lines.
   first = has_text & ~np.concatenate([[False], has_text[:-1]])
   last = has_text & ~np.concatenate([has_text[1:], [False]])
@@ -115,7 +124,8 @@ class _MappedFiles:
 
 
 class TextSource:
-  """Documents of UTF-8 text files: one per line, per paragraph or per file; blank ones skipped."""
+  """Documents of UTF-8 text files: one per line, paragraph, file, or chunk of whole lines of
+  about CHUNK_BYTES (one long text made shufflable); blank ones skipped."""
 
   def __init__(self, patterns, split: str = "line"):
     if split not in SPLITS:

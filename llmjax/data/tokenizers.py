@@ -11,6 +11,7 @@ whole-word masking.
 
 from __future__ import annotations
 
+import hashlib
 import os
 from typing import Iterable, Sequence
 
@@ -114,7 +115,6 @@ class SentencePieceTokenizer(_Specials):
     self.spec = path
 
   def _load(self, proto: bytes) -> None:
-    import hashlib
     import sentencepiece as spm
     self._proto = proto
     self.fingerprint = "spm:" + hashlib.sha256(proto).hexdigest()[:16]
@@ -163,8 +163,51 @@ class SentencePieceTokenizer(_Specials):
     return self._starts_V[np.asarray(ids)]
 
 
+class CharTokenizer(_Specials):
+  """One id per character of a corpus (nanoGPT's shakespeare_char): ids in sorted-character order.
+
+  It has no special ids, so it suits causal LM without BOS/EOS (`add_bos=False,
+  add_eos=False`). Text with a character outside the vocabulary is an error naming it.
+  """
+
+  def __init__(self, path: str):
+    if not os.path.isfile(path):
+      raise FileNotFoundError(f"character vocabulary source {path!r} does not exist")
+    with open(path, encoding="utf-8", errors="replace", newline="") as f:  # keeps "\r"
+      self.chars = "".join(sorted(set(f.read())))
+    if not self.chars:
+      raise ValueError(f"{path} is empty: no characters for a vocabulary")
+    self._ids = {c: i for i, c in enumerate(self.chars)}
+    self.vocab_size, self.spec = len(self.chars), f"char:{path}"
+    self.fingerprint = "char:" + hashlib.sha256(self.chars.encode()).hexdigest()[:16]
+    self.pad_id = self.eos_id = self.bos_id = self.unk_id = None
+    self.mask_id = self.cls_id = self.sep_id = None
+    self.sentinel_ids = ()
+
+  def __repr__(self):
+    return f"CharTokenizer({len(self.chars)} characters)"
+
+  def encode(self, text: str) -> np.ndarray:
+    try:
+      return np.fromiter((self._ids[c] for c in text), np.int32, len(text))
+    except KeyError as e:
+      raise ValueError(f"character {e.args[0]!r} is not in {self} ({self.spec})") from None
+
+  def decode(self, ids) -> str:
+    return "".join(self.chars[i] for i in np.asarray(ids).reshape(-1).tolist()
+                   if 0 <= i < len(self.chars))
+
+  def word_starts(self, ids) -> np.ndarray:
+    chars = np.array([self.chars[i].isspace() for i in range(len(self.chars))])
+    space = chars[np.asarray(ids, np.int64)]
+    return space | np.concatenate([[True], space[:-1]])
+
+
 def load_tokenizer(spec: str):
-  """"byte" (100 sentinels), "byte:N" (N sentinels) or the path of a SentencePiece .model file."""
+  """"byte" (100 sentinels), "byte:N" (N sentinels), "char:PATH" (the characters of a file) or
+  the path of a SentencePiece .model file."""
+  if spec.startswith("char:"):
+    return CharTokenizer(spec[len("char:"):])
   if spec == "byte" or spec.startswith("byte:"):
     count = spec.partition(":")[2] if ":" in spec else "100"
     if not count.isdigit():

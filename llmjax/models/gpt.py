@@ -60,8 +60,8 @@ def _norm(cfg: GPTConfig, name: str):
   if cfg.norm == "rmsnorm":
     return layers.RMSNorm(cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
                           name=name)
-  return layers.LayerNorm(cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                          name=name)
+  return layers.LayerNorm(cfg.norm_eps, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
+                          param_dtype=cfg.weight_dtype, name=name)
 
 
 class GPTBlock(nn.Module):

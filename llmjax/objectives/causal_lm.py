@@ -23,24 +23,31 @@ class CausalLM(Objective):
 
   splittable = True  # a window cut in two is two shorter windows
 
-  def __init__(self, tokenizer, seq_len: int, *, add_bos: bool = True, add_eos: bool = True):
+  def __init__(self, tokenizer, seq_len: int, *, add_bos: bool = True, add_eos: bool = True,
+               random_offset: bool = False):
+    """`random_offset`: the windows of a document start at a random offset (a shorter first
+    window before it), drawn anew each epoch: a long text is seen in ever new windows, as
+    nanoGPT's random crops see it, and every token is still a target once per pass."""
     if seq_len < 1:
       raise ValueError(f"seq_len={seq_len} must be at least 1 for causal LM")
     if add_bos or add_eos:
       tokenizer.require(bos_id=add_bos, eos_id=add_eos)
     super().__init__(tokenizer)
-    self.seq_len = seq_len
+    self.seq_len, self.random_offset = seq_len, random_offset
     self.bos = [tokenizer.bos_id] if add_bos else []
     self.eos = [tokenizer.eos_id] if add_eos else []
     self.lengths = {"tokens": seq_len, "targets": seq_len}
 
-  def windows(self, tokens: np.ndarray) -> list[np.ndarray]:
+  def windows(self, tokens: np.ndarray, offset: int = 0) -> list[np.ndarray]:
+    """Windows of seq_len + 1 tokens that overlap by one, the first `offset` + 1 long."""
     full = np.concatenate([self.bos, tokens, self.eos]).astype(np.int32)
-    return [w for w in chunks(full, self.seq_len + 1, overlap=1) if len(w) >= 2]
+    head = [full[:offset + 1]] if 0 < offset < len(full) - 1 else []
+    rest = full[offset:] if head else full
+    return [w for w in head + chunks(rest, self.seq_len + 1, overlap=1) if len(w) >= 2]
 
   def examples(self, tokens: np.ndarray, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
-    del rng  # deterministic
-    return [{"tokens": w[:-1], "targets": w[1:]} for w in self.windows(tokens)]
+    offset = int(rng.integers(self.seq_len)) if self.random_offset else 0
+    return [{"tokens": w[:-1], "targets": w[1:]} for w in self.windows(tokens, offset)]
 
   def batch(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     segment_ids, positions = segments(rows, "tokens")

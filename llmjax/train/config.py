@@ -8,11 +8,14 @@ field can be overridden too.
     seed          everything random: parameters, data order, dropout
     model         family + every field of that family's config dataclass
     objective     name (causal_lm | prefix_lm | masked_lm | span_corruption), length, knobs
-    data          source path ("builtin" or files), tokenizer, split, packing, workers
+    data          source path ("builtin" or files), tokenizer ("byte", "char" = the characters
+                  of data.path, a SentencePiece .model), split, packing, workers, shards
+                  (default one per process; fixed, the batches don't depend on the hosts)
     batch_size    global batch (rows across all processes)
     optimizer     adamw | adafactor, schedule, clipping, decay, microbatches, z-loss, smoothing
     mesh          shape over (data, fsdp, tensor), -1 = the rest; rules override
     train         steps, intervals for logging / eval / checkpoints, init_from
+    runlocal      True: shrink the experiment to a CPU smoke run (see `shrink_for_cpu`)
 """
 
 from __future__ import annotations
@@ -52,7 +55,8 @@ def objective_config(name: str = "causal_lm", length: int = 128) -> ml_collectio
   return ml_collections.ConfigDict({
       "name": name, "length": length,
       "mask_rate": 0.15, "max_predictions": config_dict.placeholder(int), "whole_word": False,
-      "noise_density": 0.15, "mean_noise_span_length": 3.0,
+      "noise_density": 0.15, "mean_noise_span_length": 3.0, "add_bos": True, "add_eos": True,
+      "random_offset": False,
       "z_loss": 0.0, "label_smoothing": 0.0})
 
 
@@ -66,7 +70,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.data = ml_collections.ConfigDict({
       "path": "builtin", "format": config_dict.placeholder(str), "split": "paragraph",
       "field": "text", "tokenizer": "byte", "validation_fraction": 0.05,
-      "split_method": "hash", "packing": "pack", "worker_count": 0, "prefetch": 2})
+      "split_method": "hash", "packing": "pack", "shuffle_window": 0,
+      "shards": config_dict.placeholder(int), "worker_count": 0, "prefetch": 2})
   c.batch_size = 8
   c.optimizer = ml_collections.ConfigDict({
       "name": "adamw", "learning_rate": 2e-3, "schedule": "cosine", "warmup_steps": 50,
@@ -86,3 +91,24 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
   if variant:
     raise ValueError(f"the default config has no variants, got {variant!r}")
   return base_config()
+
+
+def shrink_for_cpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` as a CPU smoke run (`--config.runlocal=True`): the same family, objective and
+  optimizer, with the family's tiny model on the built-in corpus in byte tokens, a short
+  context, a small batch and 20 steps on whatever devices there are."""
+  c = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy
+  length = min(c.objective.length, 128)
+  kwargs = {"max_seq_len": length} if "max_seq_len" in c.model else {}
+  c.model = model_config(c.model.family, "tiny", vocab_size=384,
+                         dropout_rate=c.model.dropout_rate, **kwargs)
+  c.objective.update(length=length, max_predictions=None)
+  c.data.update(path="builtin", format=None, tokenizer="byte", split="paragraph",
+                split_method="hash", validation_fraction=0.05, shards=None, worker_count=0)
+  c.batch_size = 8
+  c.optimizer.update(warmup_steps=min(c.optimizer.warmup_steps, 5), microbatches=1)
+  c.mesh.shape = (-1, 1, 1)
+  c.train.update(steps=min(c.train.steps, 20), log_every=5, eval_every=20, eval_batches=2,
+                 checkpoint_every=20, init_from=None, sample_tokens=min(c.train.sample_tokens, 50))
+  c.runlocal = False
+  return c

@@ -7,6 +7,7 @@ the current step and returns; a NaN or Inf loss stops the run before it is ever 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -16,16 +17,23 @@ from typing import Any
 
 import grain
 import jax
+import jax.numpy as jnp
 import numpy as np
 import orbax.checkpoint as ocp
 
-from llmjax import data, metrics
+from llmjax import checkpoint, data, metrics
 from llmjax.train import trainer
+from llmjax.train.config import shrink_for_cpu
 
 
 def _check_workdir(workdir: str, config) -> None:
   """Writes config.json; refuses a workdir whose checkpoints belong to another model."""
-  os.makedirs(workdir, exist_ok=True)
+  try:
+    os.makedirs(workdir, exist_ok=True)
+  except OSError as e:
+    raise ValueError(f"workdir {workdir!r} cannot be created: {e.strerror}") from None
+  if not os.access(workdir, os.W_OK | os.X_OK):
+    raise ValueError(f"workdir {workdir!r} is not writable")
   path = os.path.join(workdir, "config.json")
   if os.path.isfile(path) and os.path.isdir(os.path.join(workdir, "checkpoints")):
     with open(path) as f:
@@ -47,10 +55,14 @@ def evaluate(setup, eval_step, params, batch_shardings) -> dict[str, float]:
   """Loss, accuracy and perplexity of the objective's targets over the eval batches."""
   it = iter(trainer.make_pipeline(setup, "eval"))
   totals = None
-  for _ in range(setup.config.train.eval_batches):
+  for i in range(setup.config.train.eval_batches):
     batch = next(it)
     sums = eval_step(params, trainer._global_batch(batch_shardings, batch))
-    totals = sums if totals is None else jax.tree.map(np.add, totals, sums)
+    totals = sums if totals is None else jax.tree.map(jnp.add, totals, sums)
+    # The split is read in order and padded after its end: once a whole global batch is
+    # padding (the same answer on every process), the rest would be too.
+    if i % 8 == 7 and float(sums["weight"]) == 0:
+      break
   it.close()
   totals = jax.device_get(totals)
   weight = max(float(totals["weight"]), 1.0)
@@ -82,9 +94,16 @@ class Result:
   setup: trainer.Setup
 
 
-def train(config, workdir: str, *, log=print) -> Result:
+def _print(line: str) -> None:
+  print(line, flush=True)
+
+
+def train(config, workdir: str, *, log=_print) -> Result:
   """Trains (or resumes) the experiment `config` in `workdir`."""
   workdir = os.path.abspath(workdir)
+  if config.runlocal:
+    config = shrink_for_cpu(config)
+    log("runlocal: shrunk to a CPU smoke run of the same family, objective and optimizer")
   setup = trainer.build(config)
   _check_workdir(workdir, config)
   abstract, state_shardings, init_fn = trainer.init_state(setup, jax.random.key(config.seed))
@@ -108,6 +127,9 @@ def train(config, workdir: str, *, log=print) -> Result:
     log(f"resumed from {workdir}/checkpoints at step {start}")
   else:
     start, state = 0, init_fn(jax.random.key(config.seed))
+    if c.init_from:  # fine-tuning: the optimizer starts afresh, the parameters do not
+      state["params"] = checkpoint.load_params(c.init_from, abstract["params"])
+      log(f"parameters from {c.init_from}")
   params = jax.tree.leaves(state["params"])
   num_params = sum(x.size for x in params)
   peak, peak_source = metrics.peak_flops()
@@ -119,9 +141,9 @@ def train(config, workdir: str, *, log=print) -> Result:
 
   writer = metrics.MetricWriter(workdir)
   signals = _Signals()
-  history, pending, clock, timed_steps = [], [], 0.0, 0
+  history, pending, checked, clock, timed_steps = [], [], [], 0.0, 0
+  step = start
   try:
-    step = start
     if step == 0 and c.eval_every:  # where the eval loss starts from
       record = evaluate(setup, eval_fn, state["params"], batch_shardings)
       writer.write(0, record)
@@ -139,15 +161,13 @@ def train(config, workdir: str, *, log=print) -> Result:
       if step > start + 1:  # the first step compiles: keep it off the clock
         clock, timed_steps = clock + time.perf_counter() - tic, timed_steps + 1
       record = {}
+      will_save = manager.should_save(step) or step == c.steps or signals.received
+      if will_save or is_log:  # nothing unchecked is ever saved
+        checked += _check_finite(jax.device_get(pending[len(checked):]),
+                                 step - len(pending) + len(checked), manager)
       if is_log:
-        fetched = jax.device_get(pending)
-        pending = []
+        fetched, pending, checked = checked, [], []
         losses = [float(m["loss"]) for m in fetched]
-        if not np.all(np.isfinite(losses)):
-          raise FloatingPointError(
-              f"the loss became {losses[-1]} by step {step}; stopped before saving it: the last "
-              f"checkpoint ({manager.latest_step()}) is intact. Lower the learning rate or "
-              f"check the data")
         tokens = sum(float(m["tokens"]) for m in fetched)
         rate = (tokens / len(fetched)) * timed_steps / clock if clock else float("nan")
         record = {"train/loss": float(np.mean(losses)),
@@ -159,26 +179,56 @@ def train(config, workdir: str, *, log=print) -> Result:
                   "train/step_time": clock / timed_steps if timed_steps else float("nan"),
                   "train/mfu": rate * flops_per_token / peak}
         clock, timed_steps = 0.0, 0
-      if step % c.eval_every == 0 or step == c.steps:
+      if c.eval_every and (step % c.eval_every == 0 or step == c.steps):
         record.update(evaluate(setup, eval_fn, state["params"], batch_shardings))
       if record:
         writer.write(step, record)
         history.append({"step": step, **record})
         log(_line(step, c.steps, record))
-      if manager.should_save(step) or step == c.steps or signals.received:
-        manager.save(step, args=ocp.args.Composite(
-            state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(it)),
-                     force=True)
+      if will_save:
+        with _saving(manager, step):
+          manager.save(step, args=ocp.args.Composite(
+              state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(it)),
+                       force=True)
       if signals.received:
         log(f"{signals.received}: saved step {step} in {workdir}/checkpoints; stopping")
         break
-    manager.wait_until_finished()
+    with _saving(manager, step):
+      manager.wait_until_finished()
   finally:
     signals.restore()
     writer.close()
-    manager.close()
     it.close()
+    with _saving(manager, step):
+      manager.close()
   return Result(history, state["params"], setup)
+
+
+class CheckpointError(RuntimeError):
+  """Writing a checkpoint failed (disk full, no permission); the last complete one is intact."""
+
+
+@contextlib.contextmanager
+def _saving(manager, step: int):
+  """Turns a failed (possibly earlier, asynchronous) save into a CheckpointError."""
+  try:
+    yield
+  except Exception as e:  # Orbax reraises a background write's error at the next call
+    message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    raise CheckpointError(
+        f"writing a checkpoint in {manager.directory} failed by step {step}: {message}; the "
+        f"last complete checkpoint (step {manager.latest_step()}) is intact") from e
+
+
+def _check_finite(fetched: list[dict], first_step: int, manager) -> list[dict]:
+  """`fetched` (the metrics of steps first_step+1, ...) if every loss and gradient is finite."""
+  for i, m in enumerate(fetched):
+    if not (np.isfinite(float(m["loss"])) and np.isfinite(float(m["grad_norm"]))):
+      raise FloatingPointError(
+          f"step {first_step + i + 1}: the loss is {float(m['loss'])} and the gradient norm "
+          f"{float(m['grad_norm'])}; stopped before saving: the last checkpoint (step "
+          f"{manager.latest_step()}) is intact. Lower the learning rate or check the data")
+  return fetched
 
 
 def _line(step: int, total: int, record: dict) -> str:

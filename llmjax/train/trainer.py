@@ -13,11 +13,14 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from typing import Any
 
 import jax
 import jax.numpy as jnp
+import grain.experimental as gx
 import ml_collections
+import numpy as np
 import optax
 from flax import linen as nn
 from jax.sharding import NamedSharding
@@ -48,7 +51,10 @@ def _objective(config, tokenizer) -> objectives.Objective:
   o = config.objective
   if o.name not in objectives.OBJECTIVES:
     raise ValueError(f"objective.name={o.name!r}; expected one of {sorted(objectives.OBJECTIVES)}")
-  kwargs = {"masked_lm": dict(rate=o.mask_rate, max_predictions=o.max_predictions,
+  kwargs = {"causal_lm": dict(add_bos=o.add_bos, add_eos=o.add_eos,
+                              random_offset=o.random_offset),
+            "prefix_lm": dict(add_bos=o.add_bos, add_eos=o.add_eos),
+            "masked_lm": dict(rate=o.mask_rate, max_predictions=o.max_predictions,
                               whole_word=o.whole_word),
             "span_corruption": dict(noise_density=o.noise_density,
                                     mean_noise_span_length=o.mean_noise_span_length)}
@@ -58,7 +64,13 @@ def _objective(config, tokenizer) -> objectives.Objective:
 def build(config: ml_collections.ConfigDict) -> Setup:
   """Builds the run's parts and checks them against each other before any work is done."""
   model = models.model_from_dict(config.model.to_dict())
-  tokenizer = data.load_tokenizer(config.data.tokenizer)
+  spec = config.data.tokenizer
+  if spec == "char":  # the characters of the corpus file
+    if not os.path.isfile(config.data.path):
+      raise ValueError(f"data.tokenizer='char' takes its characters from data.path, which must "
+                       f"be one text file; got data.path={config.data.path!r}")
+    spec = "char:" + config.data.path
+  tokenizer = data.load_tokenizer(spec)
   objective = _objective(config, tokenizer)
   objective.check_model(model)
   source = data.sources.open_source(config.data.path, format=config.data.format,
@@ -66,7 +78,7 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   train_source, eval_source = data.split_source(
       source, config.data.validation_fraction, method=config.data.split_method, seed=config.seed)
   mesh = sh.make_mesh(tuple(config.mesh.shape))
-  rules = tuple(json.loads(config.mesh.rules)) if config.mesh.rules else sh.RULES
+  rules = _rules(config.mesh.rules)
   data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
   if config.batch_size % data_parallel:
     raise ValueError(f"batch_size={config.batch_size} is not divisible by the data-parallel size "
@@ -74,6 +86,10 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   if config.batch_size % jax.process_count():
     raise ValueError(f"batch_size={config.batch_size} is not divisible by the "
                      f"{jax.process_count()} processes")
+  shards = config.data.shards or jax.process_count()
+  if shards % jax.process_count() or config.batch_size % shards:
+    raise ValueError(f"data.shards={shards} must be a multiple of the {jax.process_count()} "
+                     f"processes and divide batch_size={config.batch_size}")
   microbatches = config.optimizer.microbatches
   if microbatches < 1 or (config.batch_size // jax.process_count()) % microbatches:
     raise ValueError(f"optimizer.microbatches={microbatches} must divide the per-process batch "
@@ -83,15 +99,57 @@ def build(config: ml_collections.ConfigDict) -> Setup:
                schedule, config.batch_size // jax.process_count())
 
 
+def _rules(overrides: str | None) -> tuple:
+  """sharding.RULES with some logical names mapped elsewhere: `mesh.rules` is a JSON object
+  such as '{"embed": null, "batch": ["data", "fsdp"]}' (null: not sharded)."""
+  if not overrides:
+    return sh.RULES
+  try:
+    table = json.loads(overrides)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"mesh.rules={overrides!r} is not JSON ({e}); expected an object such as "
+                     f'{{"embed": null, "mlp": "tensor"}}') from None
+  names = [name for name, _ in sh.RULES]
+  if not isinstance(table, dict):
+    raise ValueError(f"mesh.rules={overrides!r} must be a JSON object of logical name -> axes")
+  for name, axes in table.items():
+    if name not in names:
+      raise ValueError(f"mesh.rules: unknown logical axis {name!r}; expected one of {names}")
+    for axis in [axes] if axes is None or isinstance(axes, str) else axes:
+      if axis is not None and axis not in sh.MESH_AXES:
+        raise ValueError(f"mesh.rules: {name!r} -> {axis!r} is not a mesh axis {sh.MESH_AXES}")
+  return tuple((name, tuple(table[name]) if isinstance(table.get(name), list) else
+                table[name]) if name in table else (name, axes) for name, axes in sh.RULES)
+
+
 def make_pipeline(setup: Setup, split: str):
-  """This process's batches of the train split (forever) or the eval split (once, in order)."""
+  """This process's batches of the train split (forever) or the eval split (once, in order).
+
+  The documents are cut into `data.shards` shards (default: one per process), each with its
+  own pipeline making batch_size / shards rows of every global batch; a process reads its
+  run of consecutive shards. The global batches are thus a function of the config alone:
+  one process with `data.shards=2` sees the very batches of two processes.
+  """
   c = setup.config.data
-  kwargs = dict(batch_size=setup.local_batch_size, seed=setup.config.seed, packing=c.packing,
-                worker_count=c.worker_count, prefetch=c.prefetch)
+  shards, processes = c.shards or jax.process_count(), jax.process_count()
+  rows, per_process = setup.config.batch_size // shards, shards // processes
+  kwargs = dict(batch_size=rows, seed=setup.config.seed, packing=c.packing,
+                worker_count=c.worker_count, prefetch=c.prefetch, shard_count=shards)
   if split == "train":
-    return data.make_pipeline(setup.train_source, setup.tokenizer, setup.objective, **kwargs)
-  return data.make_pipeline(setup.eval_source, setup.tokenizer, setup.objective, shuffle=False,
-                            num_epochs=1, pad_after_end=True, **kwargs)
+    source, kwargs = setup.train_source, dict(kwargs, shuffle_window=c.shuffle_window)
+  else:
+    source, kwargs = setup.eval_source, dict(kwargs, shuffle=False, num_epochs=1,
+                                             pad_after_end=True)
+  first = jax.process_index() * per_process
+  parts = [data.make_pipeline(source, setup.tokenizer, setup.objective, shard_index=first + i,
+                              **kwargs) for i in range(per_process)]
+  if per_process == 1:
+    return parts[0]
+  return gx.ZipIterDataset(parts).map(_concat_rows)
+
+
+def _concat_rows(batches):
+  return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
 
 
 def _batch_sharding(setup: Setup, batch) -> dict[str, NamedSharding]:

@@ -47,7 +47,12 @@ def _files(text):
   return [] if _is_blank(text) else [text]
 
 
-_REFERENCE = {"line": _lines, "paragraph": _paragraphs, "file": _files}
+def _chunks(text):
+  from tests.data.char_chunk_test import _reference_chunks
+  return _reference_chunks(text.encode("utf-8"))
+
+
+_REFERENCE = {"line": _lines, "paragraph": _paragraphs, "file": _files, "chunk": _chunks}
 
 
 def _random_text(rng, num_lines):

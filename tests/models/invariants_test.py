@@ -290,9 +290,9 @@ def test_packing_equals_separate_sequences(family):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_jit_equals_no_jit(family):
   cfg, inputs, params = make_cfg(family), example(family, "packed"), init_params(family)
-  # rtol: T5's logits reach ~3, where 1e-6 is a few float32 ulps and XLA's fusions differ.
+  # T5's logits reach ~3, where 1e-6 is a few float32 ulps and XLA's fusions differ.
   np.testing.assert_allclose(apply_jit(cfg, params, inputs), _apply(cfg, params, inputs),
-                             atol=1e-6, rtol=1e-6)
+                             atol=5e-6, rtol=1e-6)
 
 
 def _layer_groups(cfg):

@@ -1,0 +1,196 @@
+"""The runner under stress: kills mid-save, several hosts, other meshes, NaNs, full disks."""
+
+import os
+import random
+import resource
+import signal
+import socket
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from llmjax import checkpoint, train
+from llmjax.metrics import read_metrics
+from llmjax.train import trainer
+from tests.train.train_test import SMALL, experiment, losses, run_main
+
+# A constant learning rate: a run cut in two then has the schedule of the uninterrupted one.
+CONSTANT = ["--config.optimizer.schedule=constant", "--config.optimizer.warmup_steps=0"]
+
+
+def small_config(steps: int, **train_kwargs):
+  """The tiny GPT experiment with 2 layers and 64-token rows, in-process."""
+  config = experiment("gpt")
+  config.model.update(num_layers=2, max_seq_len=64)
+  config.objective.length = 64
+  config.batch_size = 8  # the 8 test devices split it
+  config.optimizer.warmup_steps = 0
+  config.train.update(**{"steps": steps, "log_every": 1, "eval_every": 1000, "eval_batches": 1,
+                         "sample_tokens": 0, **train_kwargs})
+  return config
+
+
+def test_sigkill_during_async_saves_never_breaks_resume(tmp_path):
+  """Kill -9 at several moments while a checkpoint is being written (every step saves, two
+  kept): each restart resumes from the last complete checkpoint, and every loss the killed
+  and restarted runs logged equals the uninterrupted run's bit for bit."""
+  flags = SMALL + CONSTANT + ["--config.train.steps=14", "--config.train.checkpoint_every=1",
+                              "--config.train.keep_checkpoints=2"]
+  unbuffered = {"PYTHONUNBUFFERED": "1"}
+  code, _, err = run_main(tmp_path / "a", *flags)
+  assert code == 0, err[-2000:]
+  reference = losses(tmp_path / "a")
+  checkpoints = tmp_path / "b" / "checkpoints"
+
+  def complete():
+    steps = [int(p.name) for p in checkpoints.iterdir() if p.name.isdigit()]
+    return max(steps, default=None)
+
+  rng, resumed_from = random.Random(0), None
+  for target in (3, 7, 11):  # kill once a save after checkpoint `target` is in progress
+    proc = run_main(tmp_path / "b", *flags, wait=False, env=unbuffered)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+      if (checkpoints.is_dir() and (complete() or 0) >= target
+          and any("tmp" in p.name for p in checkpoints.iterdir())):
+        time.sleep(rng.uniform(0, 0.03))
+        proc.send_signal(signal.SIGKILL)
+        break
+      time.sleep(0.002)
+    out, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, err[-2000:]
+    if resumed_from is not None:
+      assert f"at step {resumed_from}" in out, out[-2000:]
+    resumed_from = complete()
+    assert resumed_from >= target
+  code, out, err = run_main(tmp_path / "b", *flags)
+  assert code == 0, err[-2000:]
+  assert f"resumed from {tmp_path / 'b'}/checkpoints at step {resumed_from}" in out
+  logged = [(r["step"], r["train/loss"]) for r in read_metrics(tmp_path / "b")
+            if "train/loss" in r]
+  assert {s for s, _ in logged} == set(reference)
+  assert all(loss == reference[s] for s, loss in logged), logged
+
+
+def _free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_equal_one_process(tmp_path):
+  """jax.distributed with two processes of 4 CPU devices each on one (2, 2, 2) mesh: each
+  reads its own shard of the data, both write the checkpoint, and the losses equal one
+  process's with 8 devices reading the same two shards."""
+  flags = SMALL + ["--config.train.steps=4", "--config.train.checkpoint_every=2",
+                   "--config.model.dropout_rate=0.0", "--config.batch_size=8",
+                   "--config.mesh.shape=(2,2,2)", "--config.data.shards=2"]
+  port = _free_port()
+  procs = [run_main(tmp_path / "two", *flags, f"--coordinator_address=127.0.0.1:{port}",
+                    "--num_processes=2", f"--process_id={i}", wait=False,
+                    env={"JAX_NUM_CPU_DEVICES": "4"}) for i in range(2)]
+  code, _, err = run_main(tmp_path / "one", *flags, env={"JAX_NUM_CPU_DEVICES": "8"})
+  assert code == 0, err[-2000:]
+  for proc in procs:
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err[-3000:]
+  one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
+  assert sorted(one) == sorted(two) == [1, 2, 3, 4]
+  np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], rtol=1e-5)
+  step_dir = tmp_path / "two" / "checkpoints" / "4"
+  assert {p.name for p in (step_dir / "data").iterdir()} >= {"process_0-of-2.json",
+                                                             "process_1-of-2.json"}
+
+
+def test_resume_onto_another_mesh(tmp_path):
+  """Two steps on a (2, 2, 2) mesh of 8 devices, two more resumed on (1, 2, 2) of 4 devices:
+  the losses of all four equal a single device's uninterrupted run."""
+  flags = SMALL + CONSTANT + ["--config.model.dropout_rate=0.0", "--config.batch_size=8",
+                              "--config.train.checkpoint_every=2"]
+  code, _, err = run_main(tmp_path / "one", *flags, "--config.train.steps=4",
+                          "--config.mesh.shape=(1,1,1)", env={"JAX_NUM_CPU_DEVICES": "1"})
+  assert code == 0, err[-2000:]
+  code, _, err = run_main(tmp_path / "moved", *flags, "--config.train.steps=2",
+                          "--config.mesh.shape=(2,2,2)", env={"JAX_NUM_CPU_DEVICES": "8"})
+  assert code == 0, err[-2000:]
+  code, out, err = run_main(tmp_path / "moved", *flags, "--config.train.steps=4",
+                            "--config.mesh.shape=(1,2,2)", env={"JAX_NUM_CPU_DEVICES": "4"})
+  assert code == 0 and "resumed from" in out + err, err[-2000:]
+  one, moved = losses(tmp_path / "one"), losses(tmp_path / "moved")
+  assert sorted(moved) == [1, 2, 3, 4]
+  np.testing.assert_allclose([moved[s] for s in one], [one[s] for s in one], rtol=1e-5)
+
+
+def test_nan_loss_stops_before_saving(tmp_path):
+  """A learning rate of 1e38 blows the parameters up after step 1: the run stops at step 2
+  with a clear message, and checkpoint 1 is the latest, intact and readable."""
+  config = small_config(6, checkpoint_every=1, log_every=100)
+  config.optimizer.update(learning_rate=1e38, schedule="constant", clip_norm=0.0)
+  with pytest.raises(FloatingPointError, match=r"step 2: the loss is nan.*\(step 1\) is intact"):
+    train.train(config, str(tmp_path), log=lambda line: None)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
+  abstract, _, _ = trainer.init_state(train.build(config), jax.random.key(0))
+  params = checkpoint.load_params(str(tmp_path), abstract["params"])
+  assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+def test_full_disk_during_save_keeps_the_last_checkpoint(tmp_path):
+  """Files capped at 64 KB (as a full disk would fail the write) while step 4 is saved: a
+  CheckpointError names the intact step 2, and the next run resumes from it."""
+  config = small_config(2, checkpoint_every=2)
+  train.train(config, str(tmp_path), log=lambda line: None)
+  config.train.steps = 4
+  old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+  old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a signal
+  try:
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 << 10, old_limit[1]))
+    with pytest.raises(train.CheckpointError, match=r"\(step 2\) is intact"):
+      train.train(config, str(tmp_path), log=lambda line: None)
+  finally:
+    resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+    signal.signal(signal.SIGXFSZ, old_handler)
+  lines = []
+  train.train(config, str(tmp_path), log=lines.append)
+  assert any("resumed from" in line and "step 2" in line for line in lines), lines
+  assert "4" in os.listdir(tmp_path / "checkpoints")
+
+
+def test_unwritable_workdir_is_refused_before_work(tmp_path):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  with pytest.raises(ValueError, match="cannot be created"):
+    train.train(small_config(1), str(blocker / "run"), log=lambda line: None)
+
+
+def test_init_from_a_run_or_a_model_checkpoint(tmp_path):
+  """Fine-tuning starts from another run's latest parameters or from a model checkpoint
+  (what tools/convert_hf.py writes): its step-0 eval loss is the source's final one."""
+  config = small_config(3, checkpoint_every=3, eval_every=3)
+  source = train.train(config, str(tmp_path / "source"), log=lambda line: None)
+  final = source.history[-1]["eval/loss"]
+  checkpoint.save_model(str(tmp_path / "model"), source.setup.model, source.params)
+  for origin in ("source", "model"):
+    tuned = small_config(1, eval_every=1, init_from=str(tmp_path / origin))
+    tuned.optimizer.learning_rate = 1e-4
+    result = train.train(tuned, str(tmp_path / f"from_{origin}"), log=lambda line: None)
+    assert result.history[0]["step"] == 0
+    np.testing.assert_allclose(result.history[0]["eval/loss"], final, rtol=1e-6)
+  other = small_config(1, init_from=str(tmp_path / "source"))
+  other.model.d_model = 64
+  with pytest.raises(ValueError, match=r"does not fit this model.*"
+                     r"layers_0/attn/key_kernel: \(128, 4, 32\) there, \(64, 4, 16\) here"):
+    train.train(other, str(tmp_path / "other"), log=lambda line: None)
+
+
+@pytest.mark.parametrize("name,variant", [("gpt", "small"), ("t5", "base")])
+def test_runlocal_shrinks_a_big_variant_to_a_cpu_run(name, variant, tmp_path):
+  config = experiment(name, variant)
+  config.runlocal = True
+  result = train.train(config, str(tmp_path), log=lambda line: None)
+  run = result.setup.config
+  assert run.model.family == config.model.family and run.model.d_model < config.model.d_model
+  assert run.objective.name == config.objective.name
+  assert run.optimizer.name == config.optimizer.name
+  assert result.history[-1]["step"] == 20 and np.isfinite(result.history[-1]["eval/loss"])

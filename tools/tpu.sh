@@ -1,0 +1,165 @@
+#!/usr/bin/env bash
+# Cloud TPU VM for llmjax: create it, install llmjax on every worker, launch, follow, delete.
+#
+#   tools/tpu.sh --name=lm1 --zone=us-central2-b --type=v4-32 --runtime=tpu-ubuntu2204-base create
+#   tools/tpu.sh --name=lm1 --zone=us-central2-b install      # copies this checkout (a tarball)
+#   tools/tpu.sh --name=lm1 --zone=us-central2-b --repo=https://github.com/ORG/llmjax install
+#   tools/tpu.sh --name=lm1 --zone=us-central2-b --config=experiments/gpt.py:small \
+#       --workdir=/mnt/runs/gpt_small launch -- --config.train.steps=20000
+#   tools/tpu.sh --name=lm1 --zone=us-central2-b logs         # tail -f of worker 0's log
+#   tools/tpu.sh --name=lm1 --zone=us-central2-b stop         # SIGTERM: checkpoint and stop
+#   tools/tpu.sh --name=lm1 --zone=us-central2-b delete [-- --quiet]
+#
+# Settings, as a flag or an environment variable of the same name in capitals:
+#   --name NAME        the TPU VM (required)
+#   --zone ZONE        its zone, e.g. us-central2-b (required)
+#   --type TYPE        accelerator type, e.g. v4-32, v5litepod-16, v6e-8 (create)
+#   --runtime RUNTIME  software version (create): tpu-ubuntu2204-base for v4,
+#                      v2-alpha-tpuv5-lite for v5e, v2-alpha-tpuv5 for v5p, v2-alpha-tpuv6e for v6e
+#   --project PROJECT  Google Cloud project; default: gcloud's configured one
+#   --repo REPO        install: git URL to clone on the workers; default: copy this checkout
+#   --config CONFIG    launch: EXPERIMENT[:variant] for llmjax.main (required by launch)
+#   --workdir WORKDIR  launch: the run's workdir, the same path on every worker (required);
+#                      multi-host checkpoints need storage that all workers share
+#   --worker WORKER    logs: which worker's log (default 0; "all" for every worker)
+#   --dry-run          or DRY_RUN=1: print each command instead of running it
+# A missing required setting is an error naming it (exit 2). Arguments after `--` go to
+# llmjax.main for launch and to gcloud for create and delete.
+#
+# install puts llmjax in ~/llmjax with a virtualenv ~/llmjax/.venv on every worker: Python
+# 3.12 from uv (the Ubuntu 22.04 runtimes have Python 3.10; JAX needs 3.11 or later), then
+# `pip install -e . "jax[tpu]"`. launch runs the same command on every worker, in the
+# background under nohup with its output in ~/llmjax.log: llmjax.main initializes
+# jax.distributed by itself on Cloud TPU (it sees TPU_WORKER_HOSTNAMES / CLOUD_TPU_TASK_ID),
+# so every worker joins one job with no coordinator flags.
+
+set -euo pipefail
+
+ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
+NAME=${NAME:-} ZONE=${ZONE:-} TYPE=${TYPE:-} RUNTIME=${RUNTIME:-} PROJECT=${PROJECT:-}
+REPO=${REPO:-} CONFIG=${CONFIG:-} WORKDIR=${WORKDIR:-} WORKER=${WORKER:-0}
+DRY_RUN=${DRY_RUN:-0}
+LOG=llmjax.log
+PYTHON_VERSION=3.12
+
+usage() {
+  sed -n '2,/^$/s/^# \{0,1\}//p' "${BASH_SOURCE[0]}"
+  exit "${1:-2}"
+}
+
+die() {
+  echo "tpu.sh: $*" >&2
+  exit 2
+}
+
+quote() {  # the arguments as one shell line: plain words as they are, others single-quoted
+  local out="" a flag
+  for a in "$@"; do
+    flag=""
+    if [[ $a =~ ^--[A-Za-z0-9_.-]+= ]]; then  # --flag='value' rather than '--flag=value'
+      flag=${BASH_REMATCH[0]} a=${a#*=}
+    fi
+    if [[ $a =~ ^[A-Za-z0-9_./:=@%+,-]+$ ]]; then
+      out+="$flag$a "
+    else
+      out+="$flag'${a//\'/\'\\\'\'}' "
+    fi
+  done
+  echo "${out% }"
+}
+
+run() {  # runs the command, or prints it with --dry-run
+  if [[ $DRY_RUN == 1 ]]; then
+    quote "$@"
+  else
+    echo "+ $(quote "$@")" >&2
+    "$@"
+  fi
+}
+
+need() {  # exits 2 naming the first of the settings that is empty
+  local setting flag
+  for setting in "$@"; do
+    if [[ -z ${!setting} ]]; then
+      flag=$(echo "$setting" | tr '[:upper:]' '[:lower:]')
+      die "missing $setting: give --$flag=... or set $setting (see tools/tpu.sh --help)"
+    fi
+  done
+}
+
+COMMAND="" EXTRA=()
+while [[ $# -gt 0 ]]; do
+  case $1 in
+    --name=*|--zone=*|--type=*|--runtime=*|--project=*|--repo=*|--config=*|--workdir=*|--worker=*)
+      setting=$(echo "${1%%=*}" | tr -d '-' | tr '[:lower:]' '[:upper:]')
+      printf -v "$setting" '%s' "${1#*=}" ;;
+    --name|--zone|--type|--runtime|--project|--repo|--config|--workdir|--worker)
+      [[ $# -ge 2 ]] || die "$1 needs a value"
+      setting=$(echo "$1" | tr -d '-' | tr '[:lower:]' '[:upper:]')
+      printf -v "$setting" '%s' "$2"
+      shift ;;
+    --dry-run|--dry_run) DRY_RUN=1 ;;
+    -h|--help) usage 0 ;;
+    --) shift; EXTRA=("$@"); break ;;
+    -*) die "unknown flag $1 (see tools/tpu.sh --help)" ;;
+    *) [[ -z $COMMAND ]] || die "one command at a time, got $COMMAND and $1"; COMMAND=$1 ;;
+  esac
+  shift
+done
+[[ $DRY_RUN == 0 || $DRY_RUN == 1 ]] || die "DRY_RUN must be 0 or 1, got $DRY_RUN"
+
+TPU=(gcloud compute tpus tpu-vm)
+WHERE=(--zone="$ZONE")
+[[ -z $PROJECT ]] || WHERE+=(--project="$PROJECT")
+
+no_extra() {
+  [[ ${#EXTRA[@]} -eq 0 ]] || die "$COMMAND takes no arguments after --"
+}
+
+case $COMMAND in
+  create)
+    need NAME ZONE TYPE RUNTIME
+    run "${TPU[@]}" create "$NAME" "${WHERE[@]}" --accelerator-type="$TYPE" \
+      --version="$RUNTIME" ${EXTRA[@]+"${EXTRA[@]}"} ;;
+  install)
+    need NAME ZONE
+    no_extra
+    if [[ -n $REPO ]]; then
+      fetch="if [ -d llmjax/.git ]; then git -C llmjax pull --ff-only"
+      fetch+="; else git clone $(quote "$REPO") llmjax; fi"
+    else
+      tarball="${TMPDIR:-/tmp}/llmjax-$NAME.tgz"
+      pack="cd $(quote "$ROOT") && git ls-files -z --cached --others --exclude-standard"
+      pack+=" | tar -czf $(quote "$tarball") --null --ignore-failed-read -T -"
+      run bash -c "$pack"  # the checkout as it is: tracked and new files, not ignored ones
+      run "${TPU[@]}" scp "$tarball" "$NAME:llmjax.tgz" "${WHERE[@]}" --worker=all
+      fetch="mkdir -p llmjax && tar -xzf llmjax.tgz -C llmjax"
+    fi
+    setup="export PATH=\$HOME/.local/bin:\$PATH && cd llmjax"
+    setup+=" && { command -v uv >/dev/null || curl -LsSf https://astral.sh/uv/install.sh | sh; }"
+    setup+=" && { [ -x .venv/bin/python ] || uv venv --seed --python $PYTHON_VERSION .venv; }"
+    setup+=" && .venv/bin/pip install -q -U pip && .venv/bin/pip install -q -e . 'jax[tpu]'"
+    run "${TPU[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all --command="$fetch && $setup" ;;
+  launch)
+    need NAME ZONE CONFIG WORKDIR
+    main=$(quote .venv/bin/python -m llmjax.main --config="$CONFIG" --workdir="$WORKDIR" \
+      ${EXTRA[@]+"${EXTRA[@]}"})
+    started="echo \"\$(hostname): started, log ~/$LOG\""
+    run "${TPU[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all \
+      --command="cd llmjax && nohup $main > ~/$LOG 2>&1 < /dev/null & $started" ;;
+  logs)
+    need NAME ZONE
+    no_extra
+    run "${TPU[@]}" ssh "$NAME" "${WHERE[@]}" --worker="$WORKER" \
+      --command="tail -n 100 -f ~/$LOG" ;;
+  stop)
+    need NAME ZONE
+    no_extra
+    run "${TPU[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all \
+      --command="pkill -TERM -f 'python -m [l]lmjax.main' || echo \"\$(hostname): not running\"" ;;
+  delete)
+    need NAME ZONE
+    run "${TPU[@]}" delete "$NAME" "${WHERE[@]}" ${EXTRA[@]+"${EXTRA[@]}"} ;;
+  "") echo "tpu.sh: give a command: create, install, launch, logs, stop or delete" >&2; usage 2 ;;
+  *) die "unknown command $COMMAND; expected create, install, launch, logs, stop or delete" ;;
+esac
