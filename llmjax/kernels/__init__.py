@@ -1,0 +1,3 @@
+"""Hand-written kernels, each beside a plain-jnp reference: flash attention (Pallas)."""
+
+from llmjax.kernels.flash_attention import BlockSizes, flash_attention

@@ -1,0 +1,127 @@
+"""`flash_attention`: checks, layout and padding around the kernels, and their custom VJP."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+from llmjax.kernels.flash_attention import reference, tpu
+
+HEAD_DIMS = (64, 128, 256)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Query and key/value block lengths of the forward, dq and dk/dv kernels.
+
+  Each is a positive multiple of 8 up to 2048; a backward size left None takes its forward
+  one. On TPU the kv blocks must also be multiples of 128 (the lane width). Sequences shorter
+  than a block use one smaller block; longer ones are padded to a whole number of blocks.
+  """
+  block_q: int = 128
+  block_kv: int = 128
+  block_q_dq: int | None = None
+  block_kv_dq: int | None = None
+  block_q_dkv: int | None = None
+  block_kv_dkv: int | None = None
+
+  def __post_init__(self):
+    for field in dataclasses.fields(self):
+      value = getattr(self, field.name)
+      if value is None and field.name not in ("block_q", "block_kv"):
+        continue
+      if not isinstance(value, int) or value < 8 or value % 8 or value > 2048:
+        raise ValueError(f"BlockSizes.{field.name}={value!r}: a block must be a multiple of 8 "
+                         f"between 8 and 2048")
+
+  def resolved(self) -> tuple[int, int, int, int, int, int]:
+    q, kv = self.block_q, self.block_kv
+    return (q, kv, self.block_q_dq or q, self.block_kv_dq or kv, self.block_q_dkv or q,
+            self.block_kv_dkv or kv)
+
+
+def _round_up(n: int, m: int) -> int:
+  return -(-n // m) * m
+
+
+def _fit(block: int, length: int, quantum: int) -> int:
+  """The block, or one just covering a shorter sequence (a multiple of `quantum`)."""
+  return min(block, _round_up(length, quantum))
+
+
+def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, kv_segment_ids=None,
+                    bias_table=None, bias_bidirectional: bool = True, bias_max_distance: int = 128,
+                    window: int | None = None, scale: float | None = None,
+                    block_sizes: BlockSizes | None = None, interpret: bool | None = None):
+  """Softmax attention of q [B, T, H, D] over k, v [B, S, G, D] (H % G == 0), never forming
+  a T x S matrix. Returns [B, T, H, D] in q's dtype.
+
+  Args:
+    causal: query i sees keys j <= i.
+    segment_ids: [B, T] ids of packed sequences, 0 = padding: a query sees only keys of its
+      own non-zero segment; padding queries output 0. kv_segment_ids: [B, S] for keys
+      (default: segment_ids, for self-attention).
+    bias_table: T5's relative position bias [num_buckets, H], added to the logits as
+      bias_table[bucket(j - i), h] (bucketing: `bias_bidirectional`, `bias_max_distance`);
+      it gets a gradient.
+    window: only keys with |i - j| < window (causal: i - j < window).
+    scale: of the logits; default 1 / sqrt(D).
+    interpret: run the kernels in the Pallas interpreter; default: unless on TPU.
+  """
+  reference.validate_inputs(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
+                            bias_table=bias_table, bias_bidirectional=bias_bidirectional,
+                            bias_max_distance=bias_max_distance, window=window)
+  B, T, H, D = q.shape
+  if D not in HEAD_DIMS:
+    raise ValueError(f"head dim {D} is not supported by the kernel; expected one of {HEAD_DIMS}")
+  S = k.shape[1]
+  blocks = (block_sizes or BlockSizes()).resolved()
+  if interpret is None:
+    interpret = jax.default_backend() != "tpu"
+  bq = [_fit(b, T, 8) for b in blocks[0::2]]
+  bk = [_fit(b, S, 8 if interpret else 128) for b in blocks[1::2]]
+  if not interpret and any(b % 128 for b in bk):
+    raise ValueError(f"kv block sizes {bk} must be multiples of 128 on TPU")
+  Tp, Sp = _round_up(T, math.lcm(*bq)), _round_up(S, math.lcm(*bk))
+  st = tpu.Static(
+      causal=causal, window=window, scale=float(D ** -0.5 if scale is None else scale),
+      num_buckets=0 if bias_table is None else bias_table.shape[0],
+      bias_bidirectional=bias_bidirectional, bias_max_distance=bias_max_distance,
+      block_q=bq[0], block_kv=bk[0], block_q_dq=bq[1], block_kv_dq=bk[1], block_q_dkv=bq[2],
+      block_kv_dkv=bk[2], interpret=bool(interpret))
+  if segment_ids is None:
+    segment_ids = kv_segment_ids = None
+    q_seg, kv_seg = jnp.ones((B, T), jnp.int32), jnp.ones((B, S), jnp.int32)
+  else:
+    q_seg = segment_ids.astype(jnp.int32)
+    kv_seg = (segment_ids if kv_segment_ids is None else kv_segment_ids).astype(jnp.int32)
+  q_seg = jnp.pad(q_seg, ((0, 0), (0, Tp - T)))  # padding: segment 0
+  kv_seg = jnp.pad(kv_seg, ((0, 0), (0, Sp - S)))
+  table = None if bias_table is None else bias_table.astype(jnp.float32).T  # [H, buckets]
+  q_p = jnp.pad(q.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, Tp - T), (0, 0)))
+  k_p = jnp.pad(k.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, Sp - S), (0, 0)))
+  v_p = jnp.pad(v.transpose(0, 2, 1, 3), ((0, 0), (0, 0), (0, Sp - S), (0, 0)))
+  out = _flash(st, q_p, k_p, v_p, q_seg, kv_seg, table)
+  return out[:, :, :T].transpose(0, 2, 1, 3)
+
+
+def _fwd_impl(st, q, k, v, q_seg, kv_seg, table):
+  return tpu.forward(st, q, k, v, q_seg, kv_seg, table)[0]
+
+
+def _flash_fwd(st, q, k, v, q_seg, kv_seg, table):
+  o, lse = tpu.forward(st, q, k, v, q_seg, kv_seg, table)
+  return o, (q, k, v, q_seg, kv_seg, table, o, lse)
+
+
+def _flash_bwd(st, residuals, do):
+  q, k, v, q_seg, kv_seg, table, o, lse = residuals
+  dq, dk, dv, dtable = tpu.backward(st, q, k, v, q_seg, kv_seg, table, o, lse, do)
+  return dq, dk, dv, None, None, dtable
+
+
+_flash = jax.custom_vjp(_fwd_impl, nondiff_argnums=(0,))
+_flash.defvjp(_flash_fwd, _flash_bwd)

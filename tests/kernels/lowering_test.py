@@ -1,0 +1,53 @@
+"""The kernels lower for TPU (Mosaic) without a TPU, and nothing T x S is materialized."""
+
+import re
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from llmjax.kernels import flash_attention
+from llmjax.kernels.flash_attention import BlockSizes
+
+B, H, G, D = 1, 4, 2, 128
+
+
+def _export(T: int, block: int, feature: str, platform: str = "tpu"):
+  """jax.export of the jitted forward and of its gradient, bfloat16, for `platform`."""
+  sds = jax.ShapeDtypeStruct
+  extra = sds((B, T), jnp.int32) if feature == "segments" else sds((32, H), jnp.float32)
+
+  def attend(q, k, v, x):
+    kwargs = ({"causal": True, "segment_ids": x} if feature == "segments"
+              else {"bias_table": x, "bias_bidirectional": True})
+    return flash_attention(q, k, v, block_sizes=BlockSizes(block, block), interpret=False,
+                           **kwargs)
+
+  def loss(q, k, v, x):
+    return attend(q, k, v, x).astype(jnp.float32).sum()
+
+  argnums = (0, 1, 2) if feature == "segments" else (0, 1, 2, 3)
+  args = (sds((B, T, H, D), jnp.bfloat16), sds((B, T, G, D), jnp.bfloat16),
+          sds((B, T, G, D), jnp.bfloat16), extra)
+  forward = jax.export.export(jax.jit(attend), platforms=[platform])(*args)
+  gradient = jax.export.export(jax.jit(jax.grad(loss, argnums=argnums)),
+                               platforms=[platform])(*args)
+  return forward.mlir_module(), gradient.mlir_module()
+
+
+@pytest.mark.parametrize("block", [128, 512])
+@pytest.mark.parametrize("feature", ["segments", "t5_bias"])
+def test_forward_and_gradient_lower_for_tpu(block, feature):
+  forward, gradient = _export(2048, block, feature)
+  assert forward.count("tpu_custom_call") == 1  # the forward kernel
+  assert gradient.count("tpu_custom_call") == 3  # forward, dq, dk/dv
+
+
+@pytest.mark.parametrize("feature", ["segments", "t5_bias"])
+def test_no_sequence_by_sequence_buffer_at_4096(feature):
+  """Outside the kernels (whose blocks are small), no tensor has two 4096-long dimensions."""
+  for module in _export(4096, 512, feature):
+    shapes = re.findall(r"tensor<([0-9x]+)x(?:bf16|f32|i32|i1|f16)>", module)
+    assert shapes, "no tensor types found: the check would be vacuous"
+    square = [s for s in shapes if s.split("x").count("4096") >= 2]
+    assert not square, square[:5]
