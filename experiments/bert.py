@@ -18,7 +18,8 @@ def get_config(variant: str = "tiny"):
     c.objective.length = 128
     c.optimizer.update(learning_rate=1e-3, final_learning_rate=1e-4)
   elif variant == "base":
-    c.model = model_config("bert", "base", vocab_size=32000, max_seq_len=512)
+    c.model = model_config("bert", "base", vocab_size=32000, max_seq_len=512,
+                           attention_impl="auto")
     c.objective.update(length=512, max_predictions=80)
     c.data.tokenizer = "spm32k.model"
     c.batch_size = 256

@@ -14,7 +14,8 @@ from llmjax.train import base_config, model_config
 def get_config(variant: str = "tiny"):
   c = base_config()
   if variant == "small":
-    c.model = model_config("gpt", "small", vocab_size=50304, max_seq_len=1024)
+    c.model = model_config("gpt", "small", vocab_size=50304, max_seq_len=1024,
+                           attention_impl="auto")
     c.objective.length = 1024
     c.data.tokenizer = "gpt2.model"
     c.batch_size = 512

@@ -19,7 +19,7 @@ def get_config(variant: str = "tiny"):
     c.objective.length = 128
     c.optimizer.update(learning_rate=1e-3, final_learning_rate=1e-4)
   elif variant in ("small", "base"):
-    c.model = model_config("t5", f"v1_1-{variant}", vocab_size=32128)
+    c.model = model_config("t5", f"v1_1-{variant}", vocab_size=32128, attention_impl="auto")
     c.objective.length = 512
     c.data.tokenizer = "spm32k.model"
     c.batch_size = 128

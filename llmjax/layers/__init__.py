@@ -10,4 +10,5 @@ from llmjax.layers.embedding import Embed
 from llmjax.layers.mlp import Mlp, ACTIVATIONS
 from llmjax.layers.norm import LayerNorm, RMSNorm
 from llmjax.layers.positions import LearnedPositions, sinusoidal, apply_rope, segment_positions
-from llmjax.layers.relative_bias import RelativePositionBias, relative_position_bucket
+from llmjax.layers.relative_bias import (RelativeBias, RelativePositionBias,
+                                         relative_position_bucket)

@@ -5,18 +5,23 @@ chosen by name from `ATTENTION_IMPLS`, so other implementations (a Pallas kernel
 take its place without touching the module. Every implementation takes the same
 arguments: q [B,T,H,K], k and v [B,S,G,K] with H % G == 0, segment ids for queries and
 keys (0 = padding; a query sees only keys of its own segment), `causal`, an optional
-additive bias [1 or B, H, T, S], the logit `scale` and the index of the first query
-(`q_offset`, non-zero while decoding from a cache).
+additive bias [1 or B, H, T, S] (or T5's `RelativeBias` table, which the kernel applies
+blockwise), the logit `scale` and the index of the first query (`q_offset`, non-zero while
+decoding from a cache).
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 from flax import linen as nn
+from jax.sharding import PartitionSpec as P
 
+from llmjax import kernels
 from llmjax import sharding as sh
 from llmjax.layers.positions import apply_rope
+from llmjax.layers.relative_bias import RelativeBias
 
 
 def attention_mask(q_segment_ids_BT: jax.Array, kv_segment_ids_BS: jax.Array, *,
@@ -44,6 +49,8 @@ def xla_attention(q_BTHK, k_BSGK, v_BSGK, *, q_segment_ids, kv_segment_ids, caus
   """Plain jnp attention: float32 logits and softmax; GQA without repeating K and V."""
   B, T, H, K = q_BTHK.shape
   G = k_BSGK.shape[2]
+  if isinstance(bias, RelativeBias):
+    bias = bias.dense(T, k_BSGK.shape[1], q_offset)
   q_BTGRK = q_BTHK.reshape(B, T, G, H // G, K)
   logits_BGRTS = jnp.einsum("BTGRK,BSGK->BGRTS", q_BTGRK, k_BSGK,
                             preferred_element_type=jnp.float32) * scale
@@ -62,8 +69,68 @@ def xla_attention(q_BTHK, k_BSGK, v_BSGK, *, q_segment_ids, kv_segment_ids, caus
   return out_BTGRK.reshape(B, T, H, K)
 
 
-# Attention implementations by name. The flash-attention kernel registers itself here.
-ATTENTION_IMPLS = {"xla": xla_attention}
+def pallas_attention(q_BTHK, k_BSGK, v_BSGK, *, q_segment_ids, kv_segment_ids, causal,
+                     bias=None, scale, q_offset=0, dropout_rate=0.0, dropout_rng=None,
+                     prefix_mask=None):
+  """The Pallas flash-attention kernel (llmjax/kernels), run per shard under a mesh.
+
+  What the kernel does not do falls back to `xla_attention`, with a warning: dropout on
+  the attention probabilities, a dense bias (T5's relative bias comes as a table and is
+  fused), a prefix-LM mask, decoding from a cache, and head dims other than 64/128/256.
+  """
+  why = ("attention dropout" if dropout_rate > 0.0 and dropout_rng is not None
+         else "a dense bias" if bias is not None and not isinstance(bias, RelativeBias)
+         else "a prefix mask" if prefix_mask is not None
+         else "decoding" if not (isinstance(q_offset, int) and q_offset == 0)
+         else f"head dim {q_BTHK.shape[-1]}" if q_BTHK.shape[-1] not in kernels.HEAD_DIMS
+         else None)
+  if why:
+    _warn_once(f"attention_impl='pallas': {why} is not supported by the kernel; using XLA")
+    return xla_attention(q_BTHK, k_BSGK, v_BSGK, q_segment_ids=q_segment_ids,
+                         kv_segment_ids=kv_segment_ids, causal=causal, bias=bias, scale=scale,
+                         q_offset=q_offset, dropout_rate=dropout_rate, dropout_rng=dropout_rng,
+                         prefix_mask=prefix_mask)
+  table_NH = None if bias is None else bias.table_NH
+  settings = {} if bias is None else {"bias_bidirectional": bias.bidirectional,
+                                      "bias_max_distance": bias.max_distance}
+
+  def attend(q, k, v, q_seg, kv_seg, table):
+    return kernels.flash_attention(q, k, v, causal=causal, segment_ids=q_seg,
+                                   kv_segment_ids=kv_seg, bias_table=table, scale=scale,
+                                   **settings)
+
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return attend(q_BTHK, k_BSGK, v_BSGK, q_segment_ids, kv_segment_ids, table_NH)
+  # Batch and heads are independent: each device runs the kernel on its own shard.
+  q_spec = P(*nn.logical_to_mesh_axes((sh.BATCH, sh.LENGTH, sh.HEADS, sh.HEAD_DIM)))
+  kv_spec = P(*nn.logical_to_mesh_axes((sh.BATCH, sh.LENGTH, sh.KV_HEADS, sh.HEAD_DIM)))
+  batch, heads = q_spec[0], q_spec[2]
+  qkv = (q_spec, kv_spec, kv_spec)
+  return jax.shard_map(attend, mesh=mesh, check_vma=False,
+                       in_specs=(*qkv, P(batch, None), P(batch, None),
+                                 None if table_NH is None else P(None, heads)),
+                       out_specs=qkv[0])(q_BTHK, k_BSGK, v_BSGK, q_segment_ids,
+                                         kv_segment_ids, table_NH)
+
+
+def auto_attention(q_BTHK, k_BSGK, v_BSGK, **kwargs):
+  """The kernel on TPU and GPU for sequences of 128 or more, XLA otherwise."""
+  fast = jax.default_backend() in ("tpu", "gpu") and q_BTHK.shape[1] >= 128
+  return (pallas_attention if fast else xla_attention)(q_BTHK, k_BSGK, v_BSGK, **kwargs)
+
+
+_WARNED = set()
+
+
+def _warn_once(message: str) -> None:
+  if message not in _WARNED:
+    _WARNED.add(message)
+    logging.warning(message)
+
+
+# Attention implementations by name (the config's `attention_impl`).
+ATTENTION_IMPLS = {"xla": xla_attention, "pallas": pallas_attention, "auto": auto_attention}
 
 
 class Attention(nn.Module):

@@ -93,14 +93,14 @@ class T5Block(nn.Module):
   is_decoder: bool = False
 
   @nn.compact
-  def __call__(self, x_BTD, segment_ids_BT, bias_1HTT, encoded_BSD=None, enc_segment_ids_BS=None):
+  def __call__(self, x_BTD, segment_ids_BT, relative_bias, encoded_BSD=None, enc_segment_ids_BS=None):
     cfg, det = self.cfg, self.deterministic
     norm = lambda name: layers.RMSNorm(cfg.norm_eps, name=name, **_kw(cfg))
     drop = lambda h: nn.Dropout(cfg.dropout_rate)(h, deterministic=det)
     x_BTD = sh.constrain(x_BTD, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
     x_BTD = x_BTD + drop(_attention(cfg, det, "self_attn")(
         norm("self_attn_norm")(x_BTD), q_segment_ids=segment_ids_BT, causal=self.is_decoder,
-        bias=bias_1HTT))
+        bias=relative_bias))
     if self.is_decoder:
       x_BTD = x_BTD + drop(_attention(cfg, det, "cross_attn")(
           norm("cross_attn_norm")(x_BTD), encoded_BSD, q_segment_ids=segment_ids_BT,
@@ -120,12 +120,13 @@ class T5Stack(nn.Module):
                deterministic: bool = True):
     cfg = self.cfg
     T = x_BTD.shape[1]
-    bias_1HTT = layers.RelativePositionBias(
+    relative_bias = layers.RelativePositionBias(
         cfg.relative_buckets, cfg.relative_max_distance, cfg.num_heads,
         bidirectional=not self.is_decoder, embedding_init=nn.initializers.normal(
-            cfg.d_model ** -0.5), name="relpos_bias", param_dtype=cfg.weight_dtype)(T, T)
+            cfg.d_model ** -0.5), name="relpos_bias", param_dtype=cfg.weight_dtype)(
+                T, T, as_table=True)  # the attention implementation applies it
     x_BTD = nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=deterministic)
-    args = (segment_ids_BT, bias_1HTT) + ((encoded_BSD, enc_segment_ids_BS)
+    args = (segment_ids_BT, relative_bias) + ((encoded_BSD, enc_segment_ids_BS)
                                           if self.is_decoder else ())
     num_layers = cfg.decoder_layers if self.is_decoder else cfg.num_layers
     x_BTD = common.run_layers(T5Block, cfg, num_layers, x_BTD, *args,

@@ -225,12 +225,21 @@ def make_train_step(setup: Setup, state_shardings, batch_shardings):
            "learning_rate": setup.schedule(state["step"])}
     return new_state, out
 
-  return jax.jit(step, in_shardings=(state_shardings, batch_shardings),
-                 out_shardings=(state_shardings, None), donate_argnums=0)
+  return _in_mesh(setup, jax.jit(step, in_shardings=(state_shardings, batch_shardings),
+                                 out_shardings=(state_shardings, None), donate_argnums=0))
+
+
+def _in_mesh(setup: Setup, fn):
+  """`fn` traced and run under the mesh and rules: activation constraints by logical name
+  apply, and the attention kernel finds the mesh to run per shard."""
+  def run(*args):
+    with jax.set_mesh(setup.mesh), nn.logical_axis_rules(setup.rules):
+      return fn(*args)
+  return run
 
 
 def make_eval_step(setup: Setup, params_shardings, batch_shardings):
   def step(params, batch):
     _, sums = _loss_sums(setup, params, batch, None)
     return sums
-  return jax.jit(step, in_shardings=(params_shardings, batch_shardings))
+  return _in_mesh(setup, jax.jit(step, in_shardings=(params_shardings, batch_shardings)))

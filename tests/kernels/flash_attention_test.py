@@ -357,15 +357,15 @@ def _out_and_grads(attention, q, k, v, table, cotangent):
   return out, vjp(cotangent)
 
 
-@pytest.mark.parametrize("case", KERNEL_CASES, ids=str)
-def test_kernel_matches_reference(case):
+def check_kernel(case, block: int | None, **options):
+  """The kernel (interpreted, with `options`) matches the reference on `case`: output and
+  every gradient within the dtype's tolerance."""
   q, k, v, cotangent, table, kwargs = _kernel_inputs(case)
-  block_sizes = None if case.block is None else BlockSizes(block_q=case.block,
-                                                           block_kv=case.block)
+  block_sizes = None if block is None else BlockSizes(block_q=block, block_kv=block)
 
   def kernel(q, k, v, table):
     return flash_attention(q, k, v, bias_table=table, block_sizes=block_sizes, interpret=True,
-                           **kwargs)
+                           **options, **kwargs)
 
   def reference(q, k, v, table):
     return attention_reference(q, k, v, bias_table=table, **kwargs)
@@ -390,6 +390,11 @@ def test_kernel_matches_reference(case):
     magnitude = max(1.0, float(jnp.max(jnp.abs(grad_ref))))
     error = float(jnp.max(jnp.abs(f32(grad) - grad_ref))) / magnitude
     assert error <= tol, f"{name}: max abs error / {magnitude:.3g} = {error:.3g} > {tol}"
+
+
+@pytest.mark.parametrize("case", KERNEL_CASES, ids=str)
+def test_kernel_matches_reference(case):
+  check_kernel(case, case.block)
 
 
 def test_kernel_cases_cover_every_feature():

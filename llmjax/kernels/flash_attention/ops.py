@@ -8,7 +8,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from llmjax.kernels.flash_attention import reference, tpu
+from llmjax.kernels.flash_attention import common, reference, tpu
 
 HEAD_DIMS = (64, 128, 256)
 
@@ -18,7 +18,8 @@ class BlockSizes:
   """Query and key/value block lengths of the forward, dq and dk/dv kernels.
 
   Each is a positive multiple of 8 up to 2048; a backward size left None takes its forward
-  one. On TPU the kv blocks must also be multiples of 128 (the lane width). Sequences shorter
+  one. On TPU the kv blocks must also be multiples of 128 (the lane width); on GPU every
+  block must be a power of two (Triton), and blocks past 128 may exceed shared memory. Sequences shorter
   than a block use one smaller block; longer ones are padded to a whole number of blocks.
   """
   block_q: int = 128
@@ -47,15 +48,19 @@ def _round_up(n: int, m: int) -> int:
   return -(-n // m) * m
 
 
-def _fit(block: int, length: int, quantum: int) -> int:
-  """The block, or one just covering a shorter sequence (a multiple of `quantum`)."""
+def _fit(block: int, length: int, quantum: int, backend: str) -> int:
+  """The block, or one just covering a shorter sequence: a multiple of `quantum` on TPU, a
+  power of two of at least 16 on GPU (Triton's shapes)."""
+  if backend == "gpu":
+    return min(block, max(16, 1 << (length - 1).bit_length()))
   return min(block, _round_up(length, quantum))
 
 
 def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, kv_segment_ids=None,
                     bias_table=None, bias_bidirectional: bool = True, bias_max_distance: int = 128,
                     window: int | None = None, scale: float | None = None,
-                    block_sizes: BlockSizes | None = None, interpret: bool | None = None):
+                    block_sizes: BlockSizes | None = None, interpret: bool | None = None,
+                    backend: str | None = None):
   """Softmax attention of q [B, T, H, D] over k, v [B, S, G, D] (H % G == 0), never forming
   a T x S matrix. Returns [B, T, H, D] in q's dtype.
 
@@ -69,8 +74,13 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, kv_segme
       it gets a gradient.
     window: only keys with |i - j| < window (causal: i - j < window).
     scale: of the logits; default 1 / sqrt(D).
-    interpret: run the kernels in the Pallas interpreter; default: unless on TPU.
+    interpret: run the kernels in the Pallas interpreter; default: unless on TPU or GPU.
+    backend: "tpu" (Mosaic kernels: a grid over kv blocks with scratch accumulators) or
+      "gpu" (Triton kernels: a loop over kv blocks inside each program); default: the
+      platform's, and "tpu" when interpreting on CPU.
   """
+  if backend not in (None, "tpu", "gpu"):
+    raise ValueError(f"backend={backend!r}; expected 'tpu', 'gpu' or None")
   reference.validate_inputs(q, k, v, segment_ids=segment_ids, kv_segment_ids=kv_segment_ids,
                             bias_table=bias_table, bias_bidirectional=bias_bidirectional,
                             bias_max_distance=bias_max_distance, window=window)
@@ -79,19 +89,21 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, kv_segme
     raise ValueError(f"head dim {D} is not supported by the kernel; expected one of {HEAD_DIMS}")
   S = k.shape[1]
   blocks = (block_sizes or BlockSizes()).resolved()
+  platform = jax.default_backend()
+  backend = backend or ("gpu" if platform == "gpu" else "tpu")
   if interpret is None:
-    interpret = jax.default_backend() != "tpu"
-  bq = [_fit(b, T, 8) for b in blocks[0::2]]
-  bk = [_fit(b, S, 8 if interpret else 128) for b in blocks[1::2]]
-  if not interpret and any(b % 128 for b in bk):
+    interpret = platform not in ("tpu", "gpu")
+  bq = [_fit(b, T, 8, backend) for b in blocks[0::2]]
+  bk = [_fit(b, S, 8 if interpret else 128, backend) for b in blocks[1::2]]
+  if not interpret and backend == "tpu" and any(b % 128 for b in bk):
     raise ValueError(f"kv block sizes {bk} must be multiples of 128 on TPU")
   Tp, Sp = _round_up(T, math.lcm(*bq)), _round_up(S, math.lcm(*bk))
-  st = tpu.Static(
+  st = common.Static(
       causal=causal, window=window, scale=float(D ** -0.5 if scale is None else scale),
       num_buckets=0 if bias_table is None else bias_table.shape[0],
       bias_bidirectional=bias_bidirectional, bias_max_distance=bias_max_distance,
       block_q=bq[0], block_kv=bk[0], block_q_dq=bq[1], block_kv_dq=bk[1], block_q_dkv=bq[2],
-      block_kv_dkv=bk[2], interpret=bool(interpret))
+      block_kv_dkv=bk[2], interpret=bool(interpret), backend=backend)
   if segment_ids is None:
     segment_ids = kv_segment_ids = None
     q_seg, kv_seg = jnp.ones((B, T), jnp.int32), jnp.ones((B, S), jnp.int32)
@@ -108,18 +120,25 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, kv_segme
   return out[:, :, :T].transpose(0, 2, 1, 3)
 
 
+def _kernels(st):
+  if st.backend == "gpu":
+    from llmjax.kernels.flash_attention import gpu
+    return gpu
+  return tpu
+
+
 def _fwd_impl(st, q, k, v, q_seg, kv_seg, table):
-  return tpu.forward(st, q, k, v, q_seg, kv_seg, table)[0]
+  return _kernels(st).forward(st, q, k, v, q_seg, kv_seg, table)[0]
 
 
 def _flash_fwd(st, q, k, v, q_seg, kv_seg, table):
-  o, lse = tpu.forward(st, q, k, v, q_seg, kv_seg, table)
+  o, lse = _kernels(st).forward(st, q, k, v, q_seg, kv_seg, table)
   return o, (q, k, v, q_seg, kv_seg, table, o, lse)
 
 
 def _flash_bwd(st, residuals, do):
   q, k, v, q_seg, kv_seg, table, o, lse = residuals
-  dq, dk, dv, dtable = tpu.backward(st, q, k, v, q_seg, kv_seg, table, o, lse, do)
+  dq, dk, dv, dtable = _kernels(st).backward(st, q, k, v, q_seg, kv_seg, table, o, lse, do)
   return dq, dk, dv, None, None, dtable
 
 

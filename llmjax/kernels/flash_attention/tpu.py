@@ -15,37 +15,19 @@ segment ids as [B, T, 128] / [B, 8, S], the shapes Mosaic tiles natively.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from llmjax.kernels.flash_attention import common
+from llmjax.kernels.flash_attention.common import NEG, Static
+
 LANES, SUBLANES = 128, 8
-NEG = -1e30  # finite: exp(NEG - NEG) stays defined for rows that have seen nothing yet
 TRANS_B = (((1,), (1,)), ((), ()))  # a @ b.T
 TRANS_A = (((0,), (0,)), ((), ()))  # a.T @ b
-
-
-@dataclasses.dataclass(frozen=True)
-class Static:
-  """Everything a kernel is specialized on (hashable: a custom_vjp static argument)."""
-  causal: bool
-  window: int | None
-  scale: float
-  num_buckets: int  # 0: no relative bias
-  bias_bidirectional: bool
-  bias_max_distance: int
-  block_q: int
-  block_kv: int
-  block_q_dq: int
-  block_kv_dq: int
-  block_q_dkv: int
-  block_kv_dkv: int
-  interpret: bool
 
 
 def _div(a, b: int):
@@ -84,50 +66,16 @@ def _mask(st: Static, qseg_ref, kvseg_ref, qi, kj, bq: int, bk: int):
   qseg = _lanes(qseg_ref[...], bk)  # [bq, bk]
   kvseg = kvseg_ref[:1, :]  # [1, bk]
   mask = (qseg == kvseg) & (qseg != 0)
-  if st.causal or st.window is not None:
-    row = qi * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-    col = kj * bk + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-    if st.causal:
-      mask &= col <= row
-    if st.window is not None:
-      mask &= (row - col < st.window) if st.causal else (jnp.maximum(row - col, col - row) < st.window)
-  return mask
-
-
-def _buckets(st: Static, qi, kj, bq: int, bk: int):
-  """T5's bucket of (key - query) for each [bq, bk] position (see kernels/buckets.py)."""
-  row = qi * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-  col = kj * bk + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-  rel = col - row
-  num_buckets = st.num_buckets
-  if st.bias_bidirectional:
-    num_buckets //= 2
-    bucket = jnp.where(rel > 0, num_buckets, 0)
-    distance = jnp.maximum(rel, -rel)
-  else:
-    bucket = jnp.zeros_like(rel)
-    distance = -jnp.minimum(rel, 0)
-  max_exact = num_buckets // 2
-  log_ratio = (jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact)
-               / math.log(st.bias_max_distance / max_exact) * (num_buckets - max_exact))
-  large = jnp.minimum(max_exact + log_ratio.astype(jnp.int32), num_buckets - 1)
-  return bucket + jnp.where(distance < max_exact, distance, large)
-
-
-def _bias(st: Static, table_ref, h, buckets):
-  """The [bq, bk] bias of head h: table[h, bucket], as selects over the few buckets."""
-  bias = jnp.zeros(buckets.shape, jnp.float32)
-  for n in range(st.num_buckets):
-    bias = jnp.where(buckets == n, table_ref[h, n], bias)
-  return bias
+  position = common.position_mask(st, qi, kj, bq, bk)
+  return mask if position is None else mask & position
 
 
 def _logits(st: Static, q, k, table_ref, h, qi, kj, bq, bk):
   s = jax.lax.dot_general(q, k, TRANS_B, preferred_element_type=jnp.float32) * st.scale
   buckets = None
   if st.num_buckets:
-    buckets = _buckets(st, qi, kj, bq, bk)
-    s = s + _bias(st, table_ref, h, buckets)
+    buckets = common.buckets(st, qi, kj, bq, bk)
+    s = s + common.bias(st, table_ref, h, buckets)
   return s, buckets
 
 
@@ -172,20 +120,6 @@ def _fwd_kernel(q_lo, q_hi, kv_lo, kv_hi, q_ref, k_ref, v_ref, qseg_ref, kvseg_r
     lse_ref[...] = jnp.where(empty, 0.0, m_scr[...] + jnp.log(jnp.where(empty, 1.0, l)))
 
 
-def _ranges(q_seg, kv_seg, bq: int, bk: int):
-  """Per-block [lo, hi] of the non-padding segment ids (flattened [B * blocks] int32);
-  an all-padding block gets an empty range, so no block pair involving it is visible."""
-  def per_block(seg, size):
-    B, N = seg.shape
-    blocks = seg.reshape(B, N // size, size)
-    real = blocks != 0
-    big = jnp.iinfo(jnp.int32).max
-    lo = jnp.min(jnp.where(real, blocks, big), axis=2)
-    hi = jnp.max(jnp.where(real, blocks, -1), axis=2)
-    return lo.reshape(-1).astype(jnp.int32), hi.reshape(-1).astype(jnp.int32)
-  return (*per_block(q_seg, bq), *per_block(kv_seg, bk))
-
-
 def _seg_layouts(q_seg, kv_seg):
   B, T = q_seg.shape
   S = kv_seg.shape[1]
@@ -228,7 +162,7 @@ def forward(st: Static, q, k, v, q_seg, kv_seg, table):
       compiler_params=pltpu.CompilerParams(
           dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
       interpret=st.interpret, name="flash_attention_fwd",
-  )(*_ranges(q_seg, kv_seg, bq, bk), *args)
+  )(*common.block_ranges(q_seg, kv_seg, bq, bk), *args)
 
 
 # ------------------------------------------------------------------------------ backward
@@ -351,7 +285,7 @@ def backward(st: Static, q, k, v, q_seg, kv_seg, table, o, lse, do):
           scratch_shapes=scratch),
       out_shape=out_shape, compiler_params=params, interpret=st.interpret,
       name="flash_attention_dq",
-  )(*_ranges(q_seg, kv_seg, bq, bk), *args)
+  )(*common.block_ranges(q_seg, kv_seg, bq, bk), *args)
   dq = outs[0]
   dtable = None
   if st.num_buckets:  # rows of a block's 8 sublanes are copies: take one, sum the rest
@@ -379,5 +313,5 @@ def backward(st: Static, q, k, v, q_seg, kv_seg, table, o, lse, do):
           scratch_shapes=[pltpu.VMEM((bk, D), jnp.float32), pltpu.VMEM((bk, D), jnp.float32)]),
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=params, interpret=st.interpret, name="flash_attention_dkv",
-  )(*_ranges(q_seg, kv_seg, bq, bk), *args)
+  )(*common.block_ranges(q_seg, kv_seg, bq, bk), *args)
   return dq, dk, dv, dtable

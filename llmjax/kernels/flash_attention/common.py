@@ -1,0 +1,85 @@
+"""What the TPU and GPU kernels share: their static settings and the per-block bias math."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import jax.numpy as jnp
+
+NEG = -1e30  # masked logits: finite, so exp(NEG - NEG) stays defined for rows that saw nothing
+
+
+@dataclasses.dataclass(frozen=True)
+class Static:
+  """Everything a kernel is specialized on (hashable: a custom_vjp static argument)."""
+  causal: bool
+  window: int | None
+  scale: float
+  num_buckets: int  # 0: no relative bias
+  bias_bidirectional: bool
+  bias_max_distance: int
+  block_q: int
+  block_kv: int
+  block_q_dq: int
+  block_kv_dq: int
+  block_q_dkv: int
+  block_kv_dkv: int
+  interpret: bool
+  backend: str = "tpu"  # which module's kernels: tpu.py or gpu.py
+
+
+def buckets(st: Static, qi, kj, bq: int, bk: int):
+  """T5's bucket of (key - query) for each [bq, bk] position (see kernels/buckets.py)."""
+  row = qi * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+  col = kj * bk + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+  rel = col - row
+  num_buckets = st.num_buckets
+  if st.bias_bidirectional:
+    num_buckets //= 2
+    bucket = jnp.where(rel > 0, num_buckets, 0)
+    distance = jnp.maximum(rel, -rel)
+  else:
+    bucket = jnp.zeros_like(rel)
+    distance = -jnp.minimum(rel, 0)
+  max_exact = num_buckets // 2
+  log_ratio = (jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact)
+               / math.log(st.bias_max_distance / max_exact) * (num_buckets - max_exact))
+  large = jnp.minimum(max_exact + log_ratio.astype(jnp.int32), num_buckets - 1)
+  return bucket + jnp.where(distance < max_exact, distance, large)
+
+
+def bias(st: Static, table_ref, h, buckets):
+  """The [bq, bk] bias of head h: table[h, bucket], as selects over the few buckets."""
+  bias = jnp.zeros(buckets.shape, jnp.float32)
+  for n in range(st.num_buckets):
+    bias = jnp.where(buckets == n, table_ref[h, n], bias)
+  return bias
+
+
+def block_ranges(q_seg, kv_seg, bq: int, bk: int):
+  """Per-block [lo, hi] of the non-padding segment ids (flattened [B * blocks] int32);
+  an all-padding block gets an empty range, so no block pair involving it is visible."""
+  def per_block(seg, size):
+    B, N = seg.shape
+    blocks = seg.reshape(B, N // size, size)
+    real = blocks != 0
+    big = jnp.iinfo(jnp.int32).max
+    lo = jnp.min(jnp.where(real, blocks, big), axis=2)
+    hi = jnp.max(jnp.where(real, blocks, -1), axis=2)
+    return lo.reshape(-1).astype(jnp.int32), hi.reshape(-1).astype(jnp.int32)
+  return (*per_block(q_seg, bq), *per_block(kv_seg, bk))
+
+
+def position_mask(st: Static, qi, kj, bq: int, bk: int):
+  """Boolean [bq, bk] of the causal and window conditions for block (qi, kj); None if off."""
+  if not (st.causal or st.window is not None):
+    return None
+  row = qi * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+  col = kj * bk + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+  mask = col <= row if st.causal else None
+  if st.window is not None:
+    near = (row - col if st.causal else jnp.maximum(row - col, col - row)) < st.window
+    mask = near if mask is None else mask & near
+  return mask
