@@ -2,7 +2,8 @@
 
 Without a GPU: the kernels run in the Pallas interpreter against the reference (outputs and
 gradients, the cases of flash_attention_test.py), NaN-poisoned inputs show that invisible
-blocks are skipped rather than masked, and jax.export lowers them to Triton for CUDA.
+blocks are skipped rather than masked (for the TPU kernels too), and jax.export lowers them
+to Triton for CUDA.
 """
 
 import jax
@@ -46,14 +47,15 @@ SKIP_CASES = {  # kwargs, nan_keys, clean_rows, nan_rows, clean_keys
 }
 
 
+@pytest.mark.parametrize("backend", ["tpu", "gpu"])
 @pytest.mark.parametrize("name", SKIP_CASES)
-def test_gpu_kernels_skip_invisible_blocks(name):
+def test_kernels_skip_invisible_blocks(name, backend):
   kwargs, nan_keys, clean_rows, nan_rows, clean_keys = SKIP_CASES[name]
   q, k, v = (_normal(s, (1, 256, 2, 64)) for s in (1, 2, 3))
 
   def attend(q, k, v):
     return flash_attention(q, k, v, block_sizes=BlockSizes(64, 64), interpret=True,
-                           backend="gpu", **kwargs)
+                           backend=backend, **kwargs)
 
   @jit
   def run(v, cotangent):

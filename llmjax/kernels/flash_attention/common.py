@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import math
 
 import jax
 import jax.numpy as jnp
@@ -27,27 +26,25 @@ class Static:
   block_q_dkv: int
   block_kv_dkv: int
   interpret: bool
+  bucket_thresholds: tuple[int, ...] = ()  # kernels/buckets.py: distance_thresholds
   backend: str = "tpu"  # which module's kernels: tpu.py or gpu.py
 
 
 def buckets(st: Static, qi, kj, bq: int, bk: int):
-  """T5's bucket of (key - query) for each [bq, bk] position (see kernels/buckets.py)."""
+  """T5's bucket of (key - query) for each [bq, bk] position: integer comparisons against
+  the per-direction thresholds (kernels/buckets.py), no transcendental in the kernel."""
   row = qi * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
   col = kj * bk + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
   rel = col - row
-  num_buckets = st.num_buckets
   if st.bias_bidirectional:
-    num_buckets //= 2
-    bucket = jnp.where(rel > 0, num_buckets, 0)
+    bucket = jnp.where(rel > 0, st.num_buckets // 2, 0)
     distance = jnp.maximum(rel, -rel)
   else:
     bucket = jnp.zeros_like(rel)
-    distance = -jnp.minimum(rel, 0)
-  max_exact = num_buckets // 2
-  log_ratio = (jnp.log(jnp.maximum(distance, 1).astype(jnp.float32) / max_exact)
-               / math.log(st.bias_max_distance / max_exact) * (num_buckets - max_exact))
-  large = jnp.minimum(max_exact + log_ratio.astype(jnp.int32), num_buckets - 1)
-  return bucket + jnp.where(distance < max_exact, distance, large)
+    distance = jnp.maximum(-rel, 0)
+  for threshold in st.bucket_thresholds:
+    bucket = bucket + (distance >= threshold).astype(jnp.int32)
+  return bucket
 
 
 def bias(st: Static, table_ref, h, buckets):

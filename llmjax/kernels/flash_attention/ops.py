@@ -8,6 +8,7 @@ import math
 import jax
 import jax.numpy as jnp
 
+from llmjax.kernels import buckets
 from llmjax.kernels.flash_attention import common, reference, tpu
 
 HEAD_DIMS = (64, 128, 256)
@@ -93,6 +94,9 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, kv_segme
   backend = backend or ("gpu" if platform == "gpu" else "tpu")
   if interpret is None:
     interpret = platform not in ("tpu", "gpu")
+  if not interpret and platform in ("tpu", "gpu") and backend != platform:
+    raise ValueError(f"backend={backend!r} kernels cannot run on this {platform}; use "
+                     f"backend={platform!r} or interpret=True")
   bq = [_fit(b, T, 8, backend) for b in blocks[0::2]]
   bk = [_fit(b, S, 8 if interpret else 128, backend) for b in blocks[1::2]]
   if not interpret and backend == "tpu" and any(b % 128 for b in bk):
@@ -103,7 +107,10 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, kv_segme
       num_buckets=0 if bias_table is None else bias_table.shape[0],
       bias_bidirectional=bias_bidirectional, bias_max_distance=bias_max_distance,
       block_q=bq[0], block_kv=bk[0], block_q_dq=bq[1], block_kv_dq=bk[1], block_q_dkv=bq[2],
-      block_kv_dkv=bk[2], interpret=bool(interpret), backend=backend)
+      block_kv_dkv=bk[2], interpret=bool(interpret), backend=backend,
+      bucket_thresholds=() if bias_table is None else buckets.distance_thresholds(
+          bidirectional=bias_bidirectional, num_buckets=bias_table.shape[0],
+          max_distance=bias_max_distance))
   if segment_ids is None:
     segment_ids = kv_segment_ids = None
     q_seg, kv_seg = jnp.ones((B, T), jnp.int32), jnp.ones((B, S), jnp.int32)
