@@ -18,7 +18,6 @@ class Static:
   scale: float
   num_buckets: int  # 0: no relative bias
   bias_bidirectional: bool
-  bias_max_distance: int
   block_q: int
   block_kv: int
   block_q_dq: int

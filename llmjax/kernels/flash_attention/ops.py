@@ -105,14 +105,13 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, kv_segme
   st = common.Static(
       causal=causal, window=window, scale=float(D ** -0.5 if scale is None else scale),
       num_buckets=0 if bias_table is None else bias_table.shape[0],
-      bias_bidirectional=bias_bidirectional, bias_max_distance=bias_max_distance,
+      bias_bidirectional=bias_bidirectional,
       block_q=bq[0], block_kv=bk[0], block_q_dq=bq[1], block_kv_dq=bk[1], block_q_dkv=bq[2],
       block_kv_dkv=bk[2], interpret=bool(interpret), backend=backend,
       bucket_thresholds=() if bias_table is None else buckets.distance_thresholds(
           bidirectional=bias_bidirectional, num_buckets=bias_table.shape[0],
           max_distance=bias_max_distance))
   if segment_ids is None:
-    segment_ids = kv_segment_ids = None
     q_seg, kv_seg = jnp.ones((B, T), jnp.int32), jnp.ones((B, S), jnp.int32)
   else:
     q_seg = segment_ids.astype(jnp.int32)
