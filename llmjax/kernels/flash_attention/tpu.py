@@ -5,8 +5,10 @@ online-softmax state (row max m, row sum l, output accumulator) lives in VMEM sc
 the kv steps of one query block (the FlashAttention-2 schedule). Blocks that no query of the
 block may attend (above the causal diagonal, outside the window, or of disjoint packed
 segments, from per-block segment ranges prefetched to SMEM) are skipped, not computed and
-zeroed. The T5 relative bias is computed per block from the bucket table in SMEM, so no
-T x S bias exists anywhere, and its gradient is summed per bucket in the dq kernel.
+zeroed; under causal masking their index maps also re-use the last visible block, so a
+skipped step copies nothing from HBM. The T5 relative bias is computed per block from the
+bucket table in SMEM, so no T x S bias exists anywhere, and its gradient is summed per
+bucket in the dq kernel.
 
 Layouts inside: q [B, H, T, D], k and v [B, G, S, D]; T and S padded to the blocks, with
 padding marked by segment id 0. Per-row statistics are kept lane-replicated [rows, 128] and
@@ -37,6 +39,18 @@ def _div(a, b: int):
 
 def _rem(a, b: int):
   return jax.lax.rem(a, b)
+
+
+def _kv_block(st: Static, i, j, bq: int, bk: int):
+  """The kv block to fetch at grid step (q block i, kv block j): j, or under causal masking
+  the last block block i can see, so the steps it skips re-use that block and copy nothing."""
+  return jnp.minimum(j, _div(i * bq + bq - 1, bk)) if st.causal else j
+
+
+def _q_block(st: Static, i, j, bq: int, bk: int, nq: int):
+  """The q block to fetch at grid step (q block i, kv block j) of the dk/dv kernel: i, or
+  under causal masking at least the first block that sees kv block j (within the nq)."""
+  return jnp.minimum(jnp.maximum(i, _div(j * bk, bq)), nq - 1) if st.causal else i
 
 
 def _lanes(x, n: int):
@@ -140,8 +154,10 @@ def forward(st: Static, q, k, v, q_seg, kv_seg, table):
   qseg_l, kvseg_l = _seg_layouts(q_seg, kv_seg)
   in_specs = [
       pl.BlockSpec((None, None, bq, D), lambda b, h, i, j, *_: (b, h, i, 0)),
-      pl.BlockSpec((None, None, bk, D), lambda b, h, i, j, *_: (b, _div(h, R), j, 0)),
-      pl.BlockSpec((None, None, bk, D), lambda b, h, i, j, *_: (b, _div(h, R), j, 0)),
+      pl.BlockSpec((None, None, bk, D),
+                   lambda b, h, i, j, *_: (b, _div(h, R), _kv_block(st, i, j, bq, bk), 0)),
+      pl.BlockSpec((None, None, bk, D),
+                   lambda b, h, i, j, *_: (b, _div(h, R), _kv_block(st, i, j, bq, bk), 0)),
       pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, *_: (b, i, 0)),
       pl.BlockSpec((None, SUBLANES, bk), lambda b, h, i, j, *_: (b, 0, j)),
   ]
@@ -263,7 +279,8 @@ def backward(st: Static, q, k, v, q_seg, kv_seg, table, o, lse, do):
   bq, bk = st.block_q_dq, st.block_kv_dq
   nq, nk = T // bq, S // bk
   q_spec = pl.BlockSpec((None, None, bq, D), lambda b, h, i, j, *_: (b, h, i, 0))
-  kv_spec = pl.BlockSpec((None, None, bk, D), lambda b, h, i, j, *_: (b, _div(h, R), j, 0))
+  kv_spec = pl.BlockSpec((None, None, bk, D),
+                         lambda b, h, i, j, *_: (b, _div(h, R), _kv_block(st, i, j, bq, bk), 0))
   row_spec = pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j, *_: (b, h, i, 0))
   in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
               pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, *_: (b, i, 0)),
@@ -294,12 +311,15 @@ def backward(st: Static, q, k, v, q_seg, kv_seg, table, o, lse, do):
   # dk, dv: for each kv block, the innermost axis walks the R heads of its group x q blocks.
   bq, bk = st.block_q_dkv, st.block_kv_dkv
   nq, nk = T // bq, S // bk
-  q_spec = pl.BlockSpec((None, None, bq, D), lambda b, g, j, t, *_: (b, g * R + _div(t, nq), _rem(t, nq), 0))
-  row_spec = pl.BlockSpec((None, None, bq, LANES),
-                          lambda b, g, j, t, *_: (b, g * R + _div(t, nq), _rem(t, nq), 0))
+  def q_index(b, g, j, t, *_):
+    return (b, g * R + _div(t, nq), _q_block(st, _rem(t, nq), j, bq, bk, nq), 0)
+
+  q_spec = pl.BlockSpec((None, None, bq, D), q_index)
+  row_spec = pl.BlockSpec((None, None, bq, LANES), q_index)
   kv_spec = pl.BlockSpec((None, None, bk, D), lambda b, g, j, t, *_: (b, g, j, 0))
   in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
-              pl.BlockSpec((None, bq, LANES), lambda b, g, j, t, *_: (b, _rem(t, nq), 0)),
+              pl.BlockSpec((None, bq, LANES),
+                           lambda b, g, j, t, *_: (b, _q_block(st, _rem(t, nq), j, bq, bk, nq), 0)),
               pl.BlockSpec((None, SUBLANES, bk), lambda b, g, j, t, *_: (b, 0, j))]
   args = [q, k, v, do, lse, di, qseg_l, kvseg_l]
   if st.num_buckets:
