@@ -36,15 +36,20 @@ def load_model(directory: str, shardings=None) -> tuple[nn.Module, dict]:
   with open(config_path) as f:
     model = models.model_from_dict(json.load(f))
   with ocp.StandardCheckpointer() as ckptr:
-    meta = ckptr.metadata(os.path.join(directory, "params"))
-    tree = getattr(meta, "item_metadata", meta)
-    tree = getattr(tree, "tree", tree)
+    tree = _stored_tree(ckptr, os.path.join(directory, "params"))
     abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
     if shardings is not None:
       abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                               abstract, shardings)
     params = ckptr.restore(os.path.join(directory, "params"), abstract)
   return model, params
+
+
+def _stored_tree(ckptr, directory: str):
+  """The tree of array metadata (shapes, dtypes) of the checkpoint in `directory`."""
+  meta = ckptr.metadata(directory)
+  tree = getattr(meta, "item_metadata", meta)
+  return getattr(tree, "tree", tree)
 
 
 def _shapes(tree) -> dict[str, tuple]:
@@ -73,9 +78,7 @@ def load_params(path: str, abstract_params) -> dict:
     raise ValueError(f"init_from={path!r} is neither a model checkpoint (model.json + params/) "
                      f"nor an llmjax workdir (checkpoints/)")
   with ocp.PyTreeCheckpointer() as ckptr:
-    tree = ckptr.metadata(directory)
-    tree = getattr(tree, "item_metadata", tree)
-    tree = getattr(tree, "tree", tree)
+    tree = _stored_tree(ckptr, directory)
     stored = _shapes(tree[prefix] if prefix else tree)
     wanted = _shapes(abstract_params)
     problems = [f"{k}: {stored[k]} there, {wanted[k]} here" for k in sorted(wanted)

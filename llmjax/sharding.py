@@ -76,7 +76,7 @@ def make_mesh(shape: Sequence[int] = (-1, 1, 1), axis_names: Sequence[str] = MES
                        axis_types=(jax.sharding.AxisType.Auto,) * len(shape))
 
 
-def _fit(spec: P, shape: Sequence[int], mesh: Mesh) -> P:
+def fit_spec(spec: P, shape: Sequence[int], mesh) -> P:
   """Drops mesh axes from dimensions they don't divide evenly (e.g. GPT-2's 50257 vocab)."""
   fitted = []
   for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
@@ -100,7 +100,7 @@ def logical_sharding(boxed_tree, mesh: Mesh, rules: Rules = RULES):
 
   def one(spec, leaf):
     spec = nn.logical_to_mesh_axes(tuple(spec), rules) if spec is not None else P()
-    return NamedSharding(mesh, _fit(spec, np.shape(leaf), mesh))
+    return NamedSharding(mesh, fit_spec(spec, np.shape(leaf), mesh))
 
   return jax.tree.map(one, specs, shapes, is_leaf=lambda x: isinstance(x, P))
 

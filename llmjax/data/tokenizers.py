@@ -178,6 +178,7 @@ class CharTokenizer(_Specials):
     if not self.chars:
       raise ValueError(f"{path} is empty: no characters for a vocabulary")
     self._ids = {c: i for i, c in enumerate(self.chars)}
+    self._space = np.array([c.isspace() for c in self.chars])
     self.vocab_size, self.spec = len(self.chars), f"char:{path}"
     self.fingerprint = "char:" + hashlib.sha256(self.chars.encode()).hexdigest()[:16]
     self.pad_id = self.eos_id = self.bos_id = self.unk_id = None
@@ -198,8 +199,7 @@ class CharTokenizer(_Specials):
                    if 0 <= i < len(self.chars))
 
   def word_starts(self, ids) -> np.ndarray:
-    chars = np.array([self.chars[i].isspace() for i in range(len(self.chars))])
-    space = chars[np.asarray(ids, np.int64)]
+    space = self._space[np.asarray(ids, np.int64)]
     return space | np.concatenate([[True], space[:-1]])
 
 

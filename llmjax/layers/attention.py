@@ -105,26 +105,17 @@ def pallas_attention(q_BTHK, k_BSGK, v_BSGK, *, q_segment_ids, kv_segment_ids, c
   # Batch and heads are independent: each device runs the kernel on its own shard. An axis
   # that does not divide B, or the heads of both q and kv alike (GQA: each shard must keep
   # whole groups), is left out: those shards then repeat the work, never change the answer.
-  (batch,) = _dividing(mesh, nn.logical_to_mesh_axes((sh.BATCH,))[0], q_BTHK.shape[0])
-  heads = nn.logical_to_mesh_axes((sh.HEADS,))[0]
-  if heads != nn.logical_to_mesh_axes((sh.KV_HEADS,))[0]:
+  batch, heads = sh.fit_spec(P(*nn.logical_to_mesh_axes((sh.BATCH, sh.HEADS))),
+                             (q_BTHK.shape[0], q_BTHK.shape[2]), mesh)
+  kv_heads = sh.fit_spec(P(*nn.logical_to_mesh_axes((sh.KV_HEADS,))), (k_BSGK.shape[2],), mesh)
+  if heads != kv_heads[0]:
     heads = None
-  (heads,) = _dividing(mesh, heads, q_BTHK.shape[2], k_BSGK.shape[2])
   q_spec, kv_spec = P(batch, None, heads, None), P(batch, None, heads, None)
   return jax.shard_map(attend, mesh=mesh, check_vma=False,
                        in_specs=(q_spec, kv_spec, kv_spec, P(batch, None), P(batch, None),
                                  None if table_NH is None else P(None, heads)),
                        out_specs=q_spec)(q_BTHK, k_BSGK, v_BSGK, q_segment_ids,
                                          kv_segment_ids, table_NH)
-
-
-def _dividing(mesh, axes, *sizes):
-  """`axes` (a mesh axis name, a tuple of them or None) if their product divides every size."""
-  names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-  product = 1
-  for name in names:
-    product *= mesh.shape[name]
-  return (axes if names and all(n % product == 0 for n in sizes) else None,)
 
 
 def auto_attention(q_BTHK, k_BSGK, v_BSGK, **kwargs):

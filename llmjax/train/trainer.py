@@ -16,9 +16,9 @@ import json
 import os
 from typing import Any
 
+import grain.experimental as gx
 import jax
 import jax.numpy as jnp
-import grain.experimental as gx
 import ml_collections
 import numpy as np
 import optax
