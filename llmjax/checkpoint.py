@@ -1,55 +1,113 @@
-"""Model checkpoints with Orbax: parameters plus the model config that built them.
+"""Loading what training and conversion write: parameters, the model that uses them, the tokenizer.
 
-A model checkpoint directory holds `model.json` (the llmjax config, see
-`models.config_to_dict`) and `params/` (an Orbax PyTree checkpoint). It is what
-`tools/convert_hf.py` writes and what training can start from.
+Two kinds of directory hold parameters:
+
+    model checkpoint   model.json (see `models.config_to_dict`) + params/ (an Orbax PyTree
+                       checkpoint), optionally a tokenizer; what `save_model` and
+                       tools/convert_hf.py write
+    llmjax workdir     config.json (the run's config) + checkpoints/<step>/state (the train
+                       state {"step", "params", "opt_state"}, see `train.train`)
+
+`load_model(path)` gives (model, params) of either, reading only the parameters of a
+workdir's latest checkpoint (not its optimizer state). Paths go through `_path` alone so
+that gs:// URLs work as local ones do.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
-import os
 
 import jax
+import ml_collections
 import orbax.checkpoint as ocp
+from etils import epath
 from flax import linen as nn
 
-from llmjax import models
+from llmjax import data, models
+
+_KINDS = ("model checkpoint (model.json + params/)", "llmjax workdir (config.json + checkpoints/)")
 
 
-def save_model(directory: str, model: nn.Module, params) -> None:
-  """Writes `model`'s config and `params` under `directory` (which must not hold params yet)."""
-  directory = os.path.abspath(directory)
-  os.makedirs(directory, exist_ok=True)
-  with open(os.path.join(directory, "model.json"), "w") as f:
-    json.dump(models.config_to_dict(model.cfg), f, indent=2)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(os.path.join(directory, "params"), params)
+def _path(path) -> epath.Path:
+  """`path` as an absolute epath.Path; URLs (gs://...) are kept as they are."""
+  p = epath.Path(path)
+  return p if "://" in str(path) else p.absolute()
 
 
-def load_model(directory: str, shardings=None) -> tuple[nn.Module, dict]:
-  """(model, params) from `save_model`'s directory; `shardings` (a matching tree) places them."""
-  directory = os.path.abspath(directory)
-  config_path = os.path.join(directory, "model.json")
-  if not os.path.isfile(config_path):
-    raise ValueError(f"{directory!r} is not an llmjax model checkpoint: no model.json")
-  with open(config_path) as f:
-    model = models.model_from_dict(json.load(f))
-  with ocp.StandardCheckpointer() as ckptr:
-    tree = _stored_tree(ckptr, os.path.join(directory, "params"))
-    abstract = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), tree)
-    if shardings is not None:
-      abstract = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                              abstract, shardings)
-    params = ckptr.restore(os.path.join(directory, "params"), abstract)
-  return model, params
+def _read_json(file: epath.Path) -> dict:
+  try:
+    return json.loads(file.read_text())
+  except json.JSONDecodeError as e:
+    raise ValueError(f"{file} is not JSON: {e}") from None
 
 
-def _stored_tree(ckptr, directory: str):
-  """The tree of array metadata (shapes, dtypes) of the checkpoint in `directory`."""
-  meta = ckptr.metadata(directory)
-  tree = getattr(meta, "item_metadata", meta)
-  return getattr(tree, "tree", tree)
+@dataclasses.dataclass(frozen=True)
+class _Found:
+  """Where a path's parameters are: an Orbax PyTree checkpoint, under `key` if not at its root."""
+  root: epath.Path
+  params_dir: epath.Path
+  key: str | None
+  model_dict: dict | None  # the model's config_to_dict; None if the workdir lacks config.json
+
+
+def _run_config(root: epath.Path) -> dict:
+  """A workdir's config.json, checked to be an llmjax run's (it has a model section)."""
+  config = _read_json(root / "config.json")
+  if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
+    raise ValueError(f"{root}/config.json has no model section: not an llmjax workdir (a Hugging "
+                     f"Face checkpoint? tools/convert_hf.py converts one)")
+  return config
+
+
+def _locate(path) -> _Found:
+  """Finds the parameters of a model checkpoint or of a workdir's latest checkpoint."""
+  root = _path(path)
+  if not root.is_dir():
+    problem = "is not a directory" if root.exists() else "does not exist"
+    raise ValueError(f"{root} {problem}: expected a {_KINDS[0]} or an {_KINDS[1]}")
+  if (root / "model.json").is_file():
+    if not (root / "params").is_dir():
+      raise ValueError(f"model checkpoint {root} has model.json but no params/")
+    return _Found(root, root / "params", None, _read_json(root / "model.json"))
+  has_config, has_checkpoints = (root / "config.json").is_file(), (root / "checkpoints").is_dir()
+  if not (has_config or has_checkpoints):
+    raise ValueError(f"{root} is neither a {_KINDS[0]} nor an {_KINDS[1]}")
+  model_dict = _run_config(root)["model"] if has_config else None
+  step = None
+  if has_checkpoints:
+    with ocp.CheckpointManager(root / "checkpoints") as manager:
+      step = manager.latest_step()  # complete checkpoints only
+  if step is None:
+    raise ValueError(f"workdir {root} holds no checkpoint yet")
+  return _Found(root, root / "checkpoints" / str(step) / "state", "params", model_dict)
+
+
+def _stored(found: _Found):
+  """The tree of the stored parameters' metadata (shape, dtype)."""
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    meta = handler.metadata(found.params_dir)
+  finally:
+    handler.close()
+  tree = getattr(meta, "tree", meta)
+  return tree[found.key] if found.key else tree
+
+
+def _restore(found: _Found, abstract):
+  """The stored parameters as `abstract` (ShapeDtypeStructs with shardings) says; nothing else
+  of the checkpoint (a train state's optimizer state) is read."""
+  item = {found.key: abstract} if found.key else abstract
+  # The handler itself, not a Checkpointer: a workdir's state/ is one item of a step, whose
+  # step metadata a Checkpointer would look for (and warn about) in the item's directory.
+  handler = ocp.PyTreeCheckpointHandler()
+  try:
+    restored = handler.restore(found.params_dir, args=ocp.args.PyTreeRestore(
+        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
+        partial_restore=True))
+  finally:
+    handler.close()
+  return restored[found.key] if found.key else restored
 
 
 def _shapes(tree) -> dict[str, tuple]:
@@ -57,40 +115,83 @@ def _shapes(tree) -> dict[str, tuple]:
           for path, x in jax.tree_util.tree_leaves_with_path(tree)}
 
 
+def save_model(directory: str, model: nn.Module, params) -> None:
+  """Writes `model`'s config and `params` (unboxed) under `directory` (which must not hold
+  params yet)."""
+  root = _path(directory)
+  root.mkdir(parents=True, exist_ok=True)
+  (root / "model.json").write_text(json.dumps(models.config_to_dict(model.cfg), indent=2))
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(root / "params", nn.meta.unbox(params))
+
+
+def load_model(path: str, shardings=None) -> tuple[nn.Module, dict]:
+  """(model, params) of a model checkpoint or of a workdir's latest checkpoint.
+
+  The parameters are plain arrays in their stored dtypes, on one device unless `shardings`
+  (a tree matching them, or one sharding for all) places them.
+  """
+  found = _locate(path)
+  if found.model_dict is None:
+    raise ValueError(f"workdir {found.root} has checkpoints but no config.json: its model is "
+                     f"unknown")
+  model = models.model_from_dict(found.model_dict)
+  stored = _stored(found)
+  if shardings is None:
+    shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  if isinstance(shardings, jax.sharding.Sharding):
+    shardings = jax.tree.map(lambda _: shardings, stored)
+  abstract = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
+                          stored, shardings)
+  return model, _restore(found, abstract)
+
+
 def load_params(path: str, abstract_params) -> dict:
   """Parameters to start fine-tuning from, placed as `abstract_params` (ShapeDtypeStructs
   with shardings) says.
 
-  `path` is a model checkpoint (`save_model`, `tools/convert_hf.py`) or the workdir of an
-  llmjax run, whose latest checkpoint's parameters are read (not its optimizer state).
-  Parameters that differ from `abstract_params` in names or shapes are an error naming them.
+  `path` is a model checkpoint or a workdir (its latest checkpoint's parameters). Parameters
+  that differ from `abstract_params` in names or shapes are an error naming them.
   """
-  path = os.path.abspath(path)
-  if os.path.isfile(os.path.join(path, "model.json")):
-    directory, prefix = os.path.join(path, "params"), None
-  elif os.path.isdir(os.path.join(path, "checkpoints")):
-    with ocp.CheckpointManager(os.path.join(path, "checkpoints")) as manager:
-      step = manager.latest_step()
-    if step is None:
-      raise ValueError(f"init_from={path!r}: the run's checkpoints directory holds no checkpoint")
-    directory, prefix = os.path.join(path, "checkpoints", str(step), "state"), "params"
+  found = _locate(path)
+  stored, wanted = _shapes(_stored(found)), _shapes(abstract_params)
+  problems = [f"{k}: {stored[k]} there, {wanted[k]} here" for k in sorted(wanted)
+              if k in stored and stored[k] != wanted[k]]
+  problems += [f"{k}: missing there" for k in sorted(set(wanted) - set(stored))]
+  problems += [f"{k}: not in this model" for k in sorted(set(stored) - set(wanted))]
+  if problems:
+    raise ValueError(f"{found.root} does not fit this model ({len(problems)} parameters "
+                     f"differ): " + "; ".join(problems[:6])
+                     + ("; ..." if len(problems) > 6 else ""))
+  return _restore(found, abstract_params)
+
+
+def load_config(workdir: str) -> ml_collections.ConfigDict:
+  """The config a run in `workdir` trained with (its config.json)."""
+  root = _path(workdir)
+  if not (root / "config.json").is_file():
+    raise ValueError(f"{root} is not an llmjax workdir: no config.json")
+  return ml_collections.ConfigDict(_run_config(root))
+
+
+def tokenizer_spec(config) -> str:
+  """What `data.load_tokenizer` takes to rebuild a run's tokenizer from its config."""
+  spec = config.data.tokenizer
+  return "char:" + config.data.path if spec == "char" else spec  # the corpus's characters
+
+
+def load_tokenizer(path: str):
+  """The tokenizer of a workdir (as its config.json says) or of a model checkpoint (saved
+  beside it, see `data.load_tokenizer`)."""
+  root = _path(path)
+  if (root / "model.json").is_file():
+    spec, what = str(root), f"model checkpoint {root}"
+  elif (root / "config.json").is_file():
+    spec, what = tokenizer_spec(load_config(root)), f"workdir {root}"
   else:
-    raise ValueError(f"init_from={path!r} is neither a model checkpoint (model.json + params/) "
-                     f"nor an llmjax workdir (checkpoints/)")
-  with ocp.PyTreeCheckpointer() as ckptr:
-    tree = _stored_tree(ckptr, directory)
-    stored = _shapes(tree[prefix] if prefix else tree)
-    wanted = _shapes(abstract_params)
-    problems = [f"{k}: {stored[k]} there, {wanted[k]} here" for k in sorted(wanted)
-                if k in stored and stored[k] != wanted[k]]
-    problems += [f"{k}: missing there" for k in sorted(set(wanted) - set(stored))]
-    problems += [f"{k}: not in this model" for k in sorted(set(stored) - set(wanted))]
-    if problems:
-      raise ValueError(f"init_from={path!r} does not fit this model ({len(problems)} "
-                       f"parameters differ): " + "; ".join(problems[:6])
-                       + ("; ..." if len(problems) > 6 else ""))
-    item = {prefix: abstract_params} if prefix else abstract_params
-    restored = ckptr.restore(directory, args=ocp.args.PyTreeRestore(
-        item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
-        partial_restore=prefix is not None))
-  return restored[prefix] if prefix else restored
+    raise ValueError(f"{root} is neither a {_KINDS[0]} nor an {_KINDS[1]}")
+  try:
+    return data.load_tokenizer(spec)
+  except (OSError, ValueError) as e:  # a relative data.path is read from the current directory
+    message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+    raise ValueError(f"the tokenizer of {what} ({spec}) cannot be loaded: {message}") from None

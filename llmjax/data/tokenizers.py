@@ -1,12 +1,14 @@
-"""Tokenizers: bytes (no training, the default) and SentencePiece, with one interface.
+"""Tokenizers: bytes (no training, the default), SentencePiece, characters and Hugging Face
+tokenizer.json (llmjax/data/hf_tokenizer.py), with one interface.
 
-Both expose `encode(text) -> int32 array`, `encode_batch`, `decode`, `decode_batch`,
+All expose `encode(text) -> int32 array`, `encode_batch`, `decode`, `decode_batch`,
 `vocab_size`, `spec` (what load_tokenizer takes), `fingerprint` (equal iff two
 tokenizers give the same ids), the special ids (`pad_id`, `eos_id`, `bos_id`, `unk_id`,
 `mask_id`, `cls_id`, `sep_id`, `sentinel_ids`, any of them None where the vocabulary lacks
 it), `special_ids` (the ids an objective must never corrupt) and `word_starts(ids)` for
 whole-word masking.
-`load_tokenizer("byte")` or `load_tokenizer("path/to/spm.model")` picks one by name.
+`load_tokenizer("byte")`, `load_tokenizer("path/to/spm.model")` or
+`load_tokenizer("path/to/hf_checkpoint")` picks one by name.
 """
 
 from __future__ import annotations
@@ -204,8 +206,9 @@ class CharTokenizer(_Specials):
 
 
 def load_tokenizer(spec: str):
-  """"byte" (100 sentinels), "byte:N" (N sentinels), "char:PATH" (the characters of a file) or
-  the path of a SentencePiece .model file."""
+  """"byte" (100 sentinels), "byte:N" (N sentinels), "char:PATH" (the characters of a file), the
+  path of a SentencePiece .model file, or a Hugging Face tokenizer: a directory holding
+  tokenizer.json (a Hugging Face or converted checkpoint) or the path of a .json file."""
   if spec.startswith("char:"):
     return CharTokenizer(spec[len("char:"):])
   if spec == "byte" or spec.startswith("byte:"):
@@ -213,9 +216,13 @@ def load_tokenizer(spec: str):
     if not count.isdigit():
       raise ValueError(f"tokenizer {spec!r}: expected 'byte' or 'byte:N' with N sentinels")
     return ByteTokenizer(int(count))
+  if os.path.isdir(spec) or spec.endswith(".json"):
+    from llmjax.data.hf_tokenizer import HFTokenizer  # imports this module: no cycle at load
+    return HFTokenizer(spec)
   if not spec.endswith(".model"):
-    raise ValueError(f"tokenizer {spec!r}: expected 'byte', 'byte:N' or a SentencePiece "
-                     f".model path")
+    raise ValueError(f"tokenizer {spec!r}: expected 'byte', 'byte:N', 'char:PATH', a "
+                     f"SentencePiece .model path or a Hugging Face tokenizer.json (or its "
+                     f"directory)")
   return SentencePieceTokenizer(spec)
 
 

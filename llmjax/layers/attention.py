@@ -147,6 +147,8 @@ class Attention(nn.Module):
     rope_theta: if set, rotary embeddings are applied to q and k at `positions`.
     impl: a key of ATTENTION_IMPLS.
     decode: keep keys and values in the "cache" collection and attend to all so far.
+    cross: cross-attention to `kv_BSD`; when decoding, its keys and values are projected once
+      (the call that passes kv_BSD) and read from the cache by later calls (kv_BSD None).
   """
 
   num_heads: int
@@ -159,6 +161,7 @@ class Attention(nn.Module):
   deterministic: bool = True
   impl: str = "xla"
   decode: bool = False
+  cross: bool = False
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   q_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
@@ -179,27 +182,52 @@ class Attention(nn.Module):
       y = y + bias.astype(self.dtype)
     return y
 
-  def _update_cache(self, k_BSGK, v_BSGK):
-    """Writes this step's keys/values at the cache index; returns the full cache and offset.
+  def _update_cache(self, k_BSGK, v_BSGK, segment_ids_BT):
+    """Writes this step's keys, values and segment ids at the cache index; returns the full
+    cache, the offset of this step's first query, the keys' segment ids and an overflow flag.
 
-    The cache holds as many positions as the input it was initialized with. Feeding more
-    cannot raise inside jit, so the outputs of an overflowing step are NaN, never silently
-    wrong (restart the cache, or initialize a longer one).
+    The cache holds as many positions as the input it was initialized with. Its keys carry the
+    segment ids they were written with (0: left padding of a shorter prompt, never attended;
+    slots not yet written are 0 too). Feeding more than fits cannot raise inside jit, so the
+    outputs of an overflowing step are NaN, never silently wrong.
     """
     is_initialized = self.has_variable("cache", "cached_key")
-    cached_k = self.variable("cache", "cached_key", jnp.zeros, k_BSGK.shape, k_BSGK.dtype)
-    cached_v = self.variable("cache", "cached_value", jnp.zeros, v_BSGK.shape, v_BSGK.dtype)
+    # Stored heads-first, [B, G, S, K]: the layout attention's matmuls read, so a step copies
+    # only its own keys, never the whole cache.
+    B, T, G, K = k_BSGK.shape
+    cached_k = self.variable("cache", "cached_key", jnp.zeros, (B, G, T, K), k_BSGK.dtype)
+    cached_v = self.variable("cache", "cached_value", jnp.zeros, (B, G, T, K), v_BSGK.dtype)
+    cached_seg = self.variable("cache", "cached_segment_ids", jnp.zeros, segment_ids_BT.shape,
+                               jnp.int32)
     index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
     if not is_initialized:  # init call: the cache takes the shape of the (max-length) input
-      return k_BSGK, v_BSGK, 0, None, False
-    T, S = k_BSGK.shape[1], cached_k.value.shape[1]
+      return k_BSGK, v_BSGK, 0, segment_ids_BT, False
+    S = cached_k.value.shape[2]
     i = index.value
-    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k_BSGK, (0, i, 0, 0))
-    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v_BSGK, (0, i, 0, 0))
+    heads_first = lambda x: x.transpose(0, 2, 1, 3)
+    cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, heads_first(k_BSGK), (0, 0, i, 0))
+    cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, heads_first(v_BSGK), (0, 0, i, 0))
+    cached_seg.value = jax.lax.dynamic_update_slice(
+        cached_seg.value, segment_ids_BT.astype(jnp.int32), (0, i))
     index.value = i + T
-    B = k_BSGK.shape[0]
-    kv_segment_ids_BS = jnp.broadcast_to((jnp.arange(S) < i + T).astype(jnp.int32), (B, S))
-    return cached_k.value, cached_v.value, i, kv_segment_ids_BS, i + T > S
+    return (heads_first(cached_k.value), heads_first(cached_v.value), i, cached_seg.value,
+            i + T > S)
+
+  def _cross_cache(self, k_BSGK, v_BSGK, kv_segment_ids_BS):
+    """Decoding cross-attention: the encoder's keys, values and segment ids are projected once,
+    on the call that passes them, and read back from the cache on the calls that pass None."""
+    shapes = (None, None, None) if k_BSGK is None else (
+        k_BSGK.shape, v_BSGK.shape, kv_segment_ids_BS.shape)
+    if k_BSGK is None and not self.has_variable("cache", "cross_key"):
+      raise ValueError("cross-attention got no keys and has none cached: pass the encoder "
+                       "output on the first decoding call")
+    cached = [self.variable("cache", name, jnp.zeros, shape, dtype) for name, shape, dtype in
+              zip(("cross_key", "cross_value", "cross_segment_ids"), shapes,
+                  (self.dtype, self.dtype, jnp.int32))]
+    if k_BSGK is not None:
+      for var, value in zip(cached, (k_BSGK, v_BSGK, kv_segment_ids_BS)):
+        var.value = value.astype(var.value.dtype)
+    return tuple(var.value for var in cached)
 
   @nn.compact
   def __call__(self, x_BTD: jax.Array, kv_BSD: jax.Array | None = None, *,
@@ -217,35 +245,40 @@ class Attention(nn.Module):
     if self.impl not in ATTENTION_IMPLS:
       raise ValueError(f"unknown attention impl {self.impl!r}; expected one of "
                        f"{sorted(ATTENTION_IMPLS)}")
-    self_attention = kv_BSD is None
+    self_attention = kv_BSD is None and not self.cross
     if self.rope_theta is not None and not self_attention:
       raise ValueError("rotary embeddings (rope_theta) apply to self-attention only")
     if prefix_mask is not None and not (causal and self_attention and not self.decode):
       raise ValueError("prefix_mask applies to causal self-attention outside decoding only")
+    if kv_BSD is None and not self_attention and not self.decode:
+      raise ValueError("cross-attention needs kv_BSD (only decoding reads it from the cache)")
     kv_BSD = x_BTD if self_attention else kv_BSD
-    kv_segment_ids = q_segment_ids if kv_segment_ids is None else kv_segment_ids
+    kv_segment_ids = q_segment_ids if self_attention else kv_segment_ids
     D = x_BTD.shape[-1]
     q_BTHK = self._proj(x_BTD, "BTD,DHK->BTHK", (D, H, K), (sh.EMBED, sh.HEADS, sh.HEAD_DIM),
                         self.q_init, "query")
-    k_BSGK = self._proj(kv_BSD, "BTD,DHK->BTHK", (D, G, K), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM),
-                        self.kv_init, "key")
-    v_BSGK = self._proj(kv_BSD, "BTD,DHK->BTHK", (D, G, K), (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM),
-                        self.kv_init, "value")
+    k_BSGK = v_BSGK = None
+    if kv_BSD is not None:
+      if kv_segment_ids is None:
+        kv_segment_ids = jnp.ones(kv_BSD.shape[:2], jnp.int32)
+      kv_axes = (sh.EMBED, sh.KV_HEADS, sh.HEAD_DIM)
+      k_BSGK = self._proj(kv_BSD, "BTD,DHK->BTHK", (D, G, K), kv_axes, self.kv_init, "key")
+      v_BSGK = self._proj(kv_BSD, "BTD,DHK->BTHK", (D, G, K), kv_axes, self.kv_init, "value")
     if self.rope_theta is not None:
       if positions is None:
         raise ValueError("rotary attention needs positions")
       q_BTHK = apply_rope(q_BTHK, positions, self.rope_theta)
       k_BSGK = apply_rope(k_BSGK, positions, self.rope_theta)
-    q_BTHK = sh.constrain(q_BTHK, (sh.BATCH, sh.LENGTH, sh.HEADS, sh.HEAD_DIM))
-    k_BSGK = sh.constrain(k_BSGK, (sh.BATCH, sh.LENGTH, sh.KV_HEADS, sh.HEAD_DIM))
-    v_BSGK = sh.constrain(v_BSGK, (sh.BATCH, sh.LENGTH, sh.KV_HEADS, sh.HEAD_DIM))
 
     q_offset, overflow = 0, False
     if self.decode and self_attention:
-      k_BSGK, v_BSGK, q_offset, cache_segment_ids, overflow = self._update_cache(k_BSGK, v_BSGK)
-      if cache_segment_ids is not None:
-        kv_segment_ids = cache_segment_ids
-        q_segment_ids = jnp.ones_like(q_segment_ids)
+      k_BSGK, v_BSGK, q_offset, kv_segment_ids, overflow = self._update_cache(
+          k_BSGK, v_BSGK, q_segment_ids)
+    elif self.decode:
+      k_BSGK, v_BSGK, kv_segment_ids = self._cross_cache(k_BSGK, v_BSGK, kv_segment_ids)
+    q_BTHK = sh.constrain(q_BTHK, (sh.BATCH, sh.LENGTH, sh.HEADS, sh.HEAD_DIM))
+    k_BSGK = sh.constrain(k_BSGK, (sh.BATCH, sh.LENGTH, sh.KV_HEADS, sh.HEAD_DIM))
+    v_BSGK = sh.constrain(v_BSGK, (sh.BATCH, sh.LENGTH, sh.KV_HEADS, sh.HEAD_DIM))
 
     use_dropout = not self.deterministic and self.dropout_rate > 0.0
     out_BTHK = ATTENTION_IMPLS[self.impl](

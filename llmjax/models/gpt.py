@@ -100,8 +100,11 @@ class GPT(nn.Module):
   (default: one sequence per row). `positions` default to each token's index within its
   segment. `prefix_mask` [B, T] (prefix LM) marks positions that attend bidirectionally
   among themselves within their segment. With `decode=True` the attention layers keep a KV
-  cache: initialize with a [B, max_length] input, then feed tokens (unpadded rows, no
-  segment_ids) step by step with mutable=["cache"]; a step past max_length gives NaN.
+  cache: initialize with a [B, max_length] input, then feed tokens (a prompt, then one at a
+  time) with mutable=["cache"]; a step past max_length gives NaN. While decoding,
+  `segment_ids` 0 marks left padding (never attended) and 1 the row's tokens, and rows of
+  different lengths pass their own `positions` (llmjax.decode does both). `last_only` returns
+  the logits of the last position only, [B, 1, V].
   """
 
   cfg: GPTConfig
@@ -110,17 +113,15 @@ class GPT(nn.Module):
   @nn.compact
   def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None, *, prefix_mask: jax.Array | None = None,
-               deterministic: bool = True) -> jax.Array:
+               deterministic: bool = True, last_only: bool = False) -> jax.Array:
     cfg = self.cfg
     common.check_inputs("GPT", tokens, segment_ids=segment_ids, positions=positions,
                         prefix_mask=prefix_mask)
     T = tokens.shape[1]
-    if cfg.positions == "learned":
+    if cfg.positions == "learned" and not self.decode:  # a decoding cache may be longer
       common.check(T <= cfg.max_seq_len,
                    f"GPT: sequence length {T} exceeds GPTConfig.max_seq_len={cfg.max_seq_len} "
                    f"(the learned position table)")
-    common.check(not (self.decode and segment_ids is not None),
-                 "GPT(decode=True) decodes unpadded, unpacked rows: pass no segment_ids")
     common.check(not (self.decode and prefix_mask is not None),
                  "GPT(decode=True) has no prefix_mask: run the prefix without decode")
     segment_ids_BT = jnp.ones_like(tokens) if segment_ids is None else segment_ids
@@ -144,6 +145,8 @@ class GPT(nn.Module):
     x_BTD = nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=deterministic)
     x_BTD = common.run_layers(GPTBlock, cfg, cfg.num_layers, x_BTD, segment_ids_BT, positions,
                               prefix_mask, deterministic=deterministic, decode=self.decode)
+    if last_only:  # generation's prefill needs the next-token logits of the last position only
+      x_BTD = x_BTD[:, -1:]
     x_BTD = _norm(cfg, "ln_f")(x_BTD)
     if cfg.tie_embeddings:
       logits_BTV = wte.attend(x_BTD)

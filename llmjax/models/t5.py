@@ -66,7 +66,7 @@ def _kw(cfg: T5Config):
   return dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
 
 
-def _attention(cfg: T5Config, deterministic: bool, name: str) -> layers.Attention:
+def _attention(cfg: T5Config, deterministic: bool, name: str, **kw) -> layers.Attention:
   """T5 attention: no biases, no 1/sqrt(K) scaling (folded into the init instead)."""
   D, H, K = cfg.d_model, cfg.num_heads, cfg.k
   normal = nn.initializers.normal
@@ -74,7 +74,7 @@ def _attention(cfg: T5Config, deterministic: bool, name: str) -> layers.Attentio
                           dropout_rate=cfg.dropout_rate, deterministic=deterministic,
                           impl=cfg.attention_impl, q_init=normal((D * K) ** -0.5),
                           kv_init=normal(D ** -0.5), out_init=normal((H * K) ** -0.5),
-                          name=name, **_kw(cfg))
+                          name=name, **_kw(cfg), **kw)
 
 
 def _mlp(cfg: T5Config, deterministic: bool) -> layers.Mlp:
@@ -91,6 +91,7 @@ class T5Block(nn.Module):
   cfg: T5Config
   deterministic: bool = True
   is_decoder: bool = False
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x_BTD, segment_ids_BT, relative_bias, encoded_BSD=None, enc_segment_ids_BS=None):
@@ -98,11 +99,11 @@ class T5Block(nn.Module):
     norm = lambda name: layers.RMSNorm(cfg.norm_eps, name=name, **_kw(cfg))
     drop = lambda h: nn.Dropout(cfg.dropout_rate)(h, deterministic=det)
     x_BTD = sh.constrain(x_BTD, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
-    x_BTD = x_BTD + drop(_attention(cfg, det, "self_attn")(
+    x_BTD = x_BTD + drop(_attention(cfg, det, "self_attn", decode=self.decode)(
         norm("self_attn_norm")(x_BTD), q_segment_ids=segment_ids_BT, causal=self.is_decoder,
         bias=relative_bias))
     if self.is_decoder:
-      x_BTD = x_BTD + drop(_attention(cfg, det, "cross_attn")(
+      x_BTD = x_BTD + drop(_attention(cfg, det, "cross_attn", decode=self.decode, cross=True)(
           norm("cross_attn_norm")(x_BTD), encoded_BSD, q_segment_ids=segment_ids_BT,
           kv_segment_ids=enc_segment_ids_BS))
     x_BTD = x_BTD + drop(_mlp(cfg, det)(norm("mlp_norm")(x_BTD)))
@@ -114,6 +115,7 @@ class T5Stack(nn.Module):
 
   cfg: T5Config
   is_decoder: bool = False
+  decode: bool = False
 
   @nn.compact
   def __call__(self, x_BTD, segment_ids_BT, encoded_BSD=None, enc_segment_ids_BS=None, *,
@@ -130,7 +132,8 @@ class T5Stack(nn.Module):
                                           if self.is_decoder else ())
     num_layers = cfg.decoder_layers if self.is_decoder else cfg.num_layers
     x_BTD = common.run_layers(T5Block, cfg, num_layers, x_BTD, *args,
-                              deterministic=deterministic, is_decoder=self.is_decoder)
+                              deterministic=deterministic, is_decoder=self.is_decoder,
+                              decode=self.decode)
     x_BTD = layers.RMSNorm(cfg.norm_eps, name="final_norm", **_kw(cfg))(x_BTD)
     return nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=deterministic)
 
@@ -141,16 +144,22 @@ class T5(nn.Module):
   Decoder tokens are the decoder's inputs (targets shifted right). Segment ids: 0 marks
   padding, equal non-zero ids mark one packed sequence, matched between encoder and
   decoder (decoder segment k attends to encoder segment k). Logits are float32.
+
+  With `decode=True` the decoder keeps a cache: its self-attention keys and values, and the
+  cross-attention keys and values of the encoder output, projected once. Initialize with a
+  [B, max_length] decoder input; then call `decoder_logits` with the encoder output on the
+  first call and `encoded_BSD=None` on the later ones (llmjax.decode does this).
   """
 
   cfg: T5Config
+  decode: bool = False
 
   def setup(self):
     cfg = self.cfg
     self.token_embed = layers.Embed(cfg.vocab_size, cfg.d_model, embedding_init=
                                     nn.initializers.normal(1.0), **_kw(cfg))
     self.encoder = T5Stack(cfg, is_decoder=False)
-    self.decoder = T5Stack(cfg, is_decoder=True)
+    self.decoder = T5Stack(cfg, is_decoder=True, decode=self.decode)
     if not cfg.tie_embeddings:
       self.lm_head = self.param("lm_head", nn.with_logical_partitioning(
           nn.initializers.normal(cfg.d_model ** -0.5), (sh.EMBED, sh.VOCAB)),
@@ -162,14 +171,14 @@ class T5(nn.Module):
     seg_BS = jnp.ones_like(encoder_tokens) if encoder_segment_ids is None else encoder_segment_ids
     return self.encoder(self.token_embed(encoder_tokens), seg_BS, deterministic=deterministic)
 
-  def decode(self, encoded_BSD, decoder_tokens, encoder_segment_ids=None,
-             decoder_segment_ids=None, *, deterministic: bool = True):
-    """Decoder logits [B, T, V] given the encoder output."""
+  def decoder_logits(self, encoded_BSD, decoder_tokens, encoder_segment_ids=None,
+                     decoder_segment_ids=None, *, deterministic: bool = True):
+    """Decoder logits [B, T, V] given the encoder output (None: decoding, from the cache)."""
     cfg = self.cfg
     common.check_inputs("T5 decoder", decoder_tokens, decoder_segment_ids=decoder_segment_ids)
-    B, S = encoded_BSD.shape[:2]
-    enc_seg_BS = (jnp.ones((B, S), jnp.int32) if encoder_segment_ids is None
-                  else encoder_segment_ids)
+    enc_seg_BS = encoder_segment_ids
+    if enc_seg_BS is None and encoded_BSD is not None:
+      enc_seg_BS = jnp.ones(encoded_BSD.shape[:2], jnp.int32)
     dec_seg_BT = (jnp.ones_like(decoder_tokens) if decoder_segment_ids is None
                   else decoder_segment_ids)
     y_BTD = self.decoder(self.token_embed(decoder_tokens), dec_seg_BT, encoded_BSD, enc_seg_BS,
@@ -186,5 +195,5 @@ class T5(nn.Module):
   def __call__(self, encoder_tokens, decoder_tokens, encoder_segment_ids=None,
                decoder_segment_ids=None, *, deterministic: bool = True):
     encoded_BSD = self.encode(encoder_tokens, encoder_segment_ids, deterministic=deterministic)
-    return self.decode(encoded_BSD, decoder_tokens, encoder_segment_ids, decoder_segment_ids,
-                       deterministic=deterministic)
+    return self.decoder_logits(encoded_BSD, decoder_tokens, encoder_segment_ids,
+                               decoder_segment_ids, deterministic=deterministic)

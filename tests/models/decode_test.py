@@ -61,13 +61,13 @@ def test_decode_step_by_step_equals_full_forward(case):
 
 
 def test_decode_cache_shapes():
-  """Each layer caches [B, max_len, G, K] keys and values (stacked over layers when scanned)."""
+  """Each layer caches [B, G, max_len, K] keys and values (stacked over layers when scanned)."""
   cfg = GPTConfig.from_size("tiny", positions="rope", num_kv_heads=2, scan_layers=True)
   cache = jax.eval_shape(GPT(cfg, decode=True).init, KEY(0),
                          jnp.zeros((B, MAX_LEN), jnp.int32))["cache"]
   attn = cache["layers"]["attn"]
-  assert attn["cached_key"].shape == (cfg.num_layers, B, MAX_LEN, 2, cfg.k)
-  assert attn["cached_value"].shape == (cfg.num_layers, B, MAX_LEN, 2, cfg.k)
+  assert attn["cached_key"].shape == (cfg.num_layers, B, 2, MAX_LEN, cfg.k)
+  assert attn["cached_value"].shape == (cfg.num_layers, B, 2, MAX_LEN, cfg.k)
   assert attn["cache_index"].shape == (cfg.num_layers,)
 
 
@@ -85,11 +85,3 @@ def test_feeding_past_the_cache_gives_nan_not_silent_garbage(positions):
     cache = mutated["cache"]
     finite.append(bool(np.isfinite(np.asarray(logits)).all()))
   assert finite == [True] * 6 + [False] * 2
-
-
-def test_decode_refuses_segment_ids():
-  cfg = GPTConfig.from_size("tiny", num_layers=1, dropout_rate=0.0)
-  tokens = jnp.zeros((1, 8), jnp.int32)
-  with pytest.raises(ValueError, match="decode=True.*no segment_ids"):
-    jax.eval_shape(GPT(cfg, decode=True).init, jax.random.key(0), tokens,
-                   segment_ids=jnp.ones_like(tokens))

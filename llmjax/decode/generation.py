@@ -1,0 +1,284 @@
+"""One compiled generation loop for decoder-only (GPT) and encoder-decoder (T5) models.
+
+A call validates its request on the host, pads the prompts (GPT: on the left, so every row's
+last prompt token sits in the same slot; T5: on the right, as encoder inputs) to a length
+bucket, and runs one jitted function: the prompt prefilled in one forward pass that fills the
+KV cache, then a `lax.while_loop` of one token per step that stops once every row has
+finished. Rows keep their own positions, and left padding is masked out of the cache by its
+segment id 0, so every row comes out as if generated alone.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+from jax.experimental import io_callback
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from llmjax import sharding as sh
+from llmjax.decode import beam
+from llmjax.decode.sampling import Sampler
+from llmjax.models.gpt import GPT
+from llmjax.models.t5 import T5
+
+_MIN_BUCKET = 16
+TRACES = {"generate": 0}  # how often the loop was traced (compiled), for tests and benchmarks
+
+
+def bucket(n: int, cap: int | None = None) -> int:
+  """The length a request of n is padded to: a power of two from 16 (at most `cap`, if n fits)."""
+  b = max(_MIN_BUCKET, 1 << max(0, n - 1).bit_length())
+  return max(n, min(b, cap)) if cap else b
+
+
+def _as_rows(prompts, vocab_size: int) -> list[np.ndarray]:
+  """The prompts as a list of int arrays, checked: 2-D when an array, non-empty, ids in vocab."""
+  if isinstance(prompts, (np.ndarray, jax.Array)):
+    if prompts.ndim != 2:
+      raise ValueError(f"generate: prompts must be an int [batch, length] array or a list of "
+                       f"token lists, got an array of shape {prompts.shape}")
+    prompts = np.asarray(prompts)
+  rows = [np.asarray(p, dtype=np.int64).reshape(-1) for p in prompts]
+  if not rows:
+    raise ValueError("generate: no prompts given")
+  for b, row in enumerate(rows):
+    if not row.size:
+      raise ValueError(f"generate: prompt {b} is empty; every prompt needs at least one token")
+    bad = row[(row < 0) | (row >= vocab_size)]
+    if bad.size:
+      raise ValueError(f"generate: prompt {b} holds token id {int(bad[0])}, outside the "
+                       f"model's vocabulary [0, {vocab_size})")
+  return rows
+
+
+def _check_request(model, lengths, max_new_tokens, num_beams, sampler, eos_id, pad_id):
+  cfg = model.cfg
+  if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
+    raise ValueError(f"generate: max_new_tokens={max_new_tokens}; expected a whole number >= 1")
+  if int(num_beams) != num_beams or num_beams < 1:
+    raise ValueError(f"generate: num_beams={num_beams}; expected a whole number >= 1")
+  if num_beams > 1 and not sampler.greedy:
+    raise ValueError(f"generate: num_beams={num_beams} with temperature={sampler.temperature}: "
+                     f"beam search is deterministic; use temperature=0 with beams")
+  for name, value in (("eos_id", eos_id), ("pad_id", pad_id)):
+    if value is not None and not 0 <= value < cfg.vocab_size:
+      raise ValueError(f"generate: {name}={value} is outside the vocabulary [0, {cfg.vocab_size})")
+  if isinstance(model, GPT) and cfg.positions == "learned":
+    longest = max(lengths)
+    if longest + max_new_tokens > cfg.max_seq_len:
+      raise ValueError(f"generate: a prompt of {longest} tokens plus max_new_tokens="
+                       f"{max_new_tokens} is {longest + max_new_tokens} positions, beyond the "
+                       f"model's {cfg.max_seq_len} learned positions (GPTConfig.max_seq_len)")
+
+
+def generate(model: nn.Module, params, prompts, max_new_tokens: int, *, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, num_beams: int = 1,
+             length_penalty: float = 1.0, eos_id: int | None = None, pad_id: int = 0,
+             rng: jax.Array | None = None, stream: Callable | None = None) -> jax.Array:
+  """New tokens for each prompt, int32 [B, max_new_tokens]; pad_id after a row's EOS.
+
+  `model`, `params`: a GPT or T5 and its parameters (as hf.load / checkpoint.load_model give
+  them; placed on a mesh, generation runs sharded the same way). `prompts`: an int [B, T]
+  array or a list of B token lists of any lengths (T5: the encoder inputs; the decoder starts
+  from `pad_id`, T5's decoder start token). temperature 0 is greedy; otherwise tokens are
+  sampled from the temperature / top_k / top_p filtered distribution with `rng` (default
+  key 0). num_beams > 1 is beam search (transformers' rules; `length_penalty` divides the
+  summed log-probabilities by generated_length ** length_penalty) returning the best beam.
+  eos_id None never stops early. `stream(tokens_B)`, if given, is called from inside the
+  compiled loop with each step's new tokens (numpy [B], in order) as they are produced; the
+  loop without it has no callback at all.
+  """
+  if not isinstance(model, (GPT, T5)):
+    raise ValueError(f"generate: {type(model).__name__} is not a generative model; expected a "
+                     f"GPT or T5 (use fill_mask or embed for BERT)")
+  sampler = Sampler(temperature, top_k, top_p)
+  rows = _as_rows(prompts, model.cfg.vocab_size)
+  _check_request(model, [len(r) for r in rows], max_new_tokens, num_beams, sampler, eos_id,
+                 pad_id)
+  if stream is not None and num_beams > 1:
+    raise ValueError("generate: stream= needs num_beams=1 (the best beam is known only at the end)")
+  is_gpt = isinstance(model, GPT)
+  cap = model.cfg.max_seq_len if is_gpt and model.cfg.positions == "learned" else None
+  P_ = bucket(max(len(r) for r in rows), cap)
+  tokens_BP = np.full((len(rows), P_), pad_id, np.int32)
+  segment_ids_BP = np.zeros((len(rows), P_), np.int32)
+  for b, row in enumerate(rows):
+    at = slice(P_ - len(row), P_) if is_gpt else slice(0, len(row))
+    tokens_BP[b, at], segment_ids_BP[b, at] = row, 1
+  rng = jax.random.key(0) if rng is None else rng
+  mesh = _mesh_of(params)
+  N = bucket(int(max_new_tokens))
+  divisors_N = beam.length_divisors(N, length_penalty)
+  args = (params, tokens_BP, segment_ids_BP, np.int32(max_new_tokens), rng, divisors_N)
+  static = (model.clone(decode=True, parent=None), N, int(num_beams), sampler, eos_id, pad_id,
+            stream)
+  if mesh is None:
+    out_BN = _generate(*static)(*args)
+  else:
+    batch = NamedSharding(mesh, sh.fit_spec(P(*nn.logical_to_mesh_axes((sh.BATCH,), sh.RULES)),
+                                            (len(rows),), mesh))
+    args = (params, *(jax.device_put(a, batch) for a in args[1:3]), *args[3:])
+    with jax.set_mesh(mesh), nn.logical_axis_rules(sh.RULES):
+      out_BN = _generate(*static)(*args)
+  return out_BN[:, :max_new_tokens]
+
+
+def _mesh_of(params):
+  """The mesh the parameters are placed on, if they are sharded over more than one device."""
+  for leaf in jax.tree.leaves(params):
+    sharding = getattr(leaf, "sharding", None)
+    if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
+      return sharding.mesh
+  return None
+
+
+def _zero_cache(model, init):
+  """The model's cache collection, all zeros (empty), without running the initializers."""
+  return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(init)["cache"])
+
+
+def _batch_axis(model, x) -> int:
+  """Cache leaves carry the batch first, after the layer axis when layers are scanned."""
+  return 1 if model.cfg.scan_layers else 0
+
+
+def _apply(model, params, cache, *args, **kw):
+  logits, mutated = model.apply({"params": params, "cache": cache}, *args, mutable=["cache"],
+                                **kw)
+  return logits[:, -1], mutated["cache"]
+
+
+def _prefill_gpt(model, params, tokens_BP, segment_ids_BP, cache_len: int, copies: int):
+  """Runs the left-padded prompts through the model in one pass, filling the cache; returns the
+  next-token logits [B * copies, V], the cache and a function that steps it."""
+  B = tokens_BP.shape[0]
+  positions_BP = jnp.maximum(jnp.cumsum(segment_ids_BP, axis=1) - 1, 0)
+  cache = _zero_cache(model, lambda: model.init(
+      jax.random.key(0), jnp.zeros((B, cache_len), jnp.int32),
+      positions=jnp.zeros((B, cache_len), jnp.int32)))
+  logits_BV, cache = _apply(model, params, cache, tokens_BP, segment_ids_BP, positions_BP,
+                            last_only=True)
+  lengths_B = segment_ids_BP.sum(axis=1)
+  if copies > 1:
+    logits_BV, lengths_B = (jnp.repeat(x, copies, axis=0) for x in (logits_BV, lengths_B))
+    cache = jax.tree.map(lambda x: jnp.repeat(x, copies, axis=_batch_axis(model, x))
+                         if x.ndim > _batch_axis(model, x) else x, cache)
+
+  def step(cache, token_B, i):
+    """Feeds each row's token at new position i - 1; returns the logits for position i."""
+    positions_B1 = (lengths_B + i - 1)[:, None]
+    return _apply(model, params, cache, token_B[:, None], jnp.ones_like(positions_B1),
+                  positions_B1)
+
+  return logits_BV, cache, step
+
+
+def _prefill_t5(model, params, tokens_BS, segment_ids_BS, cache_len: int, copies: int,
+                start_id: int):
+  """Encodes once, then runs the decoder's start token, which projects and caches the encoder
+  output's keys and values; returns the first logits, the cache and the step function."""
+  encoded_BSD = model.apply({"params": params}, tokens_BS, segment_ids_BS, method="encode")
+  encoded_BSD, segment_ids_BS = (jnp.repeat(x, copies, axis=0)
+                                 for x in (encoded_BSD, segment_ids_BS))
+  B = encoded_BSD.shape[0]
+  cache = _zero_cache(model, lambda: model.init(
+      jax.random.key(0), jnp.zeros(segment_ids_BS.shape, jnp.int32),
+      jnp.zeros((B, cache_len), jnp.int32), segment_ids_BS))
+  logits_BV, cache = _apply(model, params, cache, encoded_BSD,
+                            jnp.full((B, 1), start_id, jnp.int32), segment_ids_BS,
+                            method="decoder_logits")
+
+  def step(cache, token_B, i):
+    del i  # the decoder's cache index knows the position
+    return _apply(model, params, cache, None, token_B[:, None], method="decoder_logits")
+
+  return logits_BV, cache, step
+
+
+def _reorder(model, cache, parent_X):
+  """Beam search: each new beam takes over the self-attention cache of the beam it extends.
+  (The cross-attention cache is the same for every beam of a row and stays.)"""
+  def one(path, x):
+    name = getattr(path[-1], "key", None)
+    if name in ("cached_key", "cached_value", "cached_segment_ids"):
+      return jnp.take(x, parent_X, axis=_batch_axis(model, x))
+    return x
+  return jax.tree_util.tree_map_with_path(one, cache)
+
+
+def _sample_loop(step, logits_BV, cache, n_new, N: int, sampler: Sampler, eos_id, pad_id, rng,
+                 stream):
+  """Greedy or sampled tokens [B, N] (pad beyond n_new or after EOS), one per loop step."""
+  B = logits_BV.shape[0]
+
+  def choose(logits_BV, i, done_B):
+    token_B = jnp.where(done_B, pad_id, sampler.choose(logits_BV, jax.random.fold_in(rng, i)))
+    if stream is not None:
+      io_callback(stream, None, token_B, ordered=True)
+    return token_B, done_B if eos_id is None else done_B | (token_B == eos_id)
+
+  token_B, done_B = choose(logits_BV, 0, jnp.zeros((B,), bool))
+  out_BN = jnp.full((B, N), pad_id, jnp.int32).at[:, 0].set(token_B)
+
+  def cond(state):
+    i, _, done_B, _, _ = state
+    return (i < n_new) & ~jnp.all(done_B)
+
+  def body(state):
+    i, out_BN, done_B, token_B, cache = state
+    logits_BV, cache = step(cache, token_B, i)
+    token_B, done_B = choose(logits_BV, i, done_B)
+    out_BN = jax.lax.dynamic_update_slice(out_BN, token_B[:, None], (0, i))
+    return i + 1, out_BN, done_B, token_B, cache
+
+  return jax.lax.while_loop(cond, body, (jnp.int32(1), out_BN, done_B, token_B, cache))[1]
+
+
+def _beam_loop(model, step, logits_XV, cache, n_new, N: int, W: int, eos_id, pad_id,
+               divisors_N):
+  """Beam search over B * W rows (W beams per prompt); the best finished beam per prompt."""
+  B = logits_XV.shape[0] // W
+
+  def advance(beams, logits_XV, cache, i):
+    beams, token_BW, parent_X = beam.step(beams, logits_XV.reshape(B, W, -1), i,
+                                          i == n_new - 1, eos_id, divisors_N)
+    return beams, token_BW.reshape(B * W), _reorder(model, cache, parent_X)
+
+  state = (jnp.int32(1), *advance(beam.init(B, W, N, pad_id), logits_XV, cache, 0))
+
+  def cond(state):
+    i, beams, _, _ = state
+    return (i < n_new) & ~beams.done
+
+  def body(state):
+    i, beams, token_X, cache = state
+    logits_XV, cache = step(cache, token_X, i)
+    return (i + 1, *advance(beams, logits_XV, cache, i))
+
+  return jax.lax.while_loop(cond, body, state)[1].finished_BWN[:, 0]
+
+
+@functools.lru_cache(maxsize=32)
+def _generate(model, N: int, W: int, sampler: Sampler, eos_id, pad_id, stream):
+  """The jitted generation for one model and setting; jit keys its compilations on shapes."""
+
+  def run(params, tokens_BP, segment_ids_BP, n_new, rng, divisors_N):
+    TRACES["generate"] += 1
+    if isinstance(model, GPT):
+      cache_len = tokens_BP.shape[1] + N - 1
+      logits_XV, cache, step = _prefill_gpt(model, params, tokens_BP, segment_ids_BP,
+                                            cache_len, W)
+    else:
+      logits_XV, cache, step = _prefill_t5(model, params, tokens_BP, segment_ids_BP, N, W,
+                                           pad_id)
+    if W == 1:
+      return _sample_loop(step, logits_XV, cache, n_new, N, sampler, eos_id, pad_id, rng,
+                          stream)
+    return _beam_loop(model, step, logits_XV, cache, n_new, N, W, eos_id, pad_id, divisors_N)
+
+  return jax.jit(run)
