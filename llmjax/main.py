@@ -29,34 +29,13 @@ flags.DEFINE_integer("process_id", None, "Multi-host: this process's index.")
 FLAGS = flags.FLAGS
 
 
-def sample(setup, params, prompt: str, num_tokens: int, seed: int = 0,
-           temperature: float = 0.8) -> str | None:
-  """Text the trained decoder-only model writes after `prompt`; None for other families.
-
-  Sampled (by default at temperature 0.8) with llmjax.decode. A sample longer than the model's learned
-  positions goes on in rounds, each re-prompted with the last half window of text.
-  """
-  import jax
+def sample(setup, params, prompt: str, num_tokens: int, seed: int = 0) -> str | None:
+  """Text the trained decoder-only model writes after `prompt`; None for other families."""
   from llmjax import decode
   from llmjax.models.gpt import GPTConfig
-  cfg = setup.model.cfg
-  if not isinstance(cfg, GPTConfig) or not num_tokens:
+  if not isinstance(setup.model.cfg, GPTConfig) or not num_tokens:
     return None
-  tokenizer = setup.tokenizer
-  text = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
-  text += tokenizer.encode(prompt).tolist()
-  start, window, key = len(text), cfg.max_seq_len, jax.random.key(seed)
-  while len(text) - start < num_tokens:
-    context = text[-(window // 2):] if len(text) >= window else text
-    count = min(num_tokens - (len(text) - start), window - len(context))
-    new = decode.generate(setup.model, params, [context], count, temperature=temperature,
-                          eos_id=tokenizer.eos_id, pad_id=tokenizer.pad_id or 0,
-                          rng=jax.random.fold_in(key, len(text)))[0].tolist()
-    if tokenizer.eos_id in new:
-      text += new[:new.index(tokenizer.eos_id)]
-      break
-    text += new
-  return prompt + tokenizer.decode(text[start:])
+  return decode.sample_text(setup.model, params, setup.tokenizer, prompt, num_tokens, seed=seed)
 
 
 def main(argv):

@@ -15,6 +15,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from llmjax import checkpoint, models, train
+from tests import tools_generate_test
 from tests.train.train_test import experiment
 
 
@@ -147,3 +148,25 @@ def test_what_is_missing_is_named(run, tmp_path):
   one_line_error(checkpoint.load_model, str(bare), match="has model.json but no params/")
   one_line_error(checkpoint.load_tokenizer, str(bare), match="tokenizer of model checkpoint")
   one_line_error(checkpoint.load_config, str(bare), match="no config.json")
+
+
+def test_generate_tool_samples_from_the_workdir(run, tmp_path):
+  """Prompts from a file (blank lines skipped), sampled in one batch: each sample is its prompt
+  and 20 more characters; --stream (rows printed as they finish) prints the same samples. A
+  request generate refuses (more positions than the model learned) is one line, run alongside."""
+  workdir = run[0]
+  (tmp_path / "prompts.txt").write_text("ROMEO:\n\n  \nthou art\n")
+  args = (f"--workdir={workdir}", f"--prompts_file={tmp_path / 'prompts.txt'}",
+          "--max_new_tokens=20", "--temperature=0.8", "--top_k=5", "--top_p=0.95", "--seed=1")
+  plain, streamed, long = tools_generate_test.generate(
+      args, (*args, "--stream"), (f"--workdir={workdir}", "--prompt=ROMEO:",
+                                  "--max_new_tokens=100"))
+  assert plain.returncode == streamed.returncode == 0, plain.stderr[-3000:] + streamed.stderr
+  plain = tools_generate_test.samples(plain.stdout)
+  assert sorted(plain) == [1, 2]
+  for i, prompt in ((1, "ROMEO:"), (2, "thou art")):
+    assert plain[i].startswith(prompt) and len(plain[i]) == len(prompt) + 20, plain
+  assert tools_generate_test.samples(streamed.stdout) == plain
+  assert long.returncode != 0 and long.stderr == (
+      "generate.py: a prompt of 6 tokens plus max_new_tokens=100 is 106 positions, beyond the "
+      "model's 32 learned positions (GPTConfig.max_seq_len)\n"), long.stderr

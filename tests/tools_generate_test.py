@@ -1,5 +1,6 @@
-"""tools/generate.py end to end, as a researcher runs it: from a training run's workdir and from a
-converted Hugging Face GPT-2 (whose greedy text must be transformers' own), streamed or not."""
+"""tools/generate.py end to end, as a researcher runs it: from a converted Hugging Face GPT-2
+(whose greedy text must be transformers' own), streamed or not. From a training run's workdir:
+tests/checkpoint_test.py, which trains one."""
 
 import functools
 import os
@@ -8,8 +9,6 @@ import subprocess
 import sys
 
 import pytest
-
-from tests.checkpoint_test import tiny_char_run
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 HEADER = re.compile(r"^--- sample (\d+)/(\d+) ---\n", re.M)
@@ -38,33 +37,6 @@ def samples(stdout: str) -> dict[int, str]:
   parts = HEADER.split(stdout)
   assert parts[0] == "", stdout
   return {int(i): text.removesuffix("\n") for i, _, text in zip(*[iter(parts[1:])] * 3)}
-
-
-@pytest.fixture(scope="module")
-def workdir(tmp_path_factory):
-  """A finished 2-step char-level GPT, as tests/checkpoint_test.py trains it."""
-  return tiny_char_run(tmp_path_factory.mktemp("run"))[0]
-
-
-def test_workdir_samples_streamed_or_not_and_settings_it_cannot_take(workdir, tmp_path):
-  """Prompts from a file (blank lines skipped), sampled in one batch: each sample is its prompt
-  and 20 more characters; --stream (rows printed as they finish) prints the same samples. A
-  request generate refuses (more positions than the model learned) is one line, run alongside."""
-  (tmp_path / "prompts.txt").write_text("ROMEO:\n\n  \nthou art\n")
-  args = (f"--workdir={workdir}", f"--prompts_file={tmp_path / 'prompts.txt'}",
-          "--max_new_tokens=20", "--temperature=0.8", "--top_k=5", "--top_p=0.95", "--seed=1")
-  plain, streamed, long = generate(args, (*args, "--stream"),
-                                   (f"--workdir={workdir}", "--prompt=ROMEO:",
-                                    "--max_new_tokens=100"))
-  assert plain.returncode == streamed.returncode == 0, plain.stderr[-3000:] + streamed.stderr
-  plain = samples(plain.stdout)
-  assert sorted(plain) == [1, 2]
-  for i, prompt in ((1, "ROMEO:"), (2, "thou art")):
-    assert plain[i].startswith(prompt) and len(plain[i]) == len(prompt) + 20, plain
-  assert samples(streamed.stdout) == plain
-  assert long.returncode != 0 and long.stderr == (
-      "generate.py: a prompt of 6 tokens plus max_new_tokens=100 is 106 positions, beyond the "
-      "model's 32 learned positions (GPTConfig.max_seq_len)\n"), long.stderr
 
 
 @pytest.fixture(scope="module", autouse=True)

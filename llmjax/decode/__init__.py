@@ -4,3 +4,4 @@ fill-mask, and sentence embeddings."""
 from llmjax.decode.encoders import BERT_MASK_ID, embed, fill_mask
 from llmjax.decode.generation import TRACES, bucket, generate
 from llmjax.decode.sampling import Sampler, top_p_filter
+from llmjax.decode.text import sample_text

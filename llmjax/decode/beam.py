@@ -34,7 +34,7 @@ class Beams(NamedTuple):
     return ~jnp.any(self.improvable_B1)
 
 
-def init(batch: int, num_beams: int, max_new_tokens: int, pad_id: int) -> Beams:
+def init(batch: int, num_beams: int, max_new_tokens: int, pad_id: jax.Array) -> Beams:
   """Every beam of a row starts equal; only the first scores 0, so step 0 draws from it alone."""
   tokens_BWN = jnp.full((batch, num_beams, max_new_tokens), pad_id, jnp.int32)
   running_scores_BW = jnp.zeros((batch, num_beams), jnp.float32).at[:, 1:].set(_NEG)
@@ -55,10 +55,10 @@ def _gather(x_BW, index_BK):
 
 
 def step(beams: Beams, logits_BWV: jax.Array, i: jax.Array, last: jax.Array,
-         eos_id: int | None, divisors_N: jax.Array) -> tuple[Beams, jax.Array, jax.Array]:
+         eos_id: jax.Array, divisors_N: jax.Array) -> tuple[Beams, jax.Array, jax.Array]:
   """Advances the search by the token at new position `i` (`last`: no token may follow).
 
-  Returns the new state, the tokens the running beams feed next [B, W] and, for each of the
+  `eos_id` -1 means none. Returns the new state, the tokens the running beams feed next [B, W] and, for each of the
   new running beams, the flat index (row * W + beam) of the beam it extends, by which the
   caller reorders its KV cache.
   """
@@ -68,9 +68,7 @@ def step(beams: Beams, logits_BWV: jax.Array, i: jax.Array, last: jax.Array,
   top_scores_BK, top_index_BK = jax.lax.top_k(total_BX, 2 * W)
   source_BK, token_BK = top_index_BK // V, (top_index_BK % V).astype(jnp.int32)
   top_tokens_BKN = _gather(beams.running_BWN, source_BK).at[:, :, i].set(token_BK)
-  ends_BK = jnp.broadcast_to(last, token_BK.shape)
-  if eos_id is not None:
-    ends_BK = ends_BK | (token_BK == eos_id)
+  ends_BK = last | (token_BK == eos_id)  # eos_id -1: none
 
   # The best non-ending continuations run on.
   running_scores_BK = top_scores_BK + ends_BK.astype(jnp.float32) * _NEG

@@ -1,4 +1,4 @@
-"""`llmjax.main.sample`, the main job's sample, on a briefly trained tiny byte GPT."""
+"""`decode.sample_text` (the main job's sample) on a briefly trained tiny byte GPT."""
 
 import types
 
@@ -8,7 +8,7 @@ import numpy as np
 import optax
 import pytest
 
-from llmjax import main
+from llmjax import decode
 from llmjax.data import ByteTokenizer
 from llmjax.models.gpt import GPT, GPTConfig
 
@@ -21,7 +21,7 @@ SENTENCE = "the quick brown fox jumps over the lazy dog. "
 
 @pytest.fixture(scope="module")
 def setup():
-  """A Setup-like object after 150 Adam steps on random windows: it learns the sentence."""
+  """(model, params, tokenizer) after 150 Adam steps on random windows: it learns the sentence."""
   model, data = GPT(CFG), TOK.encode(SENTENCE * 60).astype(np.int32)
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32), jnp.int32))["params"]
   tx = optax.adam(3e-3)
@@ -43,16 +43,16 @@ def setup():
   # Trained on windows without BOS: a tokenizer without one, so prompts look like the data.
   tokenizer = types.SimpleNamespace(encode=TOK.encode, decode=TOK.decode, bos_id=None,
                                     eos_id=TOK.eos_id, pad_id=TOK.pad_id)
-  return types.SimpleNamespace(model=model, tokenizer=tokenizer), params
+  return model, params, tokenizer
 
 
 def test_sample_continues_the_sentence_past_the_window(setup):
   """90 bytes from a window of 32: the sample goes on in rounds, coherently."""
-  text = main.sample(*setup, "the ", 90, temperature=0.0)
+  text = decode.sample_text(*setup, "the ", 90, temperature=0.0)
   assert text == "the " + (SENTENCE[4:] + SENTENCE[:4]) * 2
 
 
 def test_sample_is_reproducible_from_its_seed(setup):
-  a = main.sample(*setup, "the ", 45, seed=1)
-  assert len(a) == 4 + 45 and a == main.sample(*setup, "the ", 45, seed=1)
-  assert a != main.sample(*setup, "the ", 45, seed=2)
+  a = decode.sample_text(*setup, "the ", 45, seed=1)
+  assert len(a) == 4 + 45 and a == decode.sample_text(*setup, "the ", 45, seed=1)
+  assert a != decode.sample_text(*setup, "the ", 45, seed=2)
