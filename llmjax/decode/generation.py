@@ -316,7 +316,4 @@ def _generate(model, N: int, W: int, sampler: Sampler, stream):
                           stream)
     return _beam_loop(model, step, logits_XV, cache, n_new, N, W, eos_id, pad_id, divisors_N)
 
-  # On CPU, XLA's XNNPACK fusions cost a tiny model's batched decode step about a third more
-  # (tools/bench_decode.py: batch 8 at 0.16 vs 0.12 ms/step) and gain nothing at GPT-2 size.
-  options = {"xla_cpu_use_xnnpack": False} if jax.default_backend() == "cpu" else None
-  return jax.jit(run, compiler_options=options)
+  return jax.jit(run)
