@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import time
 
 import jax
@@ -72,11 +73,7 @@ class MetricWriter:
     self._jsonl = open(path, "a")
     if torn:  # a run killed mid-line: end that line so the next record stands alone
       self._jsonl.write("\n")
-    try:
-      from tensorboardX import SummaryWriter
-      self._tb = SummaryWriter(workdir, flush_secs=30)
-    except ImportError:
-      self._tb = None
+    self._tb = _tensorboard_writer(workdir)
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
@@ -94,6 +91,23 @@ class MetricWriter:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def _tensorboard_writer(workdir: str):
+  """tensorboardX's SummaryWriter for workdir, or None without tensorboardX. tensorboardX
+  imports torch where it is installed, only to accept torch tensors (we pass floats): hidden
+  from that import, torch's 2-3 s of import time stays out of every run's start."""
+  hide_torch = "torch" not in sys.modules
+  if hide_torch:
+    sys.modules["torch"] = None  # `import torch` raises ImportError meanwhile
+  try:
+    from tensorboardX import SummaryWriter
+  except ImportError:
+    return None
+  finally:
+    if hide_torch:
+      del sys.modules["torch"]
+  return SummaryWriter(workdir, flush_secs=30)
 
 
 def _ends_with_newline(path: str) -> bool:

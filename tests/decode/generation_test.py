@@ -21,9 +21,6 @@ GPT_CASES = {
     "bf16": dict(dtype="bfloat16", num_kv_heads=1),
 }
 T5_CASES = {"t5": dict(), "t5_gqa_scan": dict(num_kv_heads=2, scan_layers=True)}
-# Compilation dominates these tests' time on CPU; these options cut it by 2-4x.
-fast_jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
-                                                        "xla_cpu_use_fusion_emitters": False})
 
 
 @functools.lru_cache(maxsize=None)
@@ -34,7 +31,7 @@ def _model(case):
   else:
     model = GPT(GPTConfig.from_size("tiny", dropout_rate=0.0, max_seq_len=64, **GPT_CASES[case]))
     args = (jnp.zeros((1, 4), jnp.int32),)
-  return model, nn.unbox(fast_jit(model.init)(jax.random.key(1), *args)["params"])
+  return model, nn.unbox(jax.jit(model.init)(jax.random.key(1), *args)["params"])
 
 
 @pytest.mark.parametrize("case", sorted(GPT_CASES) + sorted(T5_CASES))
@@ -50,7 +47,7 @@ def test_cached_logits_equal_the_full_forward_pass_at_every_step(case):
     at = slice(P - len(row), P) if is_gpt else slice(0, len(row))
     tokens_BP[b, at], seg_BP[b, at] = row, 1
 
-  @fast_jit
+  @jax.jit
   def stepwise(params, tokens_BP, seg_BP, cont_BN):
     dec = model.clone(decode=True)
     if is_gpt:
@@ -69,10 +66,10 @@ def test_cached_logits_equal_the_full_forward_pass_at_every_step(case):
     full_tokens[b, :len(row) + N] = row + cont_BN[b].tolist()
     full_seg[b, :len(row) + N] = 1
   if is_gpt:
-    full_BTV = fast_jit(model.apply)({"params": params}, full_tokens, full_seg)
+    full_BTV = jax.jit(model.apply)({"params": params}, full_tokens, full_seg)
   else:
     decoder_BN = np.concatenate([np.zeros((3, 1), np.int32), cont_BN[:, :-1]], axis=1)
-    full_BTV = fast_jit(model.apply)({"params": params}, tokens_BP, decoder_BN, seg_BP)
+    full_BTV = jax.jit(model.apply)({"params": params}, tokens_BP, decoder_BN, seg_BP)
   cached_BNV = np.asarray(stepwise(params, tokens_BP, seg_BP, cont_BN), np.float32)
   tol = 5e-2 if case == "bf16" else 1e-5
   for b, row in enumerate(PROMPTS):

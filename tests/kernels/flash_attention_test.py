@@ -19,9 +19,6 @@ from llmjax.kernels.buckets import relative_position_bucket
 from llmjax.kernels.flash_attention import BlockSizes
 from llmjax.kernels.flash_attention.reference import attention_reference, make_mask
 
-# Compilation dominates these tests' time; these XLA options cut it by 2-4x on CPU.
-jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
-                                                   "xla_cpu_use_fusion_emitters": False})
 
 
 def _normal(seed, shape):
@@ -419,10 +416,10 @@ def check_kernel(case, block: int | None, **options):
   def reference(q, k, v, table):
     return attention_reference(q, k, v, bias_table=table, **kwargs)
 
-  out, grads = jit(functools.partial(_out_and_grads, kernel))(q, k, v, table, cotangent)
+  out, grads = jax.jit(functools.partial(_out_and_grads, kernel))(q, k, v, table, cotangent)
   # The reference sees the same (rounded) inputs, in float32.
   f32 = lambda x: x.astype(jnp.float32)  # noqa: E731
-  out_ref, grads_ref = jit(functools.partial(_out_and_grads, reference))(
+  out_ref, grads_ref = jax.jit(functools.partial(_out_and_grads, reference))(
       f32(q), f32(k), f32(v), table, f32(cotangent))
 
   tol = TOLERANCE[case.dtype]

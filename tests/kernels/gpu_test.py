@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from llmjax.kernels.flash_attention import BlockSizes, flash_attention
-from tests.kernels.flash_attention_test import KERNEL_CASES, _normal, check_kernel, jit
+from tests.kernels.flash_attention_test import KERNEL_CASES, _normal, check_kernel
 from tests.kernels.lowering_test import TRITON, export, square_buffers
 
 def _gpu_block(case) -> int:
@@ -57,7 +57,7 @@ def test_kernels_skip_invisible_blocks(name, backend):
     return flash_attention(q, k, v, block_sizes=BlockSizes(64, 64), interpret=True,
                            backend=backend, **kwargs)
 
-  @jit
+  @jax.jit
   def run(v, cotangent):
     out, vjp = jax.vjp(attend, q, k, v)
     return out, *vjp(cotangent)

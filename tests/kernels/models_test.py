@@ -1,6 +1,8 @@
 """GPT, BERT and T5 with attention_impl="pallas" (the kernel, interpreted on CPU) give the
 loss and gradients of "xla", on one device and sharded on a (2, 2, 2) mesh."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -59,13 +61,23 @@ def _loss(model, family, params, batch):
   return jnp.sum(nll * weights) / jnp.sum(weights)
 
 
+@functools.cache
+def _params(family):
+  """The family's initial parameters (one init per process for both parametrizations)."""
+  batch = _batch(family)
+  xla_model = models.model_from_dict(models.config_to_dict(_config(family, "xla")))
+  init_args = (batch["enc"], batch["dec"]) if family == "t5" else (batch["tokens"],)
+  # An rbg key: its init compiles several times faster than threefry's, and any weights do.
+  return nn.unbox(jax.jit(xla_model.init)(jax.random.key(0, impl="rbg"), *init_args)["params"])
+
+
 @pytest.mark.parametrize("sharded", [False, True])
 @pytest.mark.parametrize("family", ["gpt", "gpt_gqa", "bert", "t5"])
 def test_pallas_equals_xla(family, sharded):
   batch = _batch(family)
   xla_model = models.model_from_dict(models.config_to_dict(_config(family, "xla")))
   init_args = (batch["enc"], batch["dec"]) if family == "t5" else (batch["tokens"],)
-  params = nn.unbox(jax.jit(xla_model.init)(jax.random.key(0), *init_args)["params"])
+  params = _params(family)
   results = {}
   for impl in ("xla", "pallas"):
     model = models.model_from_dict(models.config_to_dict(_config(family, impl)))

@@ -12,13 +12,9 @@ from llmjax import layers
 
 B, T, S, H, K = 2, 5, 7, 4, 8
 KEY = functools.partial(jax.random.key, impl="rbg")  # compiles much faster than threefry on CPU
-# Compilation dominates these tests' time; these XLA options cut it by 2-4x on CPU.
-jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
-                                                   "xla_cpu_use_fusion_emitters": False})
-
 # Jitted once per shape: eager op-by-op dispatch costs more than compiling the whole function.
-attend = jit(layers.xla_attention, static_argnames=("causal", "dropout_rate"))
-mask_of = jit(layers.attention_mask, static_argnames=("causal",))
+attend = jax.jit(layers.xla_attention, static_argnames=("causal", "dropout_rate"))
+mask_of = jax.jit(layers.attention_mask, static_argnames=("causal",))
 
 
 def _normal(seed, shape):
@@ -116,12 +112,12 @@ def test_fully_masked_query_row_is_finite():
     return layers.xla_attention(q, k, v, q_segment_ids=q_seg, kv_segment_ids=kv_seg,
                                 causal=False, scale=K ** -0.5)
 
-  out = jit(f)(q, k, v)
+  out = jax.jit(f)(q, k, v)
   assert np.isfinite(np.asarray(out)).all()
   mean_v = np.repeat(np.asarray(v).mean(1), H // 2, axis=1)  # [B, H, K]
   np.testing.assert_allclose(out[0, 4], mean_v[0], atol=1e-5)
   np.testing.assert_allclose(out[1, 2:], np.broadcast_to(mean_v[1], (3, H, K)), atol=1e-5)
-  grads = jit(jax.grad(lambda *a: f(*a).sum(), argnums=(0, 1, 2)))(q, k, v)
+  grads = jax.jit(jax.grad(lambda *a: f(*a).sum(), argnums=(0, 1, 2)))(q, k, v)
   assert all(np.isfinite(np.asarray(g)).all() for g in grads)
 
 
@@ -156,7 +152,7 @@ def test_attention_module_gqa_params_and_projection():
   x = _normal(0, (B, T, D))
   seg = jnp.array([[1, 1, 1, 2, 2], [1, 1, 1, 1, 0]])
   attn = layers.Attention(H, G, K)
-  params = nn.unbox(jit(lambda k: attn.init(k, x, q_segment_ids=seg, causal=True))(
+  params = nn.unbox(jax.jit(lambda k: attn.init(k, x, q_segment_ids=seg, causal=True))(
       KEY(1))["params"])
   shapes = jax.tree.map(jnp.shape, params)
   assert shapes == {"query_kernel": (D, H, K), "query_bias": (H, K),

@@ -12,9 +12,6 @@ from flax import linen as nn
 from llmjax import layers
 
 KEY = functools.partial(jax.random.key, impl="rbg")  # compiles much faster than threefry on CPU
-# Compilation dominates these tests' time; these XLA options cut it by 2-4x on CPU.
-jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
-                                                   "xla_cpu_use_fusion_emitters": False})
 D, F = 8, 16
 
 
@@ -24,12 +21,12 @@ def _normal(seed, shape, scale=1.0, loc=0.0):
 
 def _init_perturbed(module, *args):
   """Params of `module`, each moved off its init (so ones/zeros scales and biases count)."""
-  params = nn.unbox(jit(module.init)(KEY(0), *args)["params"])
+  params = nn.unbox(jax.jit(module.init)(KEY(0), *args)["params"])
   leaves, tree = jax.tree.flatten(params)
   return jax.tree.unflatten(tree, [p + _normal(10 + i, p.shape, 0.3) for i, p in enumerate(leaves)])
 
 
-@functools.partial(jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0)
 def _apply(module, params, x):
   return module.apply({"params": params}, x)
 
@@ -153,7 +150,7 @@ def test_embed_lookup_and_attend():
   assert table.shape == (V, D)
   np.testing.assert_array_equal(_apply(module, params, ids), table[np.asarray(ids)])
   x = _normal(6, (2, 3, D))
-  logits = jit(lambda p, x: module.apply({"params": p}, x, method="attend"))(params, x)
+  logits = jax.jit(lambda p, x: module.apply({"params": p}, x, method="attend"))(params, x)
   assert logits.dtype == jnp.float32 and logits.shape == (2, 3, V)
   np.testing.assert_allclose(logits, np.asarray(x, np.float64) @ table.T, atol=1e-5, rtol=1e-5)
 

@@ -13,10 +13,7 @@ from flax import linen as nn
 from llmjax import layers
 
 KEY = functools.partial(jax.random.key, impl="rbg")  # compiles much faster than threefry on CPU
-# Compilation dominates these tests' time; these XLA options cut it by 2-4x on CPU.
-jit = functools.partial(jax.jit, compiler_options={"xla_backend_optimization_level": 0,
-                                                   "xla_cpu_use_fusion_emitters": False})
-rope = jit(layers.apply_rope, static_argnames=("theta",))
+rope = jax.jit(layers.apply_rope, static_argnames=("theta",))
 
 
 def _normal(seed, shape):
@@ -36,7 +33,7 @@ def test_segment_positions_on_packed_rows():
                        [0, 1, 2, 3, 4, 5, 6],
                        [0, 1, 0, 1, 2, 3, 0],
                        [0, 0, 0, 0, 0, 1, 2]])
-  pos = jit(layers.segment_positions)(seg)
+  pos = jax.jit(layers.segment_positions)(seg)
   assert pos.dtype == jnp.int32
   np.testing.assert_array_equal(pos, expected)
 

@@ -22,9 +22,6 @@ from llmjax.models import (GPT, Bert, BertConfig, GPTConfig, T5, T5Config, stack
 
 # rbg keys compile far faster on CPU than threefry, and the tests only need fixed seeds.
 KEY = functools.partial(jax.random.key, impl="rbg")
-# XLA compilation dominates these tests' time; these options cut it by 2-4x on CPU.
-FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_cpu_use_fusion_emitters": False}
-jit = functools.partial(jax.jit, compiler_options=FAST_COMPILE)
 
 CONFIGS = {
     "gpt": lambda **kw: GPTConfig.from_size("tiny", **kw),
@@ -75,7 +72,7 @@ def _apply(cfg, params, inputs, *, method=None, **kw):
                      decoder_segment_ids=inputs["decoder_segment_ids"], **kw)
 
 
-apply_jit = jit(_apply, static_argnums=0, static_argnames=("method", "deterministic"))
+apply_jit = jax.jit(_apply, static_argnums=0, static_argnames=("method", "deterministic"))
 
 
 @functools.cache
@@ -86,7 +83,7 @@ def init_params(family):
   model = MODELS[type(cfg)](cfg)
   args = ((inputs["encoder_tokens"], inputs["decoder_tokens"]) if isinstance(cfg, T5Config)
           else (inputs["tokens"],))
-  params = jit(model.init)(KEY(0), *args)["params"]
+  params = jax.jit(model.init)(KEY(0), *args)["params"]
   return nn.unbox(params)
 
 
@@ -174,7 +171,7 @@ def _perturbed_embeddings(deltas):
   return nn.intercept_methods(interceptor)
 
 
-@functools.partial(jit, static_argnums=(0, 3))
+@functools.partial(jax.jit, static_argnums=(0, 3))
 def _position_jacobians(cfg, params, inputs, method=None):
   """d(score of output position [b, t]) / d(embedding delta [b', s, :]) for each embedded input.
 
@@ -337,7 +334,7 @@ def test_scan_equals_unrolled(family):
   jax.tree.map(np.testing.assert_array_equal, roundtrip, params)
 
 
-@functools.partial(jit, static_argnums=0)
+@functools.partial(jax.jit, static_argnums=0)
 def _logits_and_grads(cfg, params, inputs):
   def loss(params):
     logits = _apply(cfg, params, inputs)

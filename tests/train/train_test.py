@@ -29,13 +29,20 @@ def experiment(name: str, variant: str = "tiny"):
 
 @pytest.mark.parametrize("name", ["gpt", "bert", "t5", "prefix_lm"])
 def test_each_experiment_learns_on_the_builtin_corpus(name, tmp_path):
-  """60 steps of each tiny experiment lower its eval loss by at least 1 nat per token."""
+  """20 steps of each tiny experiment (5 of warmup) lower its eval loss by at least 1 nat
+  per token. GPT computes in bfloat16 (the mixed-precision policy) and still stores and
+  updates float32 parameters; its float32 path learns in prefix_lm (the same network) and in
+  shakespeare_char (the same objective)."""
   config = experiment(name)
-  config.train.update(steps=60, log_every=20, eval_every=60, eval_batches=4,
+  if name == "gpt":
+    config.model.dtype = "bfloat16"
+  config.optimizer.warmup_steps = 5
+  config.train.update(steps=20, log_every=10, eval_every=20, eval_batches=2,
                       checkpoint_every=1000, sample_tokens=0)
   result = train.train(config, str(tmp_path), log=lambda line: None)
   evals = [h["eval/loss"] for h in result.history if "eval/loss" in h]
   assert len(evals) == 2 and evals[1] < evals[0] - 1.0, evals
+  assert {x.dtype for x in jax.tree.leaves(result.params)} == {np.dtype("float32")}
   records = read_metrics(str(tmp_path))
   assert {"train/loss", "train/learning_rate", "train/grad_norm", "train/tokens_per_sec",
           "train/mfu", "train/step_time"} <= set(records[1])
@@ -62,6 +69,11 @@ SMALL = ["--config.train.log_every=1", "--config.train.eval_every=1000",
          "--config.objective.length=64", "--config.model.max_seq_len=64"]
 
 
+# A constant learning rate: a run cut in two then has the schedule of the uninterrupted one,
+# and runs of any length compile the same step (tests/conftest.py's cache shares it).
+CONSTANT = ["--config.optimizer.schedule=constant", "--config.optimizer.warmup_steps=0"]
+
+
 def losses(workdir):
   """step -> train loss; a step logged twice (before a kill and after) keeps its last value."""
   return {r["step"]: r["train/loss"] for r in read_metrics(workdir) if "train/loss" in r}
@@ -70,7 +82,7 @@ def losses(workdir):
 def test_resume_after_sigkill_is_bitwise(tmp_path):
   """Kill -9 after the checkpoint at step N, rerun the same command: steps N+1..2N equal an
   uninterrupted run's bit for bit (dropout on, so the data order and the rng both matter)."""
-  n = 8
+  n = 4
   flags = SMALL + [f"--config.train.steps={2 * n}", f"--config.train.checkpoint_every={n}"]
   code, _, err = run_main(tmp_path / "a", *flags)
   assert code == 0, err[-2000:]
@@ -92,7 +104,7 @@ def test_resume_after_sigkill_is_bitwise(tmp_path):
 
 def test_sharded_equals_single_device(tmp_path):
   """The same run on 1 device and on a 2x2x2 mesh of 8 devices gives the same losses."""
-  flags = SMALL + ["--config.train.steps=4", "--config.train.checkpoint_every=100",
+  flags = SMALL + CONSTANT + ["--config.train.steps=4", "--config.train.checkpoint_every=100",
                    "--config.model.dropout_rate=0.0", "--config.batch_size=8"]
   code, _, err = run_main(tmp_path / "one", *flags, "--config.mesh.shape=(1,1,1)",
                           env={"JAX_NUM_CPU_DEVICES": "1"})
@@ -122,7 +134,7 @@ def test_bad_config_is_a_clear_error(tmp_path, flag, message):
 
 def test_workdir_of_another_model_is_refused(tmp_path):
   """Resuming a workdir with another model's checkpoints names the fields that differ."""
-  code, _, err = run_main(tmp_path, *SMALL, "--config.train.steps=2",
+  code, _, err = run_main(tmp_path, *SMALL, *CONSTANT, "--config.train.steps=2",
                           "--config.train.checkpoint_every=1")
   assert code == 0, err[-2000:]
   code, out, err = run_main(tmp_path, *SMALL, "--config.train.steps=4",
@@ -145,19 +157,6 @@ def test_rules_override_moves_a_logical_axis():
   assert mlp["wo"]["kernel"].spec == P("fsdp", None), mlp
 
 
-def test_bfloat16_compute_keeps_float32_parameters(tmp_path):
-  """The mixed-precision policy: model.dtype=bfloat16 computes in bf16, stores and updates
-  float32 parameters, and still learns."""
-  config = experiment("gpt")
-  config.model.dtype = "bfloat16"
-  config.train.update(steps=30, log_every=10, eval_every=30, eval_batches=2,
-                      checkpoint_every=1000, sample_tokens=0)
-  result = train.train(config, str(tmp_path), log=lambda line: None)
-  assert {x.dtype for x in jax.tree.leaves(result.params)} == {np.dtype("float32")}
-  evals = [h["eval/loss"] for h in result.history if "eval/loss" in h]
-  assert evals[1] < evals[0] - 0.5, evals
-
-
 def test_shakespeare_char_experiment_runs_on_any_text(tmp_path):
   """The nanoGPT experiment's data path (characters of one file, tail split, random-offset
   windows) on a small stand-in text: its vocabulary is that file's characters and it learns."""
@@ -167,9 +166,10 @@ def test_shakespeare_char_experiment_runs_on_any_text(tmp_path):
   (tmp_path / "play.txt").write_text(text)
   config = experiment("shakespeare_char", "baseline")
   config.data.path = str(tmp_path / "play.txt")
-  config.batch_size = 16
+  config.batch_size = 8
   config.model.vocab_size = len(set(text))
-  config.train.update(steps=40, log_every=20, eval_every=40, eval_batches=4,
+  config.optimizer.warmup_steps = 5
+  config.train.update(steps=20, log_every=10, eval_every=20, eval_batches=4,
                       checkpoint_every=1000, sample_tokens=0)
   result = train.train(config, str(tmp_path / "w"), log=lambda line: None)
   assert result.setup.tokenizer.vocab_size == len(set(text))
