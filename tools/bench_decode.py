@@ -41,7 +41,8 @@ FLAGS = flags.FLAGS
 
 
 def config(size: str) -> GPTConfig:
-  """The benchmarked shape: GPT-2's (vocab 50257, 1024 positions) at a named size."""
+  """The benchmarked shape: GPTConfig's preset of that name with 1024 positions (tiny: width
+  64, 2 layers, 256 tokens; small: GPT-2 small with its 50257 tokens)."""
   return GPTConfig.from_size(size, max_seq_len=1024, dropout_rate=0.0)
 
 
