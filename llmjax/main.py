@@ -8,6 +8,9 @@ With no --config it trains the default tiny byte-level GPT (llmjax/train/config.
 built-in corpus (this Python's standard-library sources) for a few minutes, then prints a
 sample of what it learned. A workdir that holds checkpoints is resumed from the latest.
 Everything lands in the workdir: config.json, metrics.jsonl, TensorBoard events, checkpoints.
+
+The log is our progress lines, warnings and errors; `--verbosity=0` adds the libraries' INFO
+lines (Orbax's checkpointing, Grain's pipelines), `--verbosity=1` their debug lines.
 """
 
 from __future__ import annotations
@@ -15,7 +18,7 @@ from __future__ import annotations
 import os
 import tempfile
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train", "config.py")
@@ -40,6 +43,8 @@ def sample(setup, params, prompt: str, num_tokens: int, seed: int = 0) -> str | 
 
 def main(argv):
   del argv
+  if not FLAGS["verbosity"].present:  # warnings and errors only: a save alone is ~40 INFO lines
+    logging.set_verbosity(logging.WARNING)
   import jax
   if FLAGS.coordinator_address or FLAGS.num_processes:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)

@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -107,8 +108,9 @@ def test_sharded_equals_single_device(tmp_path):
   flags = SMALL + CONSTANT + ["--config.train.steps=4", "--config.train.checkpoint_every=100",
                    "--config.model.dropout_rate=0.0", "--config.batch_size=8"]
   code, _, err = run_main(tmp_path / "one", *flags, "--config.mesh.shape=(1,1,1)",
-                          env={"JAX_NUM_CPU_DEVICES": "1"})
+                          "--verbosity=0", env={"JAX_NUM_CPU_DEVICES": "1"})
   assert code == 0, err[-2000:]
+  assert re.search(r"^I\d{4} .*pipeline", err, re.M), err[-2000:]  # INFO lines when asked
   code, _, err = run_main(tmp_path / "eight", *flags, "--config.mesh.shape=(2,2,2)",
                           env={"JAX_NUM_CPU_DEVICES": "8"})
   assert code == 0, err[-2000:]
@@ -133,10 +135,12 @@ def test_bad_config_is_a_clear_error(tmp_path, flag, message):
 
 
 def test_workdir_of_another_model_is_refused(tmp_path):
-  """Resuming a workdir with another model's checkpoints names the fields that differ."""
+  """Resuming a workdir with another model's checkpoints names the fields that differ. The
+  log is quiet by default: no library INFO lines, though every step saves."""
   code, _, err = run_main(tmp_path, *SMALL, *CONSTANT, "--config.train.steps=2",
                           "--config.train.checkpoint_every=1")
   assert code == 0, err[-2000:]
+  assert not re.search(r"^I\d{4} ", err, re.M), err[-2000:]
   code, out, err = run_main(tmp_path, *SMALL, "--config.train.steps=4",
                             "--config.model.d_model=64")
   assert code != 0 and "different model" in err and "d_model" in err, err[-2000:]
