@@ -58,9 +58,9 @@ def step(beams: Beams, logits_BWV: jax.Array, i: jax.Array, last: jax.Array,
          eos_id: jax.Array, divisors_N: jax.Array) -> tuple[Beams, jax.Array, jax.Array]:
   """Advances the search by the token at new position `i` (`last`: no token may follow).
 
-  `eos_id` -1 means none. Returns the new state, the tokens the running beams feed next [B, W] and, for each of the
-  new running beams, the flat index (row * W + beam) of the beam it extends, by which the
-  caller reorders its KV cache.
+  `eos_id` -1 means none. Returns the new state, the tokens the running beams feed next
+  [B, W] and, for each of the new running beams, the flat index (row * W + beam) of the beam
+  it extends, by which the caller reorders its KV cache.
   """
   B, W, V = logits_BWV.shape
   log_probs_BWV = jax.nn.log_softmax(logits_BWV.astype(jnp.float32), axis=-1)

@@ -142,9 +142,18 @@ def _zero_cache(model, init):
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(init)["cache"])
 
 
-def _batch_axis(model, x) -> int:
-  """Cache leaves carry the batch first, after the layer axis when layers are scanned."""
-  return 1 if model.cfg.scan_layers else 0
+_SELF_CACHE = {"cached_key": 2, "cached_value": 2, "cached_segment_ids": 1}  # name: S axis
+
+
+def _self_cache(model, cache, fn):
+  """`cache` with fn(leaf, batch axis, length axis) applied to the self-attention leaves (the
+  cross-attention cache is the same for every beam of a row and never grows)."""
+  scanned = 1 if model.cfg.scan_layers else 0
+
+  def one(path, x):
+    axis = _SELF_CACHE.get(getattr(path[-1], "key", None))
+    return x if axis is None else fn(x, scanned, axis + scanned)
+  return jax.tree_util.tree_map_with_path(one, cache)
 
 
 def _apply(model, params, cache, *args, **kw):
@@ -166,8 +175,7 @@ def _prefill_gpt(model, params, tokens_BP, segment_ids_BP, cache_len: int, copie
   lengths_B = segment_ids_BP.sum(axis=1)
   if copies > 1:
     logits_BV, lengths_B = (jnp.repeat(x, copies, axis=0) for x in (logits_BV, lengths_B))
-    cache = jax.tree.map(lambda x: jnp.repeat(x, copies, axis=_batch_axis(model, x))
-                         if x.ndim > _batch_axis(model, x) else x, cache)
+    cache = _self_cache(model, cache, lambda x, batch, _: jnp.repeat(x, copies, axis=batch))
 
   def step(cache, token_B, i):
     """Feeds each row's token at new position i - 1; returns the logits for position i."""
@@ -200,20 +208,6 @@ def _prefill_t5(model, params, tokens_BS, segment_ids_BS, cache_len: int, copies
   return logits_BV, cache, step
 
 
-_SELF_CACHE = {"cached_key": 2, "cached_value": 2, "cached_segment_ids": 1}  # name: S axis
-
-
-def _self_cache(model, cache, fn):
-  """`cache` with fn(leaf, batch axis, length axis) applied to the self-attention leaves (the
-  cross-attention cache is the same for every beam of a row and never grows)."""
-  scanned = 1 if model.cfg.scan_layers else 0
-
-  def one(path, x):
-    axis = _SELF_CACHE.get(getattr(path[-1], "key", None))
-    return x if axis is None else fn(x, scanned, axis + scanned)
-  return jax.tree_util.tree_map_with_path(one, cache)
-
-
 def _reorder(model, cache, parent_X):
   """Beam search: each new beam takes over the cache of the beam it extends."""
   return _self_cache(model, cache, lambda x, batch, _: jnp.take(x, parent_X, axis=batch))
@@ -232,9 +226,8 @@ def _staged_while(model, cond, body, state, N: int):
   the self-attention cache (state[-1]) cut to the positions it can have filled by then.
   state[0] is the new-token index i, which writes cache position cache_len - N + i."""
   cache = state[-1]
-  lengths = []
-  _self_cache(model, cache, lambda x, _, axis: lengths.append(x.shape[axis]) or x)
-  full = lengths[0]
+  full = next(x.shape[-1] for path, x in jax.tree_util.tree_leaves_with_path(cache)
+              if getattr(path[-1], "key", None) == "cached_segment_ids")  # [(L,) B, S]
   for end in _stage_ends(N):
     length = full - N + end  # room for new tokens 0 .. end - 1 (token 0 came with the prefill)
     part = _self_cache(model, cache, lambda x, _, axis: jax.lax.slice_in_dim(x, 0, length,
