@@ -27,5 +27,5 @@ def get_config(variant: str = "tiny"):
                        schedule="linear", b2=0.999, weight_decay=0.01)
     c.train.update(steps=1_000_000, log_every=100, eval_every=5000, checkpoint_every=5000)
   else:
-    raise ValueError(f"experiments/bert.py: unknown variant {variant!r}; expected tiny or base")
+    raise ValueError(f"unknown variant {variant!r}; expected tiny or base")
   return c

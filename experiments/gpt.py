@@ -23,5 +23,5 @@ def get_config(variant: str = "tiny"):
                        b2=0.95)
     c.train.update(steps=100_000, log_every=100, eval_every=1000, checkpoint_every=1000)
   elif variant != "tiny":
-    raise ValueError(f"experiments/gpt.py: unknown variant {variant!r}; expected tiny or small")
+    raise ValueError(f"unknown variant {variant!r}; expected tiny or small")
   return c

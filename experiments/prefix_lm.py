@@ -10,7 +10,7 @@ from llmjax.train import base_config
 
 def get_config(variant: str = "tiny"):
   if variant != "tiny":
-    raise ValueError(f"experiments/prefix_lm.py: unknown variant {variant!r}; expected tiny")
+    raise ValueError(f"unknown variant {variant!r}; expected tiny")
   c = base_config()
   c.objective.name = "prefix_lm"
   return c

@@ -21,7 +21,7 @@ from llmjax.train import base_config, model_config
 
 def get_config(variant: str = "baseline"):
   if variant != "baseline":
-    raise ValueError(f"experiments/shakespeare_char.py: unknown variant {variant!r}")
+    raise ValueError(f"unknown variant {variant!r}; expected baseline")
   c = base_config()
   c.model = model_config("gpt", "tiny", vocab_size=65, d_model=128, num_layers=4, num_heads=4,
                          max_seq_len=64, dropout_rate=0.0, use_bias=False)

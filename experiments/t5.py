@@ -27,5 +27,5 @@ def get_config(variant: str = "tiny"):
                        warmup_steps=10_000, weight_decay=0.0, clip_norm=0.0)
     c.train.update(steps=524_288, log_every=100, eval_every=5000, checkpoint_every=5000)
   else:
-    raise ValueError(f"experiments/t5.py: unknown variant {variant!r}; expected tiny, small, base")
+    raise ValueError(f"unknown variant {variant!r}; expected tiny, small, base")
   return c

@@ -9,8 +9,8 @@ Two kinds of directory hold parameters:
                        state {"step", "params", "opt_state"}, see `train.train`)
 
 `load_model(path)` gives (model, params) of either, reading only the parameters of a
-workdir's latest checkpoint (not its optimizer state). Paths go through `_path` alone so
-that gs:// URLs work as local ones do.
+workdir's latest checkpoint (not its optimizer state). Paths go through `llmjax.paths`, so
+gs:// URLs work as local ones do.
 """
 
 from __future__ import annotations
@@ -24,15 +24,9 @@ import orbax.checkpoint as ocp
 from etils import epath
 from flax import linen as nn
 
-from llmjax import data, models
+from llmjax import data, models, paths
 
 _KINDS = ("model checkpoint (model.json + params/)", "llmjax workdir (config.json + checkpoints/)")
-
-
-def _path(path) -> epath.Path:
-  """`path` as an absolute epath.Path; URLs (gs://...) are kept as they are."""
-  p = epath.Path(path)
-  return p if "://" in str(path) else p.absolute()
 
 
 def _read_json(file: epath.Path) -> dict:
@@ -62,7 +56,7 @@ def _run_config(root: epath.Path) -> dict:
 
 def _locate(path) -> _Found:
   """Finds the parameters of a model checkpoint or of a workdir's latest checkpoint."""
-  root = _path(path)
+  root = paths.path(path)
   if not root.is_dir():
     problem = "is not a directory" if root.exists() else "does not exist"
     raise ValueError(f"{root} {problem}: expected a {_KINDS[0]} or an {_KINDS[1]}")
@@ -118,7 +112,7 @@ def _shapes(tree) -> dict[str, tuple]:
 def save_model(directory: str, model: nn.Module, params) -> None:
   """Writes `model`'s config and `params` (unboxed) under `directory` (which must not hold
   params yet)."""
-  root = _path(directory)
+  root = paths.path(directory)
   root.mkdir(parents=True, exist_ok=True)
   (root / "model.json").write_text(json.dumps(models.config_to_dict(model.cfg), indent=2))
   with ocp.StandardCheckpointer() as ckptr:
@@ -168,7 +162,7 @@ def load_params(path: str, abstract_params) -> dict:
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
   """The config a run in `workdir` trained with (its config.json)."""
-  root = _path(workdir)
+  root = paths.path(workdir)
   if not (root / "config.json").is_file():
     raise ValueError(f"{root} is not an llmjax workdir: no config.json")
   return ml_collections.ConfigDict(_run_config(root))
@@ -183,7 +177,7 @@ def tokenizer_spec(config) -> str:
 def load_tokenizer(path: str):
   """The tokenizer of a workdir (as its config.json says) or of a model checkpoint (saved
   beside it, see `data.load_tokenizer`)."""
-  root = _path(path)
+  root = paths.path(path)
   if (root / "model.json").is_file():
     spec, what = str(root), f"model checkpoint {root}"
   elif (root / "config.json").is_file():

@@ -1,7 +1,7 @@
 """Hugging Face checkpoints (config.json + safetensors) -> llmjax models and parameters.
 
     from llmjax import hf
-    model, params = hf.load("path/to/checkpoint_dir")
+    model, params = hf.load("path/to/checkpoint_dir")   # or gs://bucket/checkpoint_dir
 
 Supported architectures: GPT2LMHeadModel (and GPT2Model), BertForMaskedLM, BertModel
 (returns final hidden states; the pooler, if present, is `model.apply(..., method="pooled")`)
@@ -14,17 +14,18 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import re
 from typing import Any
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
+from etils import epath
 from flax import linen as nn
 from safetensors import safe_open
 
-from llmjax import models
+from llmjax import models, paths
 
 SUPPORTED = ("GPT2LMHeadModel", "GPT2Model", "BertForMaskedLM", "BertModel",
              "T5ForConditionalGeneration")
@@ -36,25 +37,27 @@ _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "g
 
 
 def read_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """config.json as a dict and every tensor of model.safetensors (or its sharded index)."""
-  config_path = os.path.join(path, "config.json")
-  if not os.path.isfile(config_path):
+  """config.json as a dict and every tensor of model.safetensors (or its sharded index); a
+  gs:// checkpoint's files are read whole into memory, a local one's mapped."""
+  paths.check_bucket(str(path))  # gs://: one line in seconds for an unreachable bucket
+  root = epath.Path(path)
+  if not (root / "config.json").is_file():
     raise ValueError(f"{path!r} is not a Hugging Face checkpoint directory: no config.json")
-  with open(config_path) as f:
-    config = json.load(f)
-  single = os.path.join(path, "model.safetensors")
-  index = os.path.join(path, "model.safetensors.index.json")
-  if os.path.isfile(single):
+  config = json.loads((root / "config.json").read_text())
+  single, index = root / "model.safetensors", root / "model.safetensors.index.json"
+  if single.is_file():
     files = [single]
-  elif os.path.isfile(index):
-    with open(index) as f:
-      files = sorted({os.path.join(path, v) for v in json.load(f)["weight_map"].values()})
+  elif index.is_file():
+    files = [root / v for v in sorted(set(json.loads(index.read_text())["weight_map"].values()))]
   else:
     raise ValueError(f"{path!r} has no model.safetensors (nor model.safetensors.index.json); "
                      f"save the model with save_pretrained(..., safe_serialization=True)")
   tensors = {}
   for file in files:
-    with safe_open(file, framework="np") as f:
+    if paths.is_url(file):
+      tensors.update(safetensors.numpy.load(file.read_bytes()))
+      continue
+    with safe_open(str(file), framework="np") as f:
       for key in f.keys():
         tensors[key] = f.get_tensor(key)
   return config, tensors
@@ -342,7 +345,7 @@ def _stack_all(params: dict) -> dict:
 
 
 def load(path: str, **overrides) -> tuple[nn.Module, dict]:
-  """(model, params) for a local Hugging Face checkpoint directory.
+  """(model, params) for a Hugging Face checkpoint directory, local or gs://.
 
   `overrides` replace the run-time config fields in OVERRIDABLE, e.g.
   `hf.load(p, dtype="bfloat16", scan_layers=True)`. Params are jax arrays in the config's `param_dtype`.

@@ -8,6 +8,8 @@ With no --config it trains the default tiny byte-level GPT (llmjax/train/config.
 built-in corpus (this Python's standard-library sources) for a few minutes, then prints a
 sample of what it learned. A workdir that holds checkpoints is resumed from the latest.
 Everything lands in the workdir: config.json, metrics.jsonl, TensorBoard events, checkpoints.
+A bad command line (a missing experiment file, an unknown variant, a misspelled key, a value
+of the wrong type) is refused in one line naming it, before anything is built.
 
 The log is our progress lines, warnings and errors; `--verbosity=0` adds the libraries' INFO
 lines (Orbax's checkpointing, Grain's pipelines), `--verbosity=1` their debug lines.
@@ -16,15 +18,19 @@ lines (Orbax's checkpointing, Grain's pipelines), `--verbosity=1` their debug li
 from __future__ import annotations
 
 import os
+import re
+import sys
 import tempfile
 
 from absl import app, flags, logging
 from ml_collections import config_flags
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "train", "config.py")
-_CONFIG = config_flags.DEFINE_config_file("config", DEFAULT_CONFIG,
-                                          "Experiment file[:variant]; default: tiny GPT.",
-                                          lock_config=True)
+# No default here: ml_collections would load it, and read sys.argv's overrides, at import;
+# parse_flags puts --config=DEFAULT_CONFIG on the command line when none is given.
+_CONFIG = config_flags.DEFINE_config_file("config", None,
+                                          "Experiment file[:variant]; default: tiny GPT "
+                                          "(llmjax/train/config.py).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Where the run writes; default: a new temporary directory.")
 flags.DEFINE_string("coordinator_address", None, "Multi-host: host:port of process 0.")
 flags.DEFINE_integer("num_processes", None, "Multi-host: number of processes.")
@@ -39,6 +45,69 @@ def sample(setup, params, prompt: str, num_tokens: int, seed: int = 0) -> str | 
   if not isinstance(setup.model.cfg, GPTConfig) or not num_tokens:
     return None
   return decode.sample_text(setup.model, params, setup.tokenizer, prompt, num_tokens, seed=seed)
+
+
+_CONFIG_FLAG = re.compile(r"--?config(=|$)")
+_OVERRIDE_FLAG = re.compile(r"--?(no)?config\.([^=]*)(?:=(.*))?$", re.S)
+
+
+def _flag_args(args: list[str]) -> list[str]:
+  return args[:args.index("--")] if "--" in args else args
+
+
+def check_command_line(args: list[str]) -> None:
+  """Loads the experiment that `args` (argv[1:]) name and sets each `--config.KEY=VALUE` on it,
+  as ml_collections will: ValueError / FileNotFoundError with one line naming a missing file,
+  a bad variant, a field that doesn't exist (and the nearest that does) or a value of the
+  wrong type, before ml_collections raises its tracebacks."""
+  from llmjax.train import config as config_lib
+  args = _flag_args(args)
+  config_at = next((i for i, a in enumerate(args) if _CONFIG_FLAG.match(a)), None)
+  spec = None
+  if config_at is not None:
+    flag = args[config_at]
+    spec = flag.partition("=")[2] if "=" in flag else (args[config_at + 1:] or [""])[0]
+  config = config_lib.load_experiment(spec)
+  i = 0
+  while i < len(args):
+    match, i = _OVERRIDE_FLAG.match(args[i]), i + 1
+    if not match:
+      continue
+    negated, key, value = match.groups()
+    flag = f"--{'no' if negated else ''}config.{key}"
+    if config_at is not None and i - 1 < config_at:
+      raise ValueError(f"{flag} comes before --config={spec}; give --config first")
+    try:
+      kind = config_lib.field_type(config, key)
+    except ValueError as e:
+      raise ValueError(f"--config.{e}") from None
+    if negated or (value is None and kind is bool):
+      if kind is not bool:
+        raise ValueError(f"{flag}: {key} is not a bool; give --config.{key}=VALUE")
+      continue
+    if value is None:  # --config.KEY VALUE
+      if i == len(args):
+        raise ValueError(f"{flag} has no value; give {flag}=VALUE")
+      value, i = args[i], i + 1
+    try:
+      config_lib.override(config, key, value)
+    except ValueError as e:
+      raise ValueError(f"--config.{e}") from None
+
+
+def parse_flags(argv: list[str]) -> list[str]:
+  """absl's flag parsing, with the command line checked first (`check_command_line`): a bad
+  experiment, override or flag ends the program with one line, not a traceback."""
+  try:
+    args = FLAGS.read_flags_from_files(argv[1:], force_gnu=False)  # --flagfile=F expanded
+    if not any(_CONFIG_FLAG.match(a) for a in _flag_args(args)):
+      argv = [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
+      sys.argv = argv  # ml_collections reads the overrides from sys.argv
+      args = [argv[1], *args]
+    check_command_line(args)
+    return FLAGS(argv)
+  except (flags.Error, ValueError, OSError) as e:
+    raise SystemExit(f"llmjax.main: {e}") from None
 
 
 def main(argv):
@@ -57,16 +126,27 @@ def main(argv):
     result = train.train(config, workdir)
   except (ValueError, FileNotFoundError, FloatingPointError, train.CheckpointError) as e:
     raise SystemExit(f"llmjax.main: {e}") from None
-  final = [h for h in result.history if "eval/loss" in h]
-  if final:
-    print(f"\neval loss {final[0]['eval/loss']:.3f} -> {final[-1]['eval/loss']:.3f} "
-          f"(step {final[0]['step']} -> {final[-1]['step']}); workdir {workdir}")
+  if jax.process_index() == 0:
+    summarize(result, workdir)
+
+
+def summarize(result, workdir: str) -> None:
+  """Where the run stopped, or the whole run's eval loss (earlier segments of a resumed run
+  included, from metrics.jsonl) and a sample of what the model learned."""
+  from llmjax import metrics
   run = result.setup.config  # as trained: `runlocal` shrinks it
-  if jax.process_index() == 0 and run.train.sample_tokens:
+  if result.stopped:
+    print(f"\nstopped at step {result.step} of {run.train.steps} ({result.stopped}); the same "
+          f"command resumes the run. workdir {workdir}")
+    return
+  evals = [r for r in metrics.read_metrics(workdir) if "eval/loss" in r]
+  if evals:
+    print(f"\neval loss {evals[0]['eval/loss']:.3f} -> {evals[-1]['eval/loss']:.3f} "
+          f"(step {evals[0]['step']} -> {evals[-1]['step']}); workdir {workdir}")
+  if run.train.sample_tokens:
     text = sample(result.setup, result.params, run.train.sample_prompt, run.train.sample_tokens)
     if text is not None:
       print(f"\nsample:\n{text}")
 
-
 if __name__ == "__main__":
-  app.run(main)
+  app.run(main, flags_parser=parse_flags)

@@ -3,28 +3,39 @@
 MFU convention (PaLM, appendix B): a trained token costs 6 * N FLOPs for the N non-embedding
 parameters it touches, plus 6 * L * T * D for attention scores and values (L layers, T
 context, D model width), forward and backward. MFU divides what the steps achieved by the
-peak of the devices: a table of bf16 peaks per accelerator kind, or on CPU a float32 matmul
-measured once at startup.
+peak of the devices: a table of bf16 peaks per accelerator kind, `train.peak_flops` if set,
+or on CPU a float32 matmul measured once per machine and cached (`PEAK_CACHE`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import platform
+import shutil
 import sys
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from etils import epath
 
-# bf16 dense peak FLOP/s per chip, from the vendors' data sheets.
-PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5p": 459e12,
-              "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA H100": 989e12,
-              "NVIDIA H200": 989e12, "NVIDIA A100": 312e12}
+from llmjax import paths
+
+# bf16 dense peak FLOP/s per chip, from the vendors' data sheets, by `device.device_kind`
+# (v5e reports "TPU v5 lite", v5p "TPU v5", v6e "TPU v6 lite"); exact names first, then the
+# longest prefix ("NVIDIA H100 80GB HBM3" is an H100).
+PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5": 459e12,
+              "TPU v5p": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
+              "NVIDIA A100": 312e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100": 989e12,
+              "NVIDIA H200": 989e12}
+PEAK_CACHE = "~/.cache/llmjax/peak_flops.json"
 
 
-def measured_cpu_flops(n: int = 1024, repeats: int = 5) -> float:
+def measured_cpu_flops(n: int = 1024, repeats: int = 20) -> float:
   """FLOP/s of an n x n float32 matmul on the default device: the best of `repeats`."""
   a = jnp.ones((n, n), jnp.float32)
   matmul = jax.jit(lambda x: x @ x)
@@ -37,15 +48,49 @@ def measured_cpu_flops(n: int = 1024, repeats: int = 5) -> float:
   return 2 * n**3 / best
 
 
-def peak_flops() -> tuple[float, str]:
-  """(peak FLOP/s of all devices, where the figure came from)."""
+def _cpu_name() -> str:
+  try:
+    with open("/proc/cpuinfo") as f:
+      names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
+  except OSError:
+    names = []
+  return f"{names[0] if names else platform.processor() or platform.machine()} x{os.cpu_count()}"
+
+
+def _cached_cpu_peak() -> tuple[float, str]:
+  """This CPU's measured float32 matmul FLOP/s, measured once per CPU model and core count
+  and kept in PEAK_CACHE, so that MFU figures of runs on one machine compare."""
+  cache, key = os.path.expanduser(PEAK_CACHE), _cpu_name()
+  try:
+    with open(cache) as f:
+      table = json.load(f)
+  except (OSError, ValueError):
+    table = {}
+  if not isinstance(table.get(key), (int, float)):
+    table[key] = measured_cpu_flops()
+    try:
+      os.makedirs(os.path.dirname(cache), exist_ok=True)
+      with open(cache + ".tmp", "w") as f:
+        json.dump(table, f, indent=1)
+      os.replace(cache + ".tmp", cache)
+    except OSError:
+      return table[key], f"f32 matmul measured now on this CPU ({key}); {cache} not writable"
+  return float(table[key]), f"f32 matmul measured once on this CPU, cached in {cache}"
+
+
+def peak_flops(configured: float | None = None) -> tuple[float, str]:
+  """(peak FLOP/s of all devices, where the figure came from): `configured` if given, else
+  the device kind's data sheet, else (CPU) a cached measurement."""
+  if configured:
+    return float(configured), "configured: train.peak_flops"
   device = jax.devices()[0]
   kind = device.device_kind
-  for name, flops in PEAK_FLOPS.items():
-    if kind.startswith(name):
-      return flops * jax.device_count(), f"{kind} data sheet (bf16)"
+  name = kind if kind in PEAK_FLOPS else max(
+      (n for n in PEAK_FLOPS if kind.startswith(n)), key=len, default=None)
+  if name is not None:
+    return PEAK_FLOPS[name] * jax.device_count(), f"{kind} data sheet, bf16"
   if device.platform == "cpu":
-    return measured_cpu_flops(), "measured f32 matmul on this CPU"
+    return _cached_cpu_peak()
   return float("nan"), f"unknown device kind {kind!r}: MFU not reported"
 
 
@@ -55,42 +100,153 @@ def flops_per_token(num_params: int, embed_params: int, num_layers: int, context
   return 6.0 * (num_params - embed_params) + 6.0 * num_layers * context * d_model
 
 
+class StepMetrics:
+  """The train/* record of the steps since the last log line.
+
+  `add(step, metrics)` takes a step's metrics as the jitted step returned them and fetches
+  the previous step's: the host thus runs at most one step ahead of the devices (a signal
+  or a NaN is seen within a step), and every loss is checked finite as it arrives. A step's
+  time is the wall time between consecutive fetches, less what ran under `excluded()` (an
+  eval, a save, a log line); the first `warmup` steps of a run segment (the compile, the
+  first run) are not timed.
+  """
+
+  def __init__(self, flops_per_token: float, peak: float, warmup: int = 2):
+    self.flops_per_token, self.peak, self._warmup = flops_per_token, peak, warmup
+    self._pending, self._fetched, self._times = None, [], []
+    self._last, self._excluded = None, 0.0
+
+  def add(self, step: int, metrics: dict) -> None:
+    self._fetch()
+    now = time.perf_counter()
+    if self._last is not None:
+      if self._warmup > 0:
+        self._warmup -= 1
+      else:
+        self._times.append(now - self._last - self._excluded)
+    self._last, self._excluded, self._pending = now, 0.0, (step, metrics)
+
+  @contextlib.contextmanager
+  def excluded(self):
+    """Work between steps whose time is not step time."""
+    start = time.perf_counter()
+    try:
+      yield
+    finally:
+      self._excluded += time.perf_counter() - start
+
+  def _fetch(self) -> None:
+    if self._pending is None:
+      return
+    step, metrics = self._pending
+    self._pending = None
+    fetched = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    if not (np.isfinite(fetched["loss"]) and np.isfinite(fetched["grad_norm"])):
+      raise FloatingPointError(f"step {step}: the loss is {fetched['loss']} and the gradient "
+                               f"norm {fetched['grad_norm']}")
+    self._fetched.append(fetched)
+
+  def check(self) -> None:
+    """Fetches (and checks) every step so far: call before saving a checkpoint."""
+    self._fetch()
+
+  def summary(self) -> dict[str, float]:
+    """The mean loss, nll and accuracy of the steps since the last summary, the last step's
+    gradient norm and learning rate, and (once a step was timed) throughput and MFU."""
+    self._fetch()
+    steps, self._fetched = self._fetched, []
+    record = {f"train/{k}": float(np.mean([m[k] for m in steps]))
+              for k in ("loss", "nll", "accuracy")}
+    record.update({f"train/{k}": steps[-1][k] for k in ("grad_norm", "learning_rate")
+                   if k in steps[-1]})
+    if self._times:
+      step_time = float(np.mean(self._times))
+      rate = float(np.mean([m["tokens"] for m in steps])) / step_time
+      record.update({"train/step_time": step_time, "train/tokens_per_sec": rate})
+      if np.isfinite(self.peak):
+        record["train/mfu"] = rate * self.flops_per_token / self.peak
+    self._times = []
+    return record
+
+
+def format_line(step: int, total: int, record: dict) -> str:
+  """A log line: the step, then what `record` has of loss, throughput, MFU, ETA and eval."""
+  parts = [f"step {step:6d}/{total}"]
+  if "train/loss" in record:
+    parts.append(f"loss {record['train/loss']:.4f}")
+  if "train/tokens_per_sec" in record:
+    parts.append(f"{record['train/tokens_per_sec'] / 1e3:.1f}k tok/s")
+  if "train/mfu" in record:
+    parts.append(f"MFU {record['train/mfu']:.1%}")
+  if "train/step_time" in record:
+    parts.append(f"ETA {(total - step) * record['train/step_time']:.0f} s")
+  if "eval/loss" in record:
+    parts += [f"eval loss {record['eval/loss']:.4f}", f"acc {record['eval/accuracy']:.3f}"]
+  return " | ".join(parts)
+
+
 class MetricWriter:
   """Appends `{"step": s, key: value, ...}` lines to workdir/metrics.jsonl and TensorBoard scalars.
 
   Only process 0 writes. TensorBoard files come from tensorboardX (no TensorFlow); without
-  it installed only the JSON lines are written.
+  it installed only the JSON lines are written. In a `gs://` workdir (an object store has
+  no append) metrics.jsonl is rewritten whole at every record, a few hundred bytes a line,
+  and the TensorBoard events are written locally and copied up at most every `sync_secs`
+  and at close.
   """
 
-  def __init__(self, workdir: str):
+  def __init__(self, workdir, sync_secs: float = 30.0):
     self.enabled = jax.process_index() == 0
-    self._jsonl = self._tb = None
+    self._jsonl = self._tb = self._local = None
     if not self.enabled:
       return
-    os.makedirs(workdir, exist_ok=True)
-    path = os.path.join(workdir, "metrics.jsonl")
-    torn = os.path.isfile(path) and os.path.getsize(path) and not _ends_with_newline(path)
-    self._jsonl = open(path, "a")
-    if torn:  # a run killed mid-line: end that line so the next record stands alone
-      self._jsonl.write("\n")
-    self._tb = _tensorboard_writer(workdir)
+    self._dir, self._sync_secs, self._synced = paths.path(workdir), sync_secs, 0.0
+    self._file = self._dir / "metrics.jsonl"
+    if paths.is_url(self._file):
+      self._lines = self._file.read_text().splitlines(True) if self._file.exists() else []
+      if self._lines and not self._lines[-1].endswith("\n"):
+        self._lines[-1] += "\n"
+      self._local = tempfile.mkdtemp(prefix="llmjax-events-")
+    else:
+      torn = self._file.exists() and self._file.stat().length and not _ends_with_newline(self._file)
+      self._jsonl = self._file.open("a")
+      if torn:  # a run killed mid-line: end that line so the next record stands alone
+        self._jsonl.write("\n")
+    self._tb = _tensorboard_writer(self._local or str(self._dir))
 
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
       return
     clean = {k: float(v) for k, v in scalars.items()}
-    self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
-    self._jsonl.flush()
+    line = json.dumps({"step": int(step), **clean}) + "\n"
+    if self._jsonl is None:
+      self._lines.append(line)
+      self._file.write_text("".join(self._lines))
+    else:
+      self._jsonl.write(line)
+      self._jsonl.flush()
     if self._tb is not None:
       for key, value in clean.items():
         if np.isfinite(value):
           self._tb.add_scalar(key, value, step)
+      if self._local and time.monotonic() - self._synced > self._sync_secs:
+        self._sync()
+
+  def _sync(self) -> None:
+    """Copies the local TensorBoard event files up to the gs:// workdir."""
+    self._tb.flush()
+    for name in os.listdir(self._local):
+      (self._dir / name).write_bytes(epath.Path(self._local, name).read_bytes())
+    self._synced = time.monotonic()
 
   def close(self) -> None:
     if self._jsonl is not None:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+      if self._local:
+        self._sync()
+        shutil.rmtree(self._local, ignore_errors=True)
 
 
 def _tensorboard_writer(workdir: str):
@@ -110,17 +266,20 @@ def _tensorboard_writer(workdir: str):
   return SummaryWriter(workdir, flush_secs=30)
 
 
-def _ends_with_newline(path: str) -> bool:
-  with open(path, "rb") as f:
+def _ends_with_newline(file) -> bool:
+  with file.open("rb") as f:
     f.seek(-1, os.SEEK_END)
     return f.read(1) == b"\n"
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """The records of workdir/metrics.jsonl, in order. A run resumed after a kill logs the
-  steps after its checkpoint again (with the same values); a line torn by the kill is skipped."""
-  records = []
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+  """The records of workdir/metrics.jsonl, in order (none before the first is written). A run
+  resumed after a kill logs the steps after its checkpoint again (with the same values); a
+  line torn by the kill is skipped."""
+  records, file = [], paths.path(workdir) / "metrics.jsonl"
+  if not file.exists():
+    return records
+  with file.open() as f:
     for line in f:
       try:
         records.append(json.loads(line))

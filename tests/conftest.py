@@ -34,7 +34,15 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the controller (or a run wi
   # steps and inits all take longer.
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
 
+# Cloud Storage clients talk to the tests' emulator (the `gcs` fixture), anonymously, never
+# with a machine's real credentials. gcsfs reads the first at import: its gRPC lookup of a
+# bucket's namespace layout is not something an emulator answers.
+os.environ.setdefault("GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT", "false")
+os.environ.setdefault("GOOGLE_AUTH_TOKEN_FOR_TESTING", "fake")  # tensorstore
+os.environ.setdefault("FSSPEC_GCS_TOKEN", "anon")  # gcsfs
+
 import jax  # noqa: E402
+import pytest  # noqa: E402
 
 jax.config.update("jax_num_cpu_devices", 8)
 jax.config.update("jax_default_matmul_precision", "highest")
@@ -51,3 +59,32 @@ LONG_FIRST = ("tests/train/robustness_test.py", "tests/train/train_test.py",
 def pytest_collection_modifyitems(items):
   rank = {path: i for i, path in enumerate(LONG_FIRST)}
   items.sort(key=lambda item: rank.get(item.nodeid.split("::")[0], len(LONG_FIRST)))
+
+
+@pytest.fixture(scope="session")
+def gcs():
+  """A fresh in-memory Cloud Storage emulator (tests/gcs_emulator.py) with the bucket
+  `bucket`; every client (gcsfs under epath, tensorstore under Orbax, google-cloud-storage),
+  here and in the subprocesses the tests start, talks to it. Yields its URL."""
+  import subprocess
+  proc = subprocess.Popen([sys.executable, os.path.join(os.path.dirname(__file__),
+                                                        "gcs_emulator.py"), "bucket"],
+                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+  line = proc.stdout.readline()  # "READY <port>" within a fraction of a second
+  if not line.startswith("READY"):
+    proc.kill()
+    pytest.fail(f"the GCS emulator did not start: {line!r}")
+  url = f"http://127.0.0.1:{line.split()[1]}"
+  import fsspec.config  # imported already by torch or huggingface_hub: the variable is late
+  fsspec.config.conf.setdefault("gcs", {})["token"] = "anon"
+  saved = {k: os.environ.get(k) for k in ("STORAGE_EMULATOR_HOST", "TENSORSTORE_GCS_HTTP_URL")}
+  os.environ["STORAGE_EMULATOR_HOST"] = url  # gcsfs, google-cloud-storage
+  os.environ["TENSORSTORE_GCS_HTTP_URL"] = url  # tensorstore (Orbax's arrays)
+  yield url
+  for k, v in saved.items():
+    if v is None:
+      os.environ.pop(k, None)
+    else:
+      os.environ[k] = v
+  proc.terminate()
+  proc.wait(10)

@@ -173,12 +173,13 @@ def test_dry_run_prints_pasteable_commands(tmp_path):
 
 
 def test_a_tiny_sweep_trains_tabulates_fails_and_skips_on_rerun(tmp_path):
-  """Two real runs and one with a misspelled key: the table has both runs' last eval loss and
-  the failure; the exit status is non-zero; the same sweep again skips the finished runs."""
+  """Two real runs and one that fails (its data shards don't divide the batch): the table has
+  both runs' last eval loss and the failure; the exit status is non-zero; the same sweep again
+  skips the finished runs."""
   path = tmp_path / "sweep_file.py"
   path.write_text("def sweep():\n  return [dict(optimizer=dict(learning_rate=1e-3)),\n"
                   "          {'optimizer.learning_rate': 3e-3},\n"
-                  "          {'model.num_layer': 3}]\n")
+                  "          {'data.shards': 3}]\n")
   root = tmp_path / "root"
   args = ["--config=experiments/gpt.py:tiny", f"--workdir={root}", f"--sweep={path}",
           "--metrics=eval/loss,train/loss", *TINY]
@@ -186,7 +187,7 @@ def test_a_tiny_sweep_trains_tabulates_fails_and_skips_on_rerun(tmp_path):
   assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
   rows = {row["run"]: row for row in parse_table(proc.stdout)}
   good = ["optimizer.learning_rate=0.001", "optimizer.learning_rate=0.003"]
-  assert set(rows) == set(good) | {"model.num_layer=3"}, proc.stdout[-3000:]
+  assert set(rows) == set(good) | {"data.shards=3"}, proc.stdout[-3000:]
   lengths = {}
   for name in good:
     with open(root / name / "metrics.jsonl") as f:
@@ -200,12 +201,12 @@ def test_a_tiny_sweep_trains_tabulates_fails_and_skips_on_rerun(tmp_path):
     with open(root / name / sweep.COMMAND_FILE) as f:
       assert json.load(f)[:2] == ["-m", "llmjax.main"]
     lengths[name] = len(records)
-  assert rows["model.num_layer=3"]["status"] == "failed (exit 1)"
-  assert rows["model.num_layer=3"]["eval/loss"] == "-"
+  assert rows["data.shards=3"]["status"] == "failed (exit 1)"
+  assert rows["data.shards=3"]["eval/loss"] == "-"
   table = parse_table(proc.stdout)
   assert [float(r["eval/loss"]) for r in table[:2]] == sorted(float(r["eval/loss"])
                                                              for r in table[:2])
-  assert table[2]["run"] == "model.num_layer=3"  # runs without the metric sort last
+  assert table[2]["run"] == "data.shards=3"  # runs without the metric sort last
 
   proc = run_tool("sweep.py", *args)
   assert proc.returncode == 1
@@ -215,7 +216,7 @@ def test_a_tiny_sweep_trains_tabulates_fails_and_skips_on_rerun(tmp_path):
     assert rows[name]["status"] == "done"
     with open(root / name / "metrics.jsonl") as f:
       assert len(f.readlines()) == lengths[name]  # not trained again
-  assert rows["model.num_layer=3"]["status"] == "failed (exit 1)"  # tried again
+  assert rows["data.shards=3"]["status"] == "failed (exit 1)"  # tried again
   proc = run_tool("sweep.py", *args, "--rerun", "--dry_run")
   assert [c for c in proc.stdout.splitlines() if c.startswith("rm -rf")] == [
       shlex.join(["rm", "-rf", "--", str(root / name)]) for name in good]
@@ -254,8 +255,9 @@ def test_tpu_dry_run_prints_the_gcloud_commands(tmp_path):
   assert len(proc.stdout.splitlines()) == 1
   assert "git clone https://example.com/llmjax.git llmjax" in proc.stdout
 
-  proc = tpu("--dry-run", *WHERE, "--config=experiments/gpt.py:small", "--workdir=/mnt/r 1",
-             "launch", "--", "--config.train.steps=20", "--config.data.path=it's *.jsonl")
+  proc = tpu("--dry-run", *WHERE, "--type=v4-8", "--config=experiments/gpt.py:small",
+             "--workdir=/mnt/r 1", "launch", "--", "--config.train.steps=20",
+             "--config.data.path=it's *.jsonl")  # one host: a local workdir is fine
   assert proc.returncode == 0, proc.stderr
   argv = shlex.split(proc.stdout)
   assert argv[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "lm-1"]
@@ -283,6 +285,126 @@ def test_tpu_dry_run_prints_the_gcloud_commands(tmp_path):
   assert proc.returncode == 0, proc.stderr
   assert (tmp_path / "argv").read_text().splitlines() == [
       "compute", "tpus", "tpu-vm", "delete", "lm-1", "--zone=us-central2-b", "--quiet"]
+
+
+LAUNCH = ["--name=lm-1", "--zone=us-central2-b", "--config=experiments/gpt.py:small"]
+DENIED = ("ERROR: (gcloud.storage.cp) [sa@p.iam.gserviceaccount.com] does not have "
+          "storage.objects.create access to the Google Cloud Storage object.")
+
+
+def fake_gcloud(tmp_path, endpoints="10.0.0.2", denied=""):
+  """A bin/ of stand-ins: gcloud records each call in calls.txt, answers describe with
+  `endpoints`, fails `storage cp` with `denied` if given, and runs an ssh --command that
+  checks the bucket as worker 3 would (curl answers the metadata server's worker number)."""
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir(exist_ok=True)
+  scripts = {
+      "gcloud": f"""#!/bin/sh
+printf '%s\\n' "$*" >> {tmp_path}/calls.txt
+for a; do case $a in --command=*) command=${{a#--command=}} ;; esac; done
+case "$*" in
+  *" describe "*) echo '{endpoints}' ;;
+  "storage cp "*) [ -z '{denied}' ] || {{ echo 'Copying file://x'; echo '{denied}'; }} >&2
+                  [ -z '{denied}' ] ;;
+  *" ssh "*) case $command in *"gcloud storage"*) exec bash -c "$command" ;; esac ;;
+esac
+""",
+      "curl": "#!/bin/sh\necho 3\n"}
+  for name, text in scripts.items():
+    (bin_dir / name).write_text(text)
+    (bin_dir / name).chmod(0o755)
+  return f"{bin_dir}:{os.environ['PATH']}"
+
+
+def calls(tmp_path):
+  path = tmp_path / "calls.txt"
+  return path.read_text().splitlines() if path.exists() else []
+
+
+def test_tpu_launch_checks_a_gs_workdir_from_every_worker_first(tmp_path):
+  proc = tpu("--dry-run", *LAUNCH, "--type=v4-32", "--workdir=gs://my-bucket/runs/x/",
+             "launch", "--", "--config.train.steps=20")
+  assert proc.returncode == 0, proc.stderr
+  check, launch = [shlex.split(line) for line in proc.stdout.splitlines()]
+  assert check[:6] == launch[:6] == ["gcloud", "compute", "tpus", "tpu-vm", "ssh", "lm-1"]
+  assert flag_values(check)["--worker"] == flag_values(launch)["--worker"] == "all"
+  script = flag_values(check)["--command"]
+  assert "gcloud storage cp" in script and "gcloud storage rm" in script
+  assert "--workdir=gs://my-bucket/runs/x/" in flag_values(launch)["--command"]
+
+  # The check as a worker runs it (worker 3, from the metadata server): it writes an object
+  # under the workdir and deletes it, or prints one line naming the bucket and the worker.
+  env = {"PATH": fake_gcloud(tmp_path), "HOME": str(tmp_path)}
+  worker = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+  assert worker.returncode == 0, worker.stderr
+  assert worker.stdout == "worker 3: wrote and deleted gs://my-bucket/runs/x/.tpu.sh-probe-3\n"
+  probe = "gs://my-bucket/runs/x/.tpu.sh-probe-3"
+  assert [c.split()[:2] + c.split()[-1:] for c in calls(tmp_path)] == [
+      ["storage", "cp", probe], ["storage", "rm", probe]]
+  env["PATH"] = fake_gcloud(tmp_path, denied=DENIED)
+  worker = subprocess.run(["bash", "-c", script], env=env, capture_output=True, text=True)
+  assert worker.returncode == 1 and worker.stdout == ""
+  assert worker.stderr == f"tpu.sh: gs://my-bucket is not writable from worker 3: {DENIED}\n"
+
+  # For real: the check's ssh comes first, and a worker that cannot write stops the launch.
+  (tmp_path / "calls.txt").unlink()
+  proc = tpu(*LAUNCH, "--type=v4-32", "--workdir=gs://my-bucket/runs/x", "launch",
+             PATH=fake_gcloud(tmp_path, denied=DENIED), HOME=str(tmp_path))
+  assert proc.returncode == 1
+  assert f"tpu.sh: gs://my-bucket is not writable from worker 3: {DENIED}" in proc.stderr
+  assert proc.stderr.endswith("tpu.sh: nothing launched: the check that gs://my-bucket is "
+                              "writable from every worker failed (see above)\n")
+  assert not any("llmjax.main" in c for c in calls(tmp_path))
+  (tmp_path / "calls.txt").unlink()
+  proc = tpu(*LAUNCH, "--type=v4-32", "--workdir=gs://my-bucket/runs/x", "launch",
+             PATH=fake_gcloud(tmp_path), HOME=str(tmp_path))
+  assert proc.returncode == 0, proc.stderr
+  ssh = [c for c in calls(tmp_path) if " ssh " in c]
+  assert len(ssh) == 2 and "gcloud storage" in ssh[0] and "llmjax.main" in ssh[1]
+
+  proc = tpu("--dry-run", *LAUNCH, "--workdir=gs:///runs/x", "launch")
+  assert proc.returncode == 2 and "names no bucket" in proc.stderr and proc.stdout == ""
+
+
+@pytest.mark.parametrize("accelerator", [
+    "v2-32", "v3-16", "v4-16", "v4-32", "v5p-16", "v5litepod-16", "v5litepod-256", "v6e-16"])
+def test_tpu_refuses_a_local_workdir_on_a_multi_host_slice(accelerator):
+  proc = tpu("--dry-run", *LAUNCH, f"--type={accelerator}", "--workdir=/mnt/runs/x", "launch")
+  assert proc.returncode == 2 and proc.stdout == ""
+  assert proc.stderr == (
+      f"tpu.sh: --workdir=/mnt/runs/x is a local path, but {accelerator} is a multi-host "
+      "slice: each host would write its checkpoint shards to its own disk and no disk would "
+      "hold a whole checkpoint; use --workdir=gs://BUCKET/PATH\n")
+
+
+@pytest.mark.parametrize("accelerator", [
+    "v2-8", "v3-8", "v4-8", "v5p-8", "v5litepod-1", "v5litepod-8", "v6e-4", "v6e-8"])
+def test_tpu_allows_a_local_workdir_on_a_single_host_slice(accelerator):
+  proc = tpu("--dry-run", *LAUNCH, f"--type={accelerator}", "--workdir=/mnt/runs/x", "launch")
+  assert proc.returncode == 0 and proc.stderr == "", proc.stderr
+  (launch,) = [shlex.split(line) for line in proc.stdout.splitlines()]  # no bucket check
+  assert "--workdir=/mnt/runs/x" in shlex.split(flag_values(launch)["--command"])
+
+
+def test_tpu_without_a_type_counts_the_hosts_before_a_local_workdir(tmp_path):
+  proc = tpu("--dry-run", *LAUNCH, "--workdir=/mnt/runs/x", "launch")
+  assert proc.returncode == 0, proc.stderr
+  describe, launch = [shlex.split(line) for line in proc.stdout.splitlines()]
+  assert describe == ["gcloud", "compute", "tpus", "tpu-vm", "describe", "lm-1",
+                      "--zone=us-central2-b", "--format=value(networkEndpoints[].ipAddress)"]
+  assert "llmjax.main" in flag_values(launch)["--command"]
+  assert "host count of lm-1 is unknown" in proc.stderr
+
+  proc = tpu(*LAUNCH, "--workdir=/mnt/runs/x", "launch",
+             PATH=fake_gcloud(tmp_path, endpoints="10.0.0.2;10.0.0.3"))
+  assert proc.returncode == 2
+  assert proc.stderr.splitlines()[-1].startswith(
+      "tpu.sh: --workdir=/mnt/runs/x is a local path, but lm-1 has 2 hosts: each host")
+  assert [c.split()[3] for c in calls(tmp_path)] == ["describe"]
+  (tmp_path / "calls.txt").unlink()
+  proc = tpu(*LAUNCH, "--workdir=/mnt/runs/x", "launch", PATH=fake_gcloud(tmp_path))
+  assert proc.returncode == 0, proc.stderr
+  assert [c.split()[3] for c in calls(tmp_path)] == ["describe", "ssh"]
 
 
 @pytest.mark.parametrize("args,missing", [

@@ -11,6 +11,7 @@ adds its own specials instead: none for GPT-2) and prints prompt + continuation;
 prompt + EOS and prints what its decoder writes. Rows stop at the tokenizer's EOS unless --noeos.
 Several prompts' samples are each headed `--- sample I/N ---`. --stream (with --num_beams=1)
 prints as the model writes: one prompt token by token, several each whole once its row is done.
+--workdir, --checkpoint and --prompts_file may be gs:// URLs; an unreachable bucket is one line.
 """
 
 import os
@@ -19,6 +20,8 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from absl import app, flags, logging  # noqa: E402
+
+from llmjax import paths  # noqa: E402
 
 flags.DEFINE_string("workdir", None, "A training run's workdir: its latest checkpoint.")
 flags.DEFINE_string("checkpoint", None, "A model checkpoint dir (tools/convert_hf.py writes one).")
@@ -47,9 +50,11 @@ def _prompts() -> list[str]:
   if not FLAGS.prompts_file:
     return FLAGS.prompt or _fail("no prompts: give --prompt=TEXT (repeatable) or --prompts_file")
   try:
-    with open(FLAGS.prompts_file, encoding="utf-8") as f:
-      prompts = [line.rstrip("\r\n") for line in f if line.strip()]
-  except (OSError, UnicodeDecodeError) as e:
+    paths.check_bucket(FLAGS.prompts_file)
+    text = paths.path(FLAGS.prompts_file).read_bytes().decode("utf-8")
+    lines = text.replace("\r\n", "\n").replace("\r", "\n").split("\n")  # as open() reads
+    prompts = [line for line in lines if line.strip()]
+  except (OSError, UnicodeDecodeError, ValueError) as e:
     _fail(f"cannot read --prompts_file={FLAGS.prompts_file}: {getattr(e, 'strerror', 0) or e}")
   return prompts or _fail(f"--prompts_file={FLAGS.prompts_file} holds no prompts")
 
@@ -112,8 +117,13 @@ def main(argv):
   if FLAGS.stream and FLAGS.num_beams > 1:
     _fail(f"--stream needs --num_beams=1 (got {FLAGS.num_beams}): beams are known at the end")
   flag, path = ("workdir", FLAGS.workdir) if FLAGS.workdir else ("checkpoint", FLAGS.checkpoint)
-  if "://" not in path and not os.path.isdir(path):  # before the slow imports
-    _fail(f"--{flag}={path} {'is not a directory' if os.path.exists(path) else 'does not exist'}")
+  try:
+    paths.check_bucket(path)  # before the slow imports, as the checks below
+  except ValueError as e:
+    _fail(f"--{flag}: {e}")
+  where = paths.path(path)
+  if not where.is_dir():
+    _fail(f"--{flag}={path} {'is not a directory' if where.exists() else 'does not exist'}")
   prompts = _prompts()
   logging.set_verbosity(logging.WARNING)  # not Orbax's INFO lines about reading a checkpoint
   import jax

@@ -3,6 +3,7 @@
     python tools/sweep.py --config=experiments/gpt.py:tiny --workdir=/tmp/sweep \\
         --grid='optimizer.learning_rate=1e-3,3e-3;model.num_layers=2,4' \\
         --set=train.steps=500 --metrics=eval/loss,train/loss [--dry_run] [--rerun]
+    python tools/sweep.py --config=experiments/gpt.py:tiny --workdir=gs://BUCKET/sweep ...
 
 `--grid` is the cartesian product of axes separated by ';', each `KEY=V1,V2,...` (a comma
 inside (), [] or {} belongs to the value: `mesh.shape=(-1,2,1),(-1,1,2)`). `--sweep=FILE.py`
@@ -10,6 +11,9 @@ names a file whose `def sweep()` returns a list of override dicts, flat
 (`{"optimizer.learning_rate": 1e-3}`) or nested (`dict(optimizer=dict(learning_rate=1e-3))`);
 with both, every sweep entry is crossed with every grid point. `--set=KEY=VALUE` (repeated)
 goes to every run. Keys are config paths; each becomes `--config.KEY=VALUE` of llmjax.main.
+Before any run starts, each run's overrides are set on the experiment's config and its ranges
+checked, as llmjax.main would: a missing experiment, a bad variant, a misspelled key (the
+nearest valid one is named) or a value its field can't hold ends the sweep with one line.
 
 Each run trains in WORKDIR/NAME, where NAME spells the run's own overrides
 (`optimizer.learning_rate=0.001,model.num_layers=2`; characters unsafe in a path become '_'
@@ -20,11 +24,14 @@ stopped early (Ctrl-C stops the sweep once the current run has saved a checkpoin
 next time, as does a finished run whose command changed (e.g. a larger train.steps). A failed
 run is reported and the sweep goes on; the exit status is 1 if any run failed. The table,
 sorted by the first metric (ascending), gives each run's overrides and the last value of each
-metric in its metrics.jsonl.
+metric in its metrics.jsonl. WORKDIR may be a gs:// URL (every file goes through
+llmjax.paths); a bucket that can't be reached or written ends the sweep in one line before
+any run starts.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import hashlib
 import importlib.util
@@ -34,12 +41,16 @@ import math
 import os
 import re
 import shlex
-import shutil
 import signal
 import subprocess
 import sys
 
 from absl import app, flags
+from etils import epath
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from llmjax import paths  # noqa: E402
 
 flags.DEFINE_string("config", None, "EXPERIMENT[:variant], passed to llmjax.main.")
 flags.DEFINE_string("workdir", None, "Sweep root: each run writes WORKDIR/NAME.", required=True)
@@ -169,7 +180,7 @@ def commands(runs: list[dict[str, str]], config: str | None, root: str,
     if name in names:
       raise ValueError(f"the sweep holds the run {name} twice")
     names.add(name)
-    workdir = os.path.join(root, name)
+    workdir = str(epath.Path(root) / name)
     argv = [sys.executable, "-m", "llmjax.main"] + ([f"--config={config}"] if config else [])
     argv += [f"--workdir={workdir}"]
     argv += [f"--config.{k}={v}" for k, v in {**fixed, **overrides}.items()]
@@ -179,25 +190,22 @@ def commands(runs: list[dict[str, str]], config: str | None, root: str,
 
 def _records(workdir: str) -> list[dict]:
   from llmjax.metrics import read_metrics
-  if not os.path.isfile(os.path.join(workdir, "metrics.jsonl")):
-    return []
-  return read_metrics(workdir)
+  return read_metrics(workdir)  # none while metrics.jsonl does not exist
 
 
 def final_step(run: Run) -> int | None:
   """train.steps as the run trained (its config.json: `runlocal` may have shrunk it); None when
   unknown or when the sweep's command for it changed since (train.steps=N may have grown)."""
+  workdir = paths.path(run.workdir)
   try:
-    with open(os.path.join(run.workdir, COMMAND_FILE)) as f:
-      if json.load(f) != run.argv[1:]:
-        return None
+    if json.loads((workdir / COMMAND_FILE).read_text()) != run.argv[1:]:
+      return None
   except FileNotFoundError:
     pass  # trained outside the sweep
   except (OSError, ValueError):
     return None
   try:
-    with open(os.path.join(run.workdir, "config.json")) as f:
-      return int(json.load(f)["train"]["steps"])
+    return int(json.loads((workdir / "config.json").read_text())["train"]["steps"])
   except (OSError, ValueError, KeyError, TypeError):
     return None
 
@@ -239,6 +247,15 @@ def table(runs: list[Run], metrics: list[str]) -> str:
   return "\n".join(lines)
 
 
+def start(run: Run, finished: bool) -> None:
+  """Deletes a finished run's workdir (--rerun) and records the command it trains with."""
+  workdir = paths.path(run.workdir)
+  if finished:
+    workdir.rmtree()
+  workdir.mkdir(parents=True, exist_ok=True)
+  (workdir / COMMAND_FILE).write_text(json.dumps(run.argv[1:]))
+
+
 def execute(run: Run) -> int:
   """Trains the run in a child process; returns its exit status."""
   proc = subprocess.Popen(run.argv, env={**os.environ, "PYTHONUNBUFFERED": "1"})  # in order
@@ -250,21 +267,50 @@ def execute(run: Run) -> int:
     raise
 
 
+def check_runs(runs: list[Run], config: str | None, fixed: dict[str, str] | None = None,
+               origins: dict[str, str] | None = None) -> None:
+  """Raises ValueError before any run starts: for an experiment `config` that doesn't load
+  (a missing file, a bad variant), a key it lacks (naming the nearest), a value its field
+  can't hold, or a run whose config is out of range (what llmjax.main would refuse).
+  `origins` names where each key came from (--grid, the --sweep file); --set is `fixed`'s."""
+  from llmjax.train import config as config_lib
+  base = config_lib.load_experiment(config)
+  origins = {**(origins or {}), **{k: "--set" for k in fixed or {}}}
+  for run in runs:
+    c = copy.deepcopy(base)
+    for key, value in {**(fixed or {}), **run.overrides}.items():
+      try:
+        config_lib.override(c, key, value)
+      except ValueError as e:
+        raise ValueError(f"{origins.get(key, 'override')}: {e}") from None
+    try:
+      config_lib.validate(config_lib.shrink_for_cpu(c) if c.runlocal else c)
+    except ValueError as e:
+      raise ValueError(f"run {run.name}: {e}") from None
+
+
 def sweep_runs() -> list[Run]:
-  """The runs that the flags describe."""
+  """The runs that the flags describe, each checked against the experiment's config."""
   if not FLAGS.grid and not FLAGS.sweep:
     raise ValueError("give --grid and/or --sweep")
   grid = expand_grid(";".join(FLAGS.grid)) if FLAGS.grid else None
   from_file = load_sweep(FLAGS.sweep) if FLAGS.sweep else None
   fixed = dict(parse_override(s) for s in FLAGS.set)
-  return commands(combine(from_file, grid), FLAGS.config, FLAGS.workdir, fixed)
+  runs = commands(combine(from_file, grid), FLAGS.config, FLAGS.workdir, fixed)
+  origins = {k: FLAGS.sweep for r in from_file or [] for k in r}
+  origins.update({k: "--grid" for r in grid or [] for k in r})
+  check_runs(runs, FLAGS.config, fixed, origins)
+  return runs
 
 
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   try:
+    paths.check_bucket(FLAGS.workdir)
     runs = sweep_runs()
+    if not FLAGS.dry_run:  # a dry run writes nothing
+      paths.open_dir(FLAGS.workdir, "--workdir")
   except (OSError, ValueError, SyntaxError) as e:
     raise SystemExit(f"sweep: {e}") from None
   failed, interrupted = 0, False
@@ -277,15 +323,12 @@ def main(argv):
         continue
       if FLAGS.dry_run:
         if finished:
-          print(shlex.join(["rm", "-rf", "--", run.workdir]))
+          remove = ["gcloud", "storage", "rm", "-r"] if paths.is_url(run.workdir) else ["rm", "-rf"]
+          print(shlex.join([*remove, "--", run.workdir]))
         print(shlex.join(run.argv), flush=True)
         continue
-      if finished:
-        shutil.rmtree(run.workdir)
       print(f"\n[{i}/{len(runs)}] {shlex.join(run.argv)}", flush=True)
-      os.makedirs(run.workdir, exist_ok=True)
-      with open(os.path.join(run.workdir, COMMAND_FILE), "w") as f:
-        json.dump(run.argv[1:], f)
+      start(run, finished)
       run.status = "interrupted"  # until it returns
       code = execute(run)
       if code:

@@ -4,8 +4,8 @@
 #   tools/tpu.sh --name=lm1 --zone=us-central2-b --type=v4-32 --runtime=tpu-ubuntu2204-base create
 #   tools/tpu.sh --name=lm1 --zone=us-central2-b install      # copies this checkout (a tarball)
 #   tools/tpu.sh --name=lm1 --zone=us-central2-b --repo=https://github.com/ORG/llmjax install
-#   tools/tpu.sh --name=lm1 --zone=us-central2-b --config=experiments/gpt.py:small \
-#       --workdir=/mnt/runs/gpt_small launch -- --config.train.steps=20000
+#   tools/tpu.sh --name=lm1 --zone=us-central2-b --type=v4-32 --config=experiments/gpt.py:small \
+#       --workdir=gs://BUCKET/runs/gpt_small launch -- --config.train.steps=20000
 #   tools/tpu.sh --name=lm1 --zone=us-central2-b logs         # tail -f of worker 0's log
 #   tools/tpu.sh --name=lm1 --zone=us-central2-b stop         # SIGTERM: checkpoint and stop
 #   tools/tpu.sh --name=lm1 --zone=us-central2-b delete [-- --quiet]
@@ -13,14 +13,15 @@
 # Settings, as a flag or an environment variable of the same name in capitals:
 #   --name NAME        the TPU VM (required)
 #   --zone ZONE        its zone, e.g. us-central2-b (required)
-#   --type TYPE        accelerator type, e.g. v4-32, v5litepod-16, v6e-8 (create)
+#   --type TYPE        accelerator type, e.g. v4-32, v5litepod-16, v6e-8 (create; launch uses
+#                      it to tell a single-host slice from a multi-host one)
 #   --runtime RUNTIME  software version (create): tpu-ubuntu2204-base for v4,
 #                      v2-alpha-tpuv5-lite for v5e, v2-alpha-tpuv5 for v5p, v2-alpha-tpuv6e for v6e
 #   --project PROJECT  Google Cloud project; default: gcloud's configured one
 #   --repo REPO        install: git URL to clone on the workers; default: copy this checkout
 #   --config CONFIG    launch: EXPERIMENT[:variant] for llmjax.main (required by launch)
-#   --workdir WORKDIR  launch: the run's workdir, the same path on every worker (required);
-#                      multi-host checkpoints need storage that all workers share
+#   --workdir WORKDIR  launch: the run's workdir (required): gs://BUCKET/PATH on a pod; a
+#                      local path only on a single-host slice
 #   --worker WORKER    logs: which worker's log (default 0; "all" for every worker)
 #   --dry-run          or DRY_RUN=1: print each command instead of running it
 # A missing required setting is an error naming it (exit 2). Arguments after `--` go to
@@ -32,6 +33,22 @@
 # background under nohup with its output in ~/llmjax.log: llmjax.main initializes
 # jax.distributed by itself on Cloud TPU (it sees TPU_WORKER_HOSTNAMES / CLOUD_TPU_TASK_ID),
 # so every worker joins one job with no coordinator flags.
+#
+# The workdir on a pod: every host writes its own shards of each checkpoint, so all of them
+# must write to one place they all see: a Cloud Storage bucket, --workdir=gs://BUCKET/PATH.
+# Before launching, launch checks from every worker (one ssh --worker=all) that the VM's
+# service account can write and delete an object under that path with `gcloud storage`
+# (installed on the TPU VM images; grant the account e.g. roles/storage.objectAdmin on the
+# bucket). A worker that cannot prints (N: its agent-worker-number)
+#   tpu.sh: gs://BUCKET is not writable from worker N: <gcloud's last error line>
+# and nothing is launched (exit 1). A local --workdir is refused (exit 2) on a multi-host
+# slice: each host would write its shards to its own disk, and no disk would hold a whole
+# checkpoint. Multi-host means more than 8 in the type's count: v2/v3/v4/v5p-N count
+# TensorCores (2 a chip, 4 chips a host: v4-8 and v5p-8 are one host, v4-16 two), v5litepod-N
+# and v6e-N count chips (up to 8 a host: v5litepod-8 and v6e-8 are one host). Without
+# --type (or with a type not in that list) launch counts the slice's hosts with
+# `gcloud compute tpus tpu-vm describe`; a dry run cannot, so it prints that command and
+# says the host count is unknown.
 
 set -euo pipefail
 
@@ -116,6 +133,67 @@ no_extra() {
   [[ ${#EXTRA[@]} -eq 0 ]] || die "$COMMAND takes no arguments after --"
 }
 
+multi_host() {  # yes, no, or nothing (unknown) for the accelerator type $1
+  local count
+  case $1 in
+    # v2-v4 and v5p count TensorCores (2 a chip, 4 chips a host); v5e and v6e count chips
+    # (up to 8 a host): either way more than 8 is more than one host.
+    v2-*|v3-*|v4-*|v5p-*|v5litepod-*|v6e-*) count=${1#*-} ;;
+    *) return 0 ;;
+  esac
+  [[ $count =~ ^[0-9]+$ ]] || return 0
+  if (( 10#$count > 8 )); then echo yes; else echo no; fi
+}
+
+refuse_local_workdir_on_a_pod() {  # exits 2 when $WORKDIR is local and the slice multi-host
+  local hosts slice describe endpoints count why
+  hosts=$(multi_host "$TYPE") slice="$TYPE is a multi-host slice"
+  if [[ -z $hosts ]]; then  # no --type, or one not in the table: ask gcloud for the hosts
+    describe=("${TPU[@]}" describe "$NAME" "${WHERE[@]}"
+              --format='value(networkEndpoints[].ipAddress)')
+    if [[ $DRY_RUN == 1 ]]; then
+      quote "${describe[@]}"
+      why="no --type"
+      [[ -z $TYPE ]] || why="--type=$TYPE is not one tpu.sh knows"
+      echo "tpu.sh: dry run: $why, so the host count of $NAME is unknown; launch counts" \
+        "its hosts with the describe above and refuses --workdir=$WORKDIR if it has more" \
+        "than one" >&2
+      return 0
+    fi
+    echo "+ $(quote "${describe[@]}")" >&2
+    endpoints=$("${describe[@]}") \
+      || { echo "tpu.sh: cannot count the hosts of $NAME (describe failed)" >&2; exit 1; }
+    count=$(tr ';,' '  ' <<< "$endpoints" | wc -w)
+    (( count > 0 )) || die "cannot count the hosts of $NAME (describe listed no" \
+      "network endpoints); give --type=..., or a gs://BUCKET/PATH workdir"
+    hosts=$( (( count > 1 )) && echo yes || echo no ) slice="$NAME has $count hosts"
+  fi
+  [[ $hosts == no ]] || die "--workdir=$WORKDIR is a local path, but $slice: each host" \
+    "would write its checkpoint shards to its own disk and no disk would hold a whole" \
+    "checkpoint; use --workdir=gs://BUCKET/PATH"
+}
+
+check_bucket() {  # one ssh to every worker: write, then delete, an object under $WORKDIR
+  local bucket=${WORKDIR#gs://} probe check metadata
+  bucket=gs://${bucket%%/*}
+  [[ $bucket != gs:// ]] || die "--workdir=$WORKDIR names no bucket; give gs://BUCKET/PATH"
+  probe=$(quote "${WORKDIR%/}/.tpu.sh-probe-")
+  metadata=http://metadata.google.internal/computeMetadata/v1/instance/attributes
+  check="w=\$(curl -sf -m 10 -H Metadata-Flavor:Google $metadata/agent-worker-number"
+  check+=" || hostname); p=$probe\$w; f=\$(mktemp); ok=0"
+  check+="; if ! command -v gcloud >/dev/null 2>&1; then e='no gcloud on this worker'"
+  check+="; elif e=\$(gcloud storage cp --quiet \"\$f\" \"\$p\" 2>&1"
+  check+=" && gcloud storage rm --quiet \"\$p\" 2>&1); then ok=1; fi; rm -f \"\$f\""
+  check+="; if [ \$ok = 1 ]; then echo \"worker \$w: wrote and deleted \$p\""
+  check+="; else echo \"tpu.sh: $bucket is not writable from worker \$w:"
+  check+=" \$(printf '%s\\n' \"\$e\" | awk 'NF { l = \$0 } END { print l }')\" >&2; exit 1; fi"
+  run "${TPU[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all --command="$check" || {
+    echo "tpu.sh: nothing launched: the check that $bucket is writable from every worker" \
+      "failed (see above)" >&2
+    exit 1
+  }
+}
+
 case $COMMAND in
   create)
     need NAME ZONE TYPE RUNTIME
@@ -142,6 +220,11 @@ case $COMMAND in
     run "${TPU[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all --command="$fetch && $setup" ;;
   launch)
     need NAME ZONE CONFIG WORKDIR
+    if [[ $WORKDIR == gs://* ]]; then
+      check_bucket
+    else
+      refuse_local_workdir_on_a_pod
+    fi
     main=$(quote .venv/bin/python -m llmjax.main --config="$CONFIG" --workdir="$WORKDIR" \
       ${EXTRA[@]+"${EXTRA[@]}"})
     started="echo \"\$(hostname): started, log ~/$LOG\""

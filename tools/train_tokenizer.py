@@ -10,15 +10,18 @@ with `llmjax.data.load_tokenizer("PREFIX.model")`.
 
 from absl import app, flags
 
+from llmjax import paths
 from llmjax.data.progress import Progress
 from llmjax.data.sources import SPLITS, open_source
 from llmjax.data.tokenizers import train_sentencepiece
 
-flags.DEFINE_string("input", None, "Files, globs (comma-separated) or 'builtin'.", required=True)
+flags.DEFINE_string("input", None, "Files, globs (comma-separated; local or gs://) or 'builtin'.",
+                    required=True)
 flags.DEFINE_enum("format", None, ["text", "jsonl"], "Default: from the extension.")
 flags.DEFINE_enum("split", "line", SPLITS, "Text files: a document per line, paragraph or file.")
 flags.DEFINE_string("field", "text", "JSONL: the field holding the text.")
-flags.DEFINE_string("model_prefix", None, "Output path without extension.", required=True)
+flags.DEFINE_string("model_prefix", None, "Output path without extension (local or gs://).",
+                    required=True)
 flags.DEFINE_integer("vocab_size", 32000, "Vocabulary size, specials included.")
 flags.DEFINE_enum("model_type", "unigram", ["unigram", "bpe"], "SentencePiece algorithm.")
 flags.DEFINE_integer("num_sentinels", 0, "T5 sentinels <extra_id_k> to reserve.")
@@ -43,6 +46,7 @@ def lines(source, max_documents=None):
 def main(argv):
   del argv
   try:
+    paths.check_bucket(FLAGS.model_prefix)  # before the corpus is read
     source = open_source(FLAGS.input, format=FLAGS.format, split=FLAGS.split, field=FLAGS.field)
     if getattr(source, "tokenizer", None):
       raise ValueError(f"{FLAGS.input} holds token ids, not text; train on the original text")

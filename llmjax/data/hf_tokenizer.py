@@ -1,6 +1,6 @@
 """Hugging Face tokenizers: a checkpoint's tokenizer.json, read with the `tokenizers` library.
 
-    tok = load_tokenizer("path/to/checkpoint_dir")  # or ".../tokenizer.json"
+    tok = load_tokenizer("path/to/checkpoint_dir")  # or ".../tokenizer.json", or gs://...
 
 The ids and text are those of transformers' `AutoTokenizer.from_pretrained(dir)`:
 `encode(text)` is `tok(text)["input_ids"]`, so it carries the post-processor's special tokens
@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from typing import Sequence
 
 import numpy as np
+from etils import epath
 
+from llmjax import paths
 from llmjax.data.tokenizers import _Specials, sentinel_piece
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -67,20 +68,20 @@ class HFTokenizer(_Specials):
   """
 
   def __init__(self, path: str):
-    file = os.path.join(path, TOKENIZER_FILE) if os.path.isdir(path) else path
-    if os.path.isdir(path) and not os.path.isfile(file):
+    paths.check_bucket(str(path))  # gs://: one line in seconds for an unreachable bucket
+    is_dir = epath.Path(path).is_dir()
+    file = epath.Path(path) / TOKENIZER_FILE if is_dir else epath.Path(path)
+    if is_dir and not file.is_file():
       raise ValueError(f"{path!r} has no {TOKENIZER_FILE}: expected a Hugging Face tokenizer "
                        f"directory or the path of a {TOKENIZER_FILE}")
-    if not os.path.isfile(file):
-      raise FileNotFoundError(f"Hugging Face tokenizer {file!r} does not exist")
-    with open(file, encoding="utf-8") as f:
-      text = f.read()
+    if not file.is_file():
+      raise FileNotFoundError(f"Hugging Face tokenizer {str(file)!r} does not exist")
+    text = file.read_text(encoding="utf-8")
     config = {}
     for name in CONFIG_FILES:
-      beside = os.path.join(os.path.dirname(file), name)
-      if os.path.isfile(beside):
-        with open(beside, encoding="utf-8") as f:
-          config.update(json.load(f))
+      beside = file.parent / name
+      if beside.is_file():
+        config.update(json.loads(beside.read_text(encoding="utf-8")))
     self.spec = path
     self._load(text, config)
 

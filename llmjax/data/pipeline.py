@@ -20,6 +20,8 @@ process's batch is padding.
 
 from __future__ import annotations
 
+import atexit
+import weakref
 from typing import Any
 
 import grain
@@ -98,6 +100,19 @@ def is_padding(batch: dict[str, Any]) -> bool:
   return not np.any(np.asarray(batch[key]))
 
 
+# Iterators their user did not close are closed at exit, and let go of the Grain iterators
+# under them, which are then freed while the modules they use still exist (freed at
+# interpreter teardown, Grain's prefetch iterators print tracebacks).
+_OPEN = weakref.WeakSet()
+
+
+@atexit.register
+def _close_open_iterators():
+  for it in list(_OPEN):
+    it.close()
+    it._parents = ()
+
+
 class _Guarded(grain.IterDataset):
   """The pipeline's last stage: states that carry their arguments, and padding after the end."""
 
@@ -114,6 +129,7 @@ class _GuardedIterator(grain.DatasetIterator):
   def __init__(self, parent, config, padding):
     super().__init__(parent)
     self.config, self.padding, self.exhausted = config, padding, False
+    _OPEN.add(self)
 
   def __next__(self):
     if not self.exhausted:

@@ -1,4 +1,8 @@
-"""Tokenize a corpus once into ArrayRecord shards that ArrayRecordSource reads by index."""
+"""Tokenize a corpus once into ArrayRecord shards that ArrayRecordSource reads by index.
+
+The shards live on local disk: array_record reads local files only (gs:// needs TensorFlow),
+so a gs:// output directory is refused in one line.
+"""
 
 from __future__ import annotations
 
@@ -9,8 +13,18 @@ import tempfile
 
 import numpy as np
 
+from llmjax import paths
 from llmjax.data.progress import Progress
 from llmjax.data.sources import check_readable
+
+
+def check_output_dir(output_dir: str) -> None:
+  """Raises ValueError unless `output_dir` is a local directory that is new or empty."""
+  if paths.is_url(output_dir):
+    raise ValueError(f"ArrayRecord shards cannot be written to {output_dir}: array_record "
+                     f"reads local files only; give a local directory")
+  if os.path.isdir(output_dir) and os.listdir(output_dir):
+    raise ValueError(f"{output_dir} is not empty; give a new or empty directory")
 
 
 def write_shards(source, tokenizer, output_dir: str, *, num_shards: int = 8,
@@ -23,12 +37,11 @@ def write_shards(source, tokenizer, output_dir: str, *, num_shards: int = 8,
   per document). Every document is written, empty ones too, so indices match the source's.
   """
   from array_record.python import array_record_module as ar
+  check_output_dir(output_dir)
   if num_shards < 1:
     raise ValueError(f"num_shards={num_shards} must be positive")
   check_readable(source, tokenizer)
   num_shards = min(num_shards, len(source))
-  if os.path.isdir(output_dir) and os.listdir(output_dir):
-    raise ValueError(f"{output_dir} is not empty; give a new or empty directory")
   # Written beside, then renamed: a directory with shards always has its meta.json.
   parent = os.path.dirname(os.path.abspath(output_dir))
   os.makedirs(parent, exist_ok=True)

@@ -11,6 +11,12 @@ document of memory, pickles cheaply into worker processes, and reads any documen
     ArrayRecordSource("shards/")                       # written by tools/tokenize_corpus.py
     builtin_source()                                   # this Python's standard library
     train, val = split_source(source, validation_fraction=0.05)
+
+Text and JSONL files may be gs:// URLs (`gs://bucket/corpus/*.txt`, through llmjax.paths):
+each is downloaded once per process into a local temporary copy that is indexed and read
+through mmap as a local file is (so a host needs the disk for them). ArrayRecord shards must
+be local: array_record's reader cannot read gs:// without TensorFlow, so they are refused in
+one line (copy them first: `gcloud storage cp -r gs://bucket/shards DIR`).
 """
 
 from __future__ import annotations
@@ -25,6 +31,8 @@ import os
 import numpy as np
 from absl import logging
 
+from llmjax import paths
+
 SPLITS = ("line", "paragraph", "file", "chunk")
 CHUNK_BYTES = 1024  # split="chunk": documents are runs of whole lines of about this many bytes
 _SPACE_BYTES = np.frombuffer(b" \t\n\r\v\f", np.uint8)
@@ -35,22 +43,63 @@ STDLIB_FILES = ("argparse.py", "ast.py", "collections/__init__.py", "dataclasses
 
 
 def expand_paths(patterns: str | list[str] | tuple[str, ...]) -> list[str]:
-  """Files named by paths, glob patterns or comma-separated lists of them, each pattern
-  non-empty."""
+  """Files named by paths, glob patterns or comma-separated lists of them (local or gs://),
+  each pattern non-empty."""
   if isinstance(patterns, str):
     patterns = [p for p in patterns.split(",") if p]
   if not patterns:
     raise ValueError("no data files given")
-  paths = []
+  paths.check_buckets(patterns)  # an unreachable bucket: one line in seconds, not retries
+  found = []
   for pattern in patterns:
-    if os.path.isdir(pattern):
+    if paths.is_dir(pattern):
       raise ValueError(f"{pattern!r} is a directory; give files or a glob such as {pattern}/*.txt")
-    matches = sorted(p for p in glob.glob(pattern) if os.path.isfile(p))
+    matches = sorted(p for p in paths.glob(pattern) if paths.is_file(p))
     if not matches:
       what = "matches no file" if glob.has_magic(pattern) else "does not exist"
       raise FileNotFoundError(f"data path {pattern!r} {what}")
-    paths.extend(matches)
-  return paths
+    found.extend(matches)
+  return found
+
+
+def check_path(path: str, name: str = "data.path") -> None:
+  """Raises FileNotFoundError `data.path='x.txt' does not exist` (or `matches no file`) unless
+  "builtin" or each comma-separated part of `path` names a file, a directory (of shards) or a
+  glob matching files: the config's own words, before any source is opened."""
+  if path == "builtin":
+    return
+  patterns = [p for p in str(path).split(",") if p]
+  if not patterns:
+    raise ValueError(f"{name}={path!r} names no file")
+  paths.check_buckets(patterns)
+  for pattern in patterns:
+    if paths.is_dir(pattern) or any(paths.is_file(p) for p in paths.glob(pattern)):
+      continue
+    what = "matches no file" if glob.has_magic(pattern) else "does not exist"
+    where = f"{name}={path!r}" if pattern == path else f"{name}={path!r}: {pattern!r}"
+    raise FileNotFoundError(f"{where} {what}")
+
+
+TEXT_CHECK_BYTES = 1 << 16  # how much of each text file is looked at before it is indexed
+
+
+def check_text(data, path: str) -> None:
+  """Raises ValueError when the first TEXT_CHECK_BYTES of `path` are not text: NUL bytes
+  (over 1 in 1000, so a stray one passes) or over 30% invalid UTF-8 (random or compressed
+  bytes are ~40%; Latin-1 prose a few %). An executable or an archive is refused, not learned."""
+  head = bytes(data[:TEXT_CHECK_BYTES])
+  if not head:
+    return
+  nuls = head.count(0)
+  if nuls * 1000 > len(head):
+    raise ValueError(f"{path} is not a text file: {nuls:,} of its first {len(head):,} bytes are "
+                     f"NUL (a binary, or UTF-16 text?); expected UTF-8 text")
+  decoded = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(head, final=False)
+  bad = decoded.count("\ufffd") - head.count("\ufffd".encode())
+  if bad > 0.3 * len(head):
+    raise ValueError(f"{path} is not a text file: {bad / len(head):.0%} of its first "
+                     f"{len(head):,} bytes are invalid UTF-8 (a binary or compressed file?); "
+                     f"expected UTF-8 text")
 
 
 _BLOCK = 1 << 24  # bytes per step when scanning a file, so memory stays bounded
@@ -131,9 +180,11 @@ class TextSource:
     if split not in SPLITS:
       raise ValueError(f"split={split!r}; expected one of {SPLITS}")
     self.paths, self.split = expand_paths(patterns), split
+    local = [paths.local_copy(p) for p in self.paths]
     starts, ends, files = [], [], []
     for f, path in enumerate(self.paths):
-      data = _map_file(path)
+      data = _map_file(local[f])
+      check_text(data, path)
       _count_bad_utf8(data, path)
       s, e = _document_spans(data, split)
       starts.append(s), ends.append(e), files.append(np.full(len(s), f, np.int32))
@@ -143,7 +194,7 @@ class TextSource:
     self.sizes = self._ends - self._starts
     if len(self) == 0:
       raise ValueError(f"no text in {self.paths}: every file is empty or blank")
-    self._files_map = _MappedFiles(self.paths)
+    self._files_map = _MappedFiles(local)
 
   def __len__(self) -> int:
     return len(self._starts)
@@ -165,10 +216,12 @@ class JsonlSource:
 
   def __init__(self, patterns, field: str = "text"):
     self.paths, self.field = expand_paths(patterns), field
+    local = [paths.local_copy(p) for p in self.paths]
     records, sizes, problems = [], [], []
     for f, path in enumerate(self.paths):
-      with open(path, "rb") as fh:
+      with open(local[f], "rb") as fh:
         data = fh.read()
+      check_text(data, path)
       _count_bad_utf8(data, path)
       offset = 0
       for line_no, line in enumerate(data.split(b"\n"), 1):
@@ -176,10 +229,14 @@ class JsonlSource:
         if not line.strip():
           continue
         try:
-          value = json.loads(line.decode("utf-8", errors="replace")).get(field)
-        except (ValueError, AttributeError):
-          problems.append(f"{path}:{line_no}: not a JSON object")
+          record = json.loads(line.decode("utf-8", errors="replace"))
+        except json.JSONDecodeError as e:
+          problems.append(f"{path}:{line_no}: not JSON ({e.msg} at column {e.colno})")
           continue
+        if not isinstance(record, dict):
+          problems.append(f"{path}:{line_no}: not a JSON object but a {type(record).__name__}")
+          continue
+        value = record.get(field)
         if not isinstance(value, str) or not value.strip():
           problems.append(f"{path}:{line_no}: " + (
               f"no field {field!r}" if value is None else f"field {field!r} is blank"
@@ -200,7 +257,7 @@ class JsonlSource:
                        + (f"; first problem: {problems[0]}" if problems else ""))
     self._records = np.asarray(records, np.int64)
     self.sizes = np.asarray(sizes)
-    self._files_map = _MappedFiles(self.paths)
+    self._files_map = _MappedFiles(local)
 
   def __len__(self) -> int:
     return len(self._records)
@@ -220,6 +277,11 @@ class ArrayRecordSource:
 
   def __init__(self, patterns):
     import grain
+    named = patterns.split(",") if isinstance(patterns, str) else list(patterns)
+    url = next((p for p in named if paths.is_url(p)), None)
+    if url:  # its reader hangs on a URL: only TensorFlow's file systems teach it gs://
+      raise ValueError(f"ArrayRecord shards cannot be read from {url}: array_record reads "
+                       f"local files only; copy them to a local disk first")
     if isinstance(patterns, str) and os.path.isdir(patterns):
       patterns = os.path.join(patterns, "*.array_record")
     self.paths = expand_paths(patterns)
@@ -383,7 +445,8 @@ def open_source(path: str, *, format: str | None = None, split: str = "line",
     return builtin_source(split)
   if format is None:
     first = path.split(",")[0]
-    format = ("array_record" if first.endswith(".array_record") or os.path.isdir(first) else
+    paths.check_bucket(first)  # before asking it whether `first` is a directory
+    format = ("array_record" if first.endswith(".array_record") or paths.is_dir(first) else
               "jsonl" if first.endswith((".jsonl", ".json")) else "text")
   if format == "text":
     return TextSource(path, split=split)

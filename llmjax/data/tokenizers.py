@@ -8,19 +8,47 @@ tokenizers give the same ids), the special ids (`pad_id`, `eos_id`, `bos_id`, `u
 it), `special_ids` (the ids an objective must never corrupt) and `word_starts(ids)` for
 whole-word masking.
 `load_tokenizer("byte")`, `load_tokenizer("path/to/spm.model")` or
-`load_tokenizer("path/to/hf_checkpoint")` picks one by name.
+`load_tokenizer("path/to/hf_checkpoint")` picks one by name. Every path may be a gs:// URL
+(read through llmjax.paths).
 """
 
 from __future__ import annotations
 
+import glob
 import hashlib
 import os
+import tempfile
 from typing import Iterable, Sequence
 
 import numpy as np
 
+from llmjax import paths
+from llmjax.data.sources import check_text
+
 SPECIALS = ("[PAD]", "[EOS]", "[BOS]", "[UNK]", "[MASK]", "[CLS]", "[SEP]")
 _WHITESPACE = np.frombuffer(b" \t\n\r\v\f", np.uint8)
+
+
+def _read(path: str) -> bytes:
+  """The bytes of a local file or of a gs:// object."""
+  if paths.is_url(path):
+    return paths.path(path).read_bytes()
+  with open(path, "rb") as f:
+    return f.read()
+
+
+def _is_file(path: str) -> bool:
+  if paths.is_url(path):
+    paths.check_bucket(path)  # one line in seconds for an unreachable bucket, not retries
+    return paths.path(path).is_file()
+  return os.path.isfile(path)
+
+
+def _is_dir(path: str) -> bool:
+  if paths.is_url(path):
+    paths.check_bucket(path)
+    return paths.path(path).is_dir()
+  return os.path.isdir(path)
 
 
 def sentinel_piece(k: int) -> str:
@@ -110,10 +138,9 @@ class SentencePieceTokenizer(_Specials):
   """A trained SentencePiece model; [MASK]/[CLS]/[SEP] and `<extra_id_k>` found by their pieces."""
 
   def __init__(self, path: str):
-    if not os.path.isfile(path):
+    if not _is_file(path):
       raise FileNotFoundError(f"SentencePiece model {path!r} does not exist")
-    with open(path, "rb") as f:
-      self._load(f.read())
+    self._load(_read(path))
     self.spec = path
 
   def _load(self, proto: bytes) -> None:
@@ -173,10 +200,16 @@ class CharTokenizer(_Specials):
   """
 
   def __init__(self, path: str):
-    if not os.path.isfile(path):
-      raise FileNotFoundError(f"character vocabulary source {path!r} does not exist")
-    with open(path, encoding="utf-8", errors="replace", newline="") as f:  # keeps "\r"
-      self.chars = "".join(sorted(set(f.read())))
+    if not _is_file(path):
+      exists = paths.path(path).exists() if paths.is_url(path) else os.path.exists(path)
+      several = exists or "," in path or glob.has_magic(path) or path == "builtin"
+      raise FileNotFoundError(
+          f"character vocabulary source {path!r} is not one text file: 'char' takes the "
+          f"characters of a single file" if several else
+          f"character vocabulary source {path!r} does not exist")
+    raw = _read(path)
+    check_text(raw, path)  # a binary's bytes are no vocabulary
+    self.chars = "".join(sorted(set(raw.decode("utf-8", errors="replace"))))  # keeps "\r"
     if not self.chars:
       raise ValueError(f"{path} is empty: no characters for a vocabulary")
     self._ids = {c: i for i, c in enumerate(self.chars)}
@@ -216,7 +249,7 @@ def load_tokenizer(spec: str):
     if not count.isdigit():
       raise ValueError(f"tokenizer {spec!r}: expected 'byte' or 'byte:N' with N sentinels")
     return ByteTokenizer(int(count))
-  if os.path.isdir(spec) or spec.endswith(".json"):
+  if _is_dir(spec) or spec.endswith(".json"):
     from llmjax.data.hf_tokenizer import HFTokenizer  # imports this module: no cycle at load
     return HFTokenizer(spec)
   if not spec.endswith(".model"):
@@ -245,7 +278,8 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, *, vocab_size: 
   sentinels `<extra_id_0>`... They are control symbols: text that spells "[MASK]" or
   "<extra_id_0>" is encoded as ordinary text, never as the special id (as in T5, whose
   sentinels live outside the SentencePiece model), and decode drops them.
-  Writes `model_prefix`.model and .vocab. The model is lossless
+  Writes `model_prefix`.model and .vocab (a gs:// prefix: trained locally, then copied; its
+  bucket is checked before training). The model is lossless
   by default (decode(encode(text)) == text: no normalization, whitespace kept, unseen
   characters as UTF-8 bytes); pass e.g. normalization_rule_name="nmt_nfkc" for T5's behaviour.
   """
@@ -257,10 +291,20 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, *, vocab_size: 
     raise ValueError(f"model_type={model_type!r}; expected 'unigram' or 'bpe'")
   symbols = (["[MASK]", "[CLS]", "[SEP]"] if bert_specials else []) + [
       sentinel_piece(k) for k in range(num_sentinels)]
-  os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
+  if not paths.is_url(model_prefix):
+    os.makedirs(os.path.dirname(os.path.abspath(model_prefix)), exist_ok=True)
+    prefix = model_prefix
+  else:  # SentencePiece writes local files only
+    paths.open_dir(paths.path(model_prefix).parent, "the directory of model_prefix")
+    staging = tempfile.TemporaryDirectory(prefix="llmjax-spm-")
+    prefix = os.path.join(staging.name, "spm")
   spm.SentencePieceTrainer.Train(
-      sentence_iterator=iter(texts), model_prefix=model_prefix, vocab_size=vocab_size,
+      sentence_iterator=iter(texts), model_prefix=prefix, vocab_size=vocab_size,
       model_type=model_type, byte_fallback=byte_fallback, character_coverage=character_coverage,
       pad_id=0, eos_id=1, bos_id=2, unk_id=3, control_symbols=symbols,
       num_threads=num_threads, minloglevel=2, **options)
+  if prefix != model_prefix:
+    with staging:
+      for suffix in (".model", ".vocab"):
+        paths.path(model_prefix + suffix).write_bytes(_read(prefix + suffix))
   return SentencePieceTokenizer(model_prefix + ".model")

@@ -78,6 +78,8 @@ class Bert(nn.Module):
   token's index within its segment.
   """
 
+  ARCHITECTURE = "encoder"  # which objectives train it: see objectives.Objective.check_model
+
   cfg: BertConfig
 
   def setup(self):

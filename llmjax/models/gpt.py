@@ -107,6 +107,8 @@ class GPT(nn.Module):
   the logits of the last position only, [B, 1, V].
   """
 
+  ARCHITECTURE = "decoder"  # which objectives train it: see objectives.Objective.check_model
+
   cfg: GPTConfig
   decode: bool = False
 

@@ -151,6 +151,8 @@ class T5(nn.Module):
   first call and `encoded_BSD=None` on the later ones (llmjax.decode does this).
   """
 
+  ARCHITECTURE = "encoder_decoder"  # which objectives train it: see objectives.Objective.check_model
+
   cfg: T5Config
   decode: bool = False
 

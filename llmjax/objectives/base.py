@@ -46,15 +46,27 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.
 
 
 class Objective:
-  """Base class: subclasses set `lengths`, `examples`, `batch`, `logits`; the loss is shared."""
+  """Base class: subclasses set `lengths`, `examples`, `batch`, `model_args`; the loss is shared.
 
-  def __init__(self, tokenizer):
+  The keyword-only arguments of a subclass's `__init__` (and these two of the loss) are its
+  settings: the config's `objective` section holds one field per setting (see
+  `objectives.from_config`), so a new objective is one class here and one registry entry.
+  """
+
+  def __init__(self, tokenizer, *, z_loss: float = 0.0, label_smoothing: float = 0.0):
+    if z_loss < 0 or not 0.0 <= label_smoothing < 1.0:
+      raise ValueError(f"z_loss={z_loss} must be >= 0 and label_smoothing={label_smoothing} in "
+                       f"[0, 1)")
     self.vocab_size, self.tokenizer_fingerprint = tokenizer.vocab_size, tokenizer.fingerprint
+    # A dict, so not part of repr: the data pipeline's state does not depend on the loss.
+    self.loss_options = {"z_loss": z_loss, "label_smoothing": label_smoothing}
 
   targets_key, weights_key = "targets", "weights"
   lengths: dict[str, int]
   # Whether an example may be cut across rows (packing="concat") and keep its meaning.
   splittable = False
+  # The model architectures (a model class's ARCHITECTURE) the objective trains.
+  architectures: tuple[str, ...] = ("decoder",)
 
   def __repr__(self):
     """The class and its settings: stable across runs, so pipeline states can be checked."""
@@ -63,7 +75,13 @@ class Objective:
     return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in settings.items())})"
 
   def check_model(self, model) -> None:
-    """Raises ValueError if the model's embedding table has no row for some of our token ids."""
+    """Raises ValueError if the model is of an architecture the objective does not train (a
+    module without ARCHITECTURE is trusted), or its embedding table lacks some of our ids."""
+    arch = getattr(model, "ARCHITECTURE", None)
+    if arch is not None and arch not in self.architectures:
+      raise ValueError(f"{type(self).__name__} trains {' or '.join(self.architectures)} models, "
+                       f"not {type(model).__name__} ({arch}); "
+                       f"{_FITS.get(arch, 'choose another objective')}")
     vocab = getattr(getattr(model, "cfg", None), "vocab_size", None)
     if vocab is not None and vocab < self.vocab_size:
       raise ValueError(f"{type(self).__name__} makes ids up to {self.vocab_size - 1} (its "
@@ -86,13 +104,17 @@ class Objective:
     args, kwargs = self.model_args(batch)
     return model.init(rngs, *args, **kwargs)
 
-  def loss(self, logits_BTV, batch, *, label_smoothing: float = 0.0,
-           z_loss: float = 0.0) -> tuple[jax.Array, dict[str, jax.Array]]:
+  def loss(self, logits_BTV, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
     """(mean loss over weighted tokens, sums) for `logits` of `batch`; the sums add across
     batches."""
     sums = cross_entropy(logits_BTV, batch[self.targets_key], batch[self.weights_key],
-                         label_smoothing=label_smoothing, z_loss=z_loss)
+                         **self.loss_options)
     return sums["loss"] / jnp.maximum(sums["weight"], 1.0), sums
+
+
+_FITS = {"decoder": "a decoder-only model trains with causal_lm or prefix_lm",
+         "encoder": "an encoder-only model trains with masked_lm",
+         "encoder_decoder": "an encoder-decoder model trains with span_corruption"}
 
 
 def segments(rows: dict[str, np.ndarray], key: str) -> tuple[np.ndarray, np.ndarray]:

@@ -24,7 +24,7 @@ class CausalLM(Objective):
   splittable = True  # a window cut in two is two shorter windows
 
   def __init__(self, tokenizer, seq_len: int, *, add_bos: bool = True, add_eos: bool = True,
-               random_offset: bool = False):
+               random_offset: bool = False, **loss_options):
     """`random_offset`: the windows of a document start at a random offset (a shorter first
     window before it), drawn anew each epoch: a long text is seen in ever new windows, as
     nanoGPT's random crops see it, and every token is still a target once per pass."""
@@ -32,7 +32,7 @@ class CausalLM(Objective):
       raise ValueError(f"seq_len={seq_len} must be at least 1 for causal LM")
     if add_bos or add_eos:
       tokenizer.require(bos_id=add_bos, eos_id=add_eos)
-    super().__init__(tokenizer)
+    super().__init__(tokenizer, **loss_options)
     self.seq_len, self.random_offset = seq_len, random_offset
     self.bos = [tokenizer.bos_id] if add_bos else []
     self.eos = [tokenizer.eos_id] if add_eos else []
@@ -64,11 +64,12 @@ class PrefixLM(CausalLM):
 
   splittable = False  # a cut would leave a suffix without its prefix
 
-  def __init__(self, tokenizer, seq_len: int, *, add_bos: bool = True, add_eos: bool = True):
+  def __init__(self, tokenizer, seq_len: int, *, add_bos: bool = True, add_eos: bool = True,
+               **loss_options):
     if seq_len < 2:
       raise ValueError(f"seq_len={seq_len} is too short for prefix LM: a window needs a prefix "
                        f"token and a target")
-    super().__init__(tokenizer, seq_len, add_bos=add_bos, add_eos=add_eos)
+    super().__init__(tokenizer, seq_len, add_bos=add_bos, add_eos=add_eos, **loss_options)
     self.lengths = {"tokens": seq_len, "targets": seq_len, "weights": seq_len,
                     "prefix_mask": seq_len}
 

@@ -94,18 +94,20 @@ class MaskedLM(Objective):
   """BERT pre-training data: [CLS] piece [SEP] rows with `mask_tokens` applied; loss on the
   chosen."""
 
-  def __init__(self, tokenizer, seq_len: int, *, rate: float = 0.15,
-               max_predictions: int | None = None, whole_word: bool = False):
+  architectures = ("encoder",)
+
+  def __init__(self, tokenizer, seq_len: int, *, mask_rate: float = 0.15,
+               max_predictions: int | None = None, whole_word: bool = False, **loss_options):
     if seq_len < 3:
       raise ValueError(f"seq_len={seq_len} is too short for masked LM: [CLS] and [SEP] leave "
                        f"no room for a token")
-    if not 0.0 < rate <= 1.0:
-      raise ValueError(f"rate={rate} must be in (0, 1]")
+    if not 0.0 < mask_rate <= 1.0:
+      raise ValueError(f"mask_rate={mask_rate} must be in (0, 1]")
     if max_predictions is not None and max_predictions < 1:
       raise ValueError(f"max_predictions={max_predictions} must be >= 1 (or None: no cap)")
     tokenizer.require(mask_id=True, cls_id=True, sep_id=True)
-    super().__init__(tokenizer)
-    self.tokenizer, self.seq_len, self.rate = tokenizer, seq_len, rate
+    super().__init__(tokenizer, **loss_options)
+    self.tokenizer, self.seq_len, self.mask_rate = tokenizer, seq_len, mask_rate
     self.max_predictions, self.whole_word = max_predictions, whole_word
     self.special_ids = tuple(sorted(tokenizer.special_ids))
     self.lengths = {"tokens": seq_len, "targets": seq_len, "weights": seq_len}
@@ -116,7 +118,7 @@ class MaskedLM(Objective):
       row = np.concatenate([[tok.cls_id], piece, [tok.sep_id]]).astype(np.int32)
       inputs, targets, weights = mask_tokens(
           row, seed=int(rng.integers(2**63)), vocab_size=tok.vocab_size, mask_id=tok.mask_id,
-          special_ids=self.special_ids, rate=self.rate, max_predictions=self.max_predictions,
+          special_ids=self.special_ids, rate=self.mask_rate, max_predictions=self.max_predictions,
           word_starts=tok.word_starts(row) if self.whole_word else None)
       out.append({"tokens": inputs, "targets": targets, "weights": weights})
     return out

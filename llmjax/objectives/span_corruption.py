@@ -141,11 +141,13 @@ class SpanCorruption(Objective):
   """
 
   targets_key, weights_key = "decoder_targets", "decoder_weights"
+  architectures = ("encoder_decoder",)
 
   def __init__(self, tokenizer, inputs_length: int, *, noise_density: float = 0.15,
-               mean_noise_span_length: float = 3.0, decoder_start_id: int | None = None):
+               mean_noise_span_length: float = 3.0, decoder_start_id: int | None = None,
+               **loss_options):
     tokenizer.require(eos_id=True)
-    super().__init__(tokenizer)
+    super().__init__(tokenizer, **loss_options)
     start = tokenizer.pad_id if decoder_start_id is None else decoder_start_id
     if start is None or not 0 <= start < tokenizer.vocab_size:
       raise ValueError(f"decoder_start_id={start} (default: the pad id) must be an id in "

@@ -136,7 +136,7 @@ def test_objectives_refuse_bad_settings_up_front():
   batch = {k: jnp.zeros((1, 8), jnp.int32) for k in ("tokens", "segment_ids", "positions")}
   with pytest.raises(ValueError, match="vocab_size"):
     objective.logits(model, {}, batch)
-  for kwargs, match in [({"rate": 0.0}, "rate"), ({"rate": 1.5}, "rate"),
+  for kwargs, match in [({"mask_rate": 0.0}, "mask_rate"), ({"mask_rate": 1.5}, "mask_rate"),
                         ({"max_predictions": 0}, "max_predictions")]:
     with pytest.raises(ValueError, match=match):
       objectives.MaskedLM(tok, 16, **kwargs)
@@ -146,3 +146,23 @@ def test_objectives_refuse_bad_settings_up_front():
   no_pad.pad_id = None  # as a SentencePiece model trained without a pad piece
   with pytest.raises(ValueError, match="no pad id"):
     objectives.SpanCorruption(no_pad, 64)
+
+
+def test_objectives_refuse_a_model_of_another_architecture():
+  """Masked LM on a causal GPT, span corruption on a decoder-only model, causal LM on a BERT:
+  each refused in one line naming the objective, the model and what would fit; the same
+  through an experiment config, before anything is initialized."""
+  from llmjax import train
+  tok = data.ByteTokenizer()
+  gpt = GPT(GPTConfig.from_size("tiny", vocab_size=384))
+  bert = Bert(BertConfig.from_size("tiny", vocab_size=384))
+  for objective, model, fits in [(objectives.MaskedLM(tok, 16), gpt, "causal_lm or prefix_lm"),
+                                 (objectives.SpanCorruption(tok, 64), gpt, "causal_lm"),
+                                 (objectives.CausalLM(tok, 16), bert, "masked_lm")]:
+    with pytest.raises(ValueError, match=f"not {type(model).__name__} .*{fits}") as e:
+      objective.check_model(model)
+    assert "\n" not in str(e.value)
+  config = train.base_config()
+  config.objective.name = "masked_lm"
+  with pytest.raises(ValueError, match="MaskedLM trains encoder models, not GPT"):
+    train.build(config)

@@ -299,7 +299,7 @@ def test_objective_max_predictions_and_rate():
   rng = np.random.default_rng(12)
   doc = TOKENIZER.encode(_text(rng, 400))
   for rate, max_predictions in ((0.15, 5), (0.5, None), (0.5, 40)):
-    obj = objectives.MaskedLM(TOKENIZER, 256, rate=rate, max_predictions=max_predictions)
+    obj = objectives.MaskedLM(TOKENIZER, 256, mask_rate=rate, max_predictions=max_predictions)
     for example in obj.examples(doc, rng):
       expected = _budget(example["targets"], rate, max_predictions, TOKENIZER_SPECIALS)
       assert example["weights"].sum() == expected

@@ -11,9 +11,9 @@ import jax
 import numpy as np
 import pytest
 
-from llmjax import checkpoint, train
+from llmjax import checkpoint, paths, train
 from llmjax.metrics import read_metrics
-from llmjax.train import trainer
+from llmjax.train import step
 from tests.train.train_test import CONSTANT, SMALL, experiment, losses, run_main
 
 
@@ -79,15 +79,17 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def test_two_processes_equal_one_process(tmp_path):
-  """jax.distributed with two processes of 4 CPU devices each on one (2, 2, 2) mesh: each
-  reads its own shard of the data, both write the checkpoint, and the losses equal one
-  process's with 8 devices reading the same two shards."""
+def test_two_processes_equal_one_process(tmp_path, gcs):
+  """jax.distributed with two processes of 4 CPU devices each on one (2, 2, 2) mesh, writing
+  to one gs:// workdir as a pod does (the Cloud Storage emulator): each reads its own shard
+  of the data, both write their parts of one checkpoint into the bucket (data-iterator
+  states and array shards), and the losses equal one process's with 8 devices reading the
+  same two shards."""
   flags = SMALL + CONSTANT + ["--config.train.steps=4", "--config.train.checkpoint_every=2",
                               "--config.model.dropout_rate=0.0", "--config.batch_size=8",
                               "--config.mesh.shape=(2,2,2)", "--config.data.shards=2"]
-  port = _free_port()
-  procs = [run_main(tmp_path / "two", *flags, f"--coordinator_address=127.0.0.1:{port}",
+  port, two = _free_port(), "gs://bucket/robustness/two"
+  procs = [run_main(two, *flags, f"--coordinator_address=127.0.0.1:{port}",
                     "--num_processes=2", f"--process_id={i}", wait=False,
                     env={"JAX_NUM_CPU_DEVICES": "4"}) for i in range(2)]
   code, _, err = run_main(tmp_path / "one", *flags, env={"JAX_NUM_CPU_DEVICES": "8"})
@@ -95,12 +97,13 @@ def test_two_processes_equal_one_process(tmp_path):
   for proc in procs:
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 0, err[-3000:]
-  one, two = losses(tmp_path / "one"), losses(tmp_path / "two")
-  assert sorted(one) == sorted(two) == [1, 2, 3, 4]
-  np.testing.assert_allclose([two[s] for s in one], [one[s] for s in one], rtol=1e-5)
-  step_dir = tmp_path / "two" / "checkpoints" / "4"
+  one, two_losses = losses(tmp_path / "one"), losses(two)
+  assert sorted(one) == sorted(two_losses) == [1, 2, 3, 4]
+  np.testing.assert_allclose([two_losses[s] for s in one], [one[s] for s in one], rtol=1e-5)
+  step_dir = paths.path(two) / "checkpoints" / "4"
   assert {p.name for p in (step_dir / "data").iterdir()} >= {"process_0-of-2.json",
                                                              "process_1-of-2.json"}
+  assert {"ocdbt.process_0", "ocdbt.process_1"} <= {p.name for p in (step_dir / "state").iterdir()}
 
 
 def test_resume_onto_another_mesh(tmp_path):
@@ -130,7 +133,7 @@ def test_nan_loss_stops_before_saving(tmp_path):
   with pytest.raises(FloatingPointError, match=r"step 2: the loss is nan.*\(step 1\) is intact"):
     train.train(config, str(tmp_path), log=lambda line: None)
   assert sorted(os.listdir(tmp_path / "checkpoints")) == ["1"]
-  abstract, _, _ = trainer.init_state(train.build(config), jax.random.key(0))
+  abstract, _, _ = step.init_state(train.build(config), jax.random.key(0))
   params = checkpoint.load_params(str(tmp_path), abstract["params"])
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
 

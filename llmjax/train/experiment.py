@@ -1,0 +1,129 @@
+"""An experiment config made into the parts of a run: model, tokenizer, objective, data, mesh.
+
+    setup = build(config)                 # everything a run needs, checked, nothing run yet
+    batches = make_pipeline(setup, "train")
+
+`Setup` is a `step.Parts` (what the steps need) plus what the loop needs: the config, the
+tokenizer, the train and eval sources and this process's share of the batch. Every check
+that can fail on a user's config runs here, before a parameter is initialized.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from typing import Any
+
+import grain.experimental as gx
+import jax
+import ml_collections
+import numpy as np
+
+from llmjax import data, models, objectives
+from llmjax import sharding as sh
+from llmjax.train import config as config_lib
+from llmjax.train import optim, step
+
+
+@dataclasses.dataclass(kw_only=True)
+class Setup(step.Parts):
+  """What `build` makes from a config."""
+  config: ml_collections.ConfigDict
+  tokenizer: Any
+  train_source: Any
+  eval_source: Any
+  local_batch_size: int
+
+
+def build(config: ml_collections.ConfigDict) -> Setup:
+  """Builds the run's parts and checks them against each other before any work is done."""
+  config_lib.validate(config)
+  data.sources.check_path(config.data.path)
+  model = models.model_from_dict(config.model.to_dict())
+  spec = config.data.tokenizer
+  if spec == "char":  # the characters of the corpus file
+    spec = "char:" + config.data.path
+  tokenizer = data.load_tokenizer(spec)
+  objective = objectives.from_config(config.objective, tokenizer)
+  objective.check_model(model)
+  source = data.sources.open_source(config.data.path, format=config.data.format,
+                                    split=config.data.split, field=config.data.field)
+  train_source, eval_source = data.split_source(
+      source, config.data.validation_fraction, method=config.data.split_method, seed=config.seed)
+  mesh = sh.make_mesh(tuple(config.mesh.shape))
+  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+  if config.batch_size % data_parallel:
+    raise ValueError(f"batch_size={config.batch_size} is not divisible by the data-parallel size "
+                     f"{data_parallel} (mesh {dict(mesh.shape)}: data x fsdp)")
+  if config.batch_size % jax.process_count():
+    raise ValueError(f"batch_size={config.batch_size} is not divisible by the "
+                     f"{jax.process_count()} processes")
+  shards = config.data.shards or jax.process_count()
+  if shards % jax.process_count() or config.batch_size % shards:
+    raise ValueError(f"data.shards={shards} must be a multiple of the {jax.process_count()} "
+                     f"processes and divide batch_size={config.batch_size}")
+  microbatches = config.optimizer.microbatches
+  if microbatches < 1 or (config.batch_size // jax.process_count()) % microbatches:
+    raise ValueError(f"optimizer.microbatches={microbatches} must divide the per-process batch "
+                     f"{config.batch_size // jax.process_count()}")
+  tx, schedule = optim.optimizer(config.optimizer,
+                                 config.optimizer.decay_steps or config.train.steps)
+  return Setup(model=model, objective=objective, tx=tx, mesh=mesh, rules=rules(config.mesh.rules),
+               schedule=schedule, microbatches=microbatches,
+               dropout=getattr(model.cfg, "dropout_rate", 0) > 0, seed=config.seed,
+               config=config, tokenizer=tokenizer, train_source=train_source,
+               eval_source=eval_source,
+               local_batch_size=config.batch_size // jax.process_count())
+
+
+def rules(overrides: str | None) -> tuple:
+  """sharding.RULES with some logical names mapped elsewhere: `mesh.rules` is a JSON object
+  such as '{"embed": null, "batch": ["data", "fsdp"]}' (null: not sharded)."""
+  if not overrides:
+    return sh.RULES
+  try:
+    table = json.loads(overrides)
+  except json.JSONDecodeError as e:
+    raise ValueError(f"mesh.rules={overrides!r} is not JSON ({e}); expected an object such as "
+                     f'{{"embed": null, "mlp": "tensor"}}') from None
+  names = [name for name, _ in sh.RULES]
+  if not isinstance(table, dict):
+    raise ValueError(f"mesh.rules={overrides!r} must be a JSON object of logical name -> axes")
+  for name, axes in table.items():
+    if name not in names:
+      raise ValueError(f"mesh.rules: unknown logical axis {name!r}; expected one of {names}")
+    for axis in [axes] if axes is None or isinstance(axes, str) else axes:
+      if axis is not None and axis not in sh.MESH_AXES:
+        raise ValueError(f"mesh.rules: {name!r} -> {axis!r} is not a mesh axis {sh.MESH_AXES}")
+  return tuple((name, tuple(table[name]) if isinstance(table.get(name), list) else
+                table[name]) if name in table else (name, axes) for name, axes in sh.RULES)
+
+
+def make_pipeline(setup: Setup, split: str):
+  """This process's batches of the train split (forever) or the eval split (once, in order).
+
+  The documents are cut into `data.shards` shards (default: one per process), each with its
+  own pipeline making batch_size / shards rows of every global batch; a process reads its
+  run of consecutive shards. The global batches are thus a function of the config alone:
+  one process with `data.shards=2` sees the very batches of two processes.
+  """
+  c = setup.config.data
+  shards, processes = c.shards or jax.process_count(), jax.process_count()
+  rows, per_process = setup.config.batch_size // shards, shards // processes
+  kwargs = dict(batch_size=rows, seed=setup.config.seed, packing=c.packing,
+                worker_count=c.worker_count, prefetch=c.prefetch, shard_count=shards)
+  if split == "train":
+    source, kwargs = setup.train_source, dict(kwargs, shuffle_window=c.shuffle_window)
+  else:
+    source, kwargs = setup.eval_source, dict(kwargs, shuffle=False, num_epochs=1,
+                                             pad_after_end=True)
+  first = jax.process_index() * per_process
+  parts = [data.make_pipeline(source, setup.tokenizer, setup.objective, shard_index=first + i,
+                              **kwargs) for i in range(per_process)]
+  if per_process == 1:
+    return parts[0]
+  return gx.ZipIterDataset(parts).map(_concat_rows)
+
+
+def _concat_rows(batches):
+  return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}

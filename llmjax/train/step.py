@@ -1,0 +1,157 @@
+"""The training step: a sharded train state, the jitted train and eval steps, batch placement.
+
+Nothing here reads a config: the steps take a `Parts` (a model, an objective, an optax
+optimizer, a mesh and its logical-axis rules), so a custom module trains as ours do:
+
+    parts = step.Parts(model, objectives.CausalLM(tokenizer, 128), optax.adamw(1e-3), mesh)
+    abstract, state_shardings, init = step.init_state(parts, jax.random.key(0))
+    state = init(jax.random.key(0))
+    shardings = step.batch_shardings(parts, example_batch)
+    train_step = step.make_train_step(parts, state_shardings, shardings)
+    state, metrics = train_step(state, step.global_batch(shardings, numpy_batch))
+
+The model contract: `objective.model_args(batch)` gives the call. Decoder-only objectives
+call `model.apply(variables, tokens, segment_ids, positions[, prefix_mask=...])`, masked LM
+`(tokens, segment_ids, positions=...)`, span corruption the encoder-decoder batch keys; the
+model returns logits [B, T, V], and accepts `deterministic=False, rngs={"dropout": key}`
+when dropout is on (`Parts.dropout`). Parameters declared with logical axis names
+(`nn.with_logical_partitioning`, see llmjax/sharding.py) are sharded by `rules`; others are
+replicated.
+
+The state ({"step", "params", "opt_state"}) is born sharded: shapes come from
+`jax.eval_shape`, shardings from the logical names, and the init is jitted with those
+out_shardings. The step is jitted with in/out shardings and a donated state; its metrics
+stay on device until the caller fetches them.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import linen as nn
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from llmjax import data
+from llmjax import sharding as sh
+
+
+@dataclasses.dataclass
+class Parts:
+  """What the steps need. `schedule` (step -> learning rate) is only reported in the metrics;
+  `microbatches` splits each batch for gradient accumulation; `dropout` turns the model's
+  dropout on in training, drawn from `seed` and the step."""
+  model: nn.Module
+  objective: Any
+  tx: optax.GradientTransformation
+  mesh: jax.sharding.Mesh
+  rules: tuple = sh.RULES
+  schedule: optax.Schedule | None = None
+  microbatches: int = 1
+  dropout: bool = False
+  seed: int = 0
+
+
+def in_mesh(parts: Parts, fn):
+  """`fn` traced and run under the mesh and rules: activation constraints by logical name
+  apply, and the attention kernel finds the mesh to run per shard."""
+  def run(*args):
+    with jax.set_mesh(parts.mesh), nn.logical_axis_rules(parts.rules):
+      return fn(*args)
+  return run
+
+
+def init_state(parts: Parts, key):
+  """(abstract state, state shardings, jitted init): the state is born sharded."""
+  example = data.padding_batch(parts.objective, 1)
+
+  def init(key):
+    params = parts.objective.init(parts.model, {"params": key}, example)["params"]
+    return {"step": jnp.zeros((), jnp.int32), "params": params,
+            "opt_state": parts.tx.init(params)}
+
+  with jax.set_mesh(parts.mesh), nn.logical_axis_rules(parts.rules):
+    boxed = jax.eval_shape(init, key)
+  shardings = sh.logical_sharding(boxed, parts.mesh, parts.rules)
+  abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                          nn.meta.unbox(boxed), shardings)
+  init_fn = jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)
+  return abstract, shardings, init_fn
+
+
+def batch_shardings(parts: Parts, batch) -> dict[str, NamedSharding]:
+  """Each feature's rows split over the mesh axes the logical batch axis maps to."""
+  spec = nn.logical_to_mesh_axes((sh.BATCH, sh.LENGTH), parts.rules)
+  return {k: NamedSharding(parts.mesh, P(spec[0])) for k in batch}
+
+
+def global_batch(shardings, local_batch):
+  """The per-process numpy batch as one global array per key, split over the data axes."""
+  return {k: jax.make_array_from_process_local_data(shardings[k], v)
+          for k, v in local_batch.items()}
+
+
+def loss_sums(parts: Parts, params, batch, dropout_key=None):
+  """(summed loss, the objective's metric sums) of one (micro)batch."""
+  kwargs = {}
+  if parts.dropout and dropout_key is not None:
+    kwargs = {"deterministic": False, "rngs": {"dropout": dropout_key}}
+  logits = parts.objective.logits(parts.model, {"params": params}, batch, **kwargs)
+  _, sums = parts.objective.loss(logits, batch)
+  return sums["loss"], sums
+
+
+def train_step(parts: Parts, state, batch):
+  """One update (not jitted): microbatched gradients of the mean loss, the optimizer's update.
+
+  Returns (new state, metrics): the mean loss, nll and accuracy over the weighted tokens, the
+  tokens in the batch, the gradient norm and (given a schedule) the step's learning rate."""
+  key = jax.random.fold_in(jax.random.key(parts.seed), state["step"])
+  params = state["params"]
+  grad_fn = jax.grad(lambda p, b, k: loss_sums(parts, p, b, k), has_aux=True)
+  if parts.microbatches == 1:
+    grads, sums = grad_fn(params, batch, key)
+  else:
+    micro = jax.tree.map(lambda x: x.reshape(parts.microbatches, -1, *x.shape[1:]), batch)
+
+    def body(carry, i):
+      grads, sums = grad_fn(params, jax.tree.map(lambda x: x[i], micro),
+                            jax.random.fold_in(key, i))
+      return jax.tree.map(jnp.add, carry, (grads, sums)), None
+
+    zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, batch, key))
+    (grads, sums), _ = jax.lax.scan(body, zeros, jnp.arange(parts.microbatches))
+  weight = jnp.maximum(sums["weight"], 1.0)
+  grads = jax.tree.map(lambda g: g / weight, grads)  # the gradient of the mean loss
+  updates, opt_state = parts.tx.update(grads, state["opt_state"], params)
+  new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
+               "opt_state": opt_state}
+  segment_ids = batch["segment_ids" if "segment_ids" in batch else "encoder_segment_ids"]
+  metrics = {"loss": sums["loss"] / weight, "nll": sums["nll"] / weight,
+             "accuracy": sums["correct"] / weight, "tokens": jnp.sum(segment_ids > 0),
+             "grad_norm": optax.tree.norm(grads)}
+  if parts.schedule is not None:
+    metrics["learning_rate"] = parts.schedule(state["step"])
+  return new_state, metrics
+
+
+def make_train_step(parts: Parts, state_shardings, batch_shardings):
+  """`train_step` jitted with the state's and the batch's shardings, the state donated."""
+  return in_mesh(parts, jax.jit(lambda state, batch: train_step(parts, state, batch),
+                                in_shardings=(state_shardings, batch_shardings),
+                                out_shardings=(state_shardings, None), donate_argnums=0))
+
+
+def eval_step(parts: Parts, params, batch):
+  """The objective's metric sums (loss, nll, correct, weight) of `batch`, dropout off."""
+  return loss_sums(parts, params, batch)[1]
+
+
+def make_eval_step(parts: Parts, params_shardings, batch_shardings):
+  """`eval_step` jitted with the parameters' and the batch's shardings."""
+  return in_mesh(parts, jax.jit(lambda params, batch: eval_step(parts, params, batch),
+                                in_shardings=(params_shardings, batch_shardings)))
