@@ -13,10 +13,21 @@ of the wrong type) is refused in one line naming it, before anything is built.
 
 The log is our progress lines, warnings and errors; `--verbosity=0` adds the libraries' INFO
 lines (Orbax's checkpointing, Grain's pipelines), `--verbosity=1` their debug lines.
+`--config.runlocal=True` shrinks the experiment to a CPU smoke run; `--config.` flags given
+beside it still hold.
+
+Exit status: 0 when the run finished; 1 with a one-line error (the last line of stderr);
+130 / 143 when SIGINT / SIGTERM stopped it (before training: at once; in training: after
+saving the step in flight, so the same command resumes it).
 """
 
 from __future__ import annotations
 
+if __name__ == "__main__":  # before anything heavy is imported: see llmjax/signals.py
+  from llmjax import signals as _signals
+  _signals.install()
+
+import atexit
 import os
 import re
 import sys
@@ -55,11 +66,11 @@ def _flag_args(args: list[str]) -> list[str]:
   return args[:args.index("--")] if "--" in args else args
 
 
-def check_command_line(args: list[str]) -> None:
+def check_command_line(args: list[str]) -> dict[str, str]:
   """Loads the experiment that `args` (argv[1:]) name and sets each `--config.KEY=VALUE` on it,
   as ml_collections will: ValueError / FileNotFoundError with one line naming a missing file,
   a bad variant, a field that doesn't exist (and the nearest that does) or a value of the
-  wrong type, before ml_collections raises its tracebacks."""
+  wrong type, before ml_collections raises its tracebacks. Returns the overrides, KEY: TEXT."""
   from llmjax.train import config as config_lib
   args = _flag_args(args)
   config_at = next((i for i, a in enumerate(args) if _CONFIG_FLAG.match(a)), None)
@@ -68,7 +79,7 @@ def check_command_line(args: list[str]) -> None:
     flag = args[config_at]
     spec = flag.partition("=")[2] if "=" in flag else (args[config_at + 1:] or [""])[0]
   config = config_lib.load_experiment(spec)
-  i = 0
+  overrides, i = {}, 0
   while i < len(args):
     match, i = _OVERRIDE_FLAG.match(args[i]), i + 1
     if not match:
@@ -84,6 +95,7 @@ def check_command_line(args: list[str]) -> None:
     if negated or (value is None and kind is bool):
       if kind is not bool:
         raise ValueError(f"{flag}: {key} is not a bool; give --config.{key}=VALUE")
+      overrides[key] = "false" if negated else "true"
       continue
     if value is None:  # --config.KEY VALUE
       if i == len(args):
@@ -93,6 +105,11 @@ def check_command_line(args: list[str]) -> None:
       config_lib.override(config, key, value)
     except ValueError as e:
       raise ValueError(f"--config.{e}") from None
+    overrides[key] = value
+  return overrides
+
+
+_OVERRIDES = {}  # the command line's --config.KEY=TEXT
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -104,7 +121,7 @@ def parse_flags(argv: list[str]) -> list[str]:
       argv = [argv[0], f"--config={DEFAULT_CONFIG}", *argv[1:]]
       sys.argv = argv  # ml_collections reads the overrides from sys.argv
       args = [argv[1], *args]
-    check_command_line(args)
+    _OVERRIDES.update(check_command_line(args))
     return FLAGS(argv)
   except (flags.Error, ValueError, OSError) as e:
     raise SystemExit(f"llmjax.main: {e}") from None
@@ -114,6 +131,7 @@ def main(argv):
   del argv
   if not FLAGS["verbosity"].present:  # warnings and errors only: a save alone is ~40 INFO lines
     logging.set_verbosity(logging.WARNING)
+    _quiet_library_errors()
   import jax
   if FLAGS.coordinator_address or FLAGS.num_processes:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
@@ -121,13 +139,64 @@ def main(argv):
     jax.distributed.initialize()  # Cloud TPU: every worker runs this same command
   from llmjax import train
   config = _CONFIG.value
+  if config.runlocal:
+    config = _runlocal(config)
   workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="llmjax-")
   try:
     result = train.train(config, workdir)
   except (ValueError, FileNotFoundError, FloatingPointError, train.CheckpointError) as e:
-    raise SystemExit(f"llmjax.main: {e}") from None
+    _fail(f"llmjax.main: {e}")
   if jax.process_index() == 0:
     summarize(result, workdir)
+  if result.stopped:
+    sys.stdout.flush()
+    sys.exit(_signals.exit_status(result.stopped))
+
+
+def _runlocal(config):
+  """The experiment shrunk to a CPU smoke run, with the command line's --config. flags set
+  again on top (they win over the shrink)."""
+  from llmjax.train import config as config_lib
+  config = config_lib.shrink_for_cpu(config)
+  kept = {k: v for k, v in _OVERRIDES.items() if k != "runlocal"}
+  for key, text in kept.items():
+    config_lib.override(config, key, text)
+  print("runlocal: shrunk to a CPU smoke run of the same family, objective and optimizer"
+        + (f"; kept {', '.join(f'{k}={v}' for k, v in kept.items())}" if kept else ""))
+  return config
+
+
+def _fail(message: str):
+  """Ends the program with `message` as the last line of stderr: exit hooks run first, and
+  no library thread still winding down (a failed save's writers) can print after it."""
+  atexit._run_exitfuncs()
+  sys.stdout.flush()
+  sys.stderr.write(message + "\n")
+  sys.stderr.flush()
+  os._exit(1)
+
+
+def _quiet_library_errors() -> None:
+  """A library's errors as one line each, without their tracebacks: each also reaches us as
+  an exception and is reported (one line) when it ends the run. Storage callbacks that find
+  asyncio's loop closed after a failed save print nothing."""
+  import logging as pylogging
+
+  class OneLine(pylogging.Filter):
+    def filter(self, record):
+      if record.exc_info and "site-packages" in record.pathname:
+        record.exc_info = record.exc_text = None
+        record.msg = str(record.msg).splitlines()[0] if str(record.msg) else record.msg
+      return True
+
+  logging.get_absl_handler().addFilter(OneLine())
+  unraisable = sys.unraisablehook
+
+  def unraisablehook(u):  # tensorstore's callbacks, after an asyncio loop closed
+    if not (u.exc_type is RuntimeError and str(u.exc_value) == "Event loop is closed"):
+      unraisable(u)
+
+  sys.unraisablehook = unraisablehook
 
 
 def summarize(result, workdir: str) -> None:

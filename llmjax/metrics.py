@@ -111,9 +111,12 @@ class StepMetrics:
   first run) are not timed.
   """
 
-  def __init__(self, flops_per_token: float, peak: float, warmup: int = 2):
+  def __init__(self, flops_per_token: float, peak: float, warmup: int = 2,
+               window: dict | None = None):
+    """`window`: what `window()` gave before a checkpoint, when resuming from it."""
     self.flops_per_token, self.peak, self._warmup = flops_per_token, peak, warmup
-    self._pending, self._fetched, self._times = None, [], []
+    self._pending, self._times = None, []
+    self._fetched = list((window or {}).get("steps", []))
     self._last, self._excluded = None, 0.0
 
   def add(self, step: int, metrics: dict) -> None:
@@ -150,11 +153,22 @@ class StepMetrics:
     """Fetches (and checks) every step so far: call before saving a checkpoint."""
     self._fetch()
 
-  def summary(self) -> dict[str, float]:
-    """The mean loss, nll and accuracy of the steps since the last summary, the last step's
-    gradient norm and learning rate, and (once a step was timed) throughput and MFU."""
+  def window(self) -> dict:
+    """The fetched metrics of the steps since the last summary (JSON), to save with a
+    checkpoint: a run resumed from it then summarizes the same steps an uninterrupted run
+    does at its next log line."""
     self._fetch()
-    steps, self._fetched = self._fetched, []
+    return {"steps": list(self._fetched)}
+
+  def summary(self, keep: bool = False) -> dict[str, float]:
+    """The mean loss, nll and accuracy of the steps since the last summary, the last step's
+    gradient norm and learning rate, and (once a step was timed) throughput and MFU. `keep`:
+    the steps still count toward the next summary (a run stopping between log lines logs
+    them, and saves them for the run that resumes)."""
+    self._fetch()
+    steps = self._fetched
+    if not keep:
+      self._fetched = []
     record = {f"train/{k}": float(np.mean([m[k] for m in steps]))
               for k in ("loss", "nll", "accuracy")}
     record.update({f"train/{k}": steps[-1][k] for k in ("grad_norm", "learning_rate")
@@ -188,6 +202,8 @@ def format_line(step: int, total: int, record: dict) -> str:
 class MetricWriter:
   """Appends `{"step": s, key: value, ...}` lines to workdir/metrics.jsonl and TensorBoard scalars.
 
+  The lines are strict JSON: a value that is not finite is left out (JSON has no NaN).
+
   Only process 0 writes. TensorBoard files come from tensorboardX (no TensorFlow); without
   it installed only the JSON lines are written. In a `gs://` workdir (an object store has
   no append) metrics.jsonl is rewritten whole at every record, a few hundred bytes a line,
@@ -217,8 +233,8 @@ class MetricWriter:
   def write(self, step: int, scalars: dict[str, float]) -> None:
     if not self.enabled:
       return
-    clean = {k: float(v) for k, v in scalars.items()}
-    line = json.dumps({"step": int(step), **clean}) + "\n"
+    clean = {k: float(v) for k, v in scalars.items() if np.isfinite(float(v))}
+    line = json.dumps({"step": int(step), **clean}, allow_nan=False) + "\n"
     if self._jsonl is None:
       self._lines.append(line)
       self._file.write_text("".join(self._lines))
@@ -227,8 +243,7 @@ class MetricWriter:
       self._jsonl.flush()
     if self._tb is not None:
       for key, value in clean.items():
-        if np.isfinite(value):
-          self._tb.add_scalar(key, value, step)
+        self._tb.add_scalar(key, value, step)
       if self._local and time.monotonic() - self._synced > self._sync_secs:
         self._sync()
 

@@ -100,11 +100,11 @@ def glob(pattern) -> list[str]:
 
 
 def is_file(p) -> bool:
-  return path(p).is_file()
+  return path(p).is_file() if is_url(p) else os.path.isfile(p)
 
 
 def is_dir(p) -> bool:
-  return path(p).is_dir()
+  return path(p).is_dir() if is_url(p) else os.path.isdir(p)
 
 
 _COPIES = None  # this process's directory of local copies of URLs

@@ -52,6 +52,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 # models) run first: xdist hands tests out in this order, so the short ones that come last
 # even out the workers instead of one long test running alone at the end.
 LONG_FIRST = ("tests/train/robustness_test.py", "tests/train/train_test.py",
+              "tests/train/gcs_test.py", "tests/train/integrity_test.py",
               "tests/tools_train_test.py", "tests/checkpoint_test.py",
               "tests/kernels/models_test.py", "tests/tools_test.py", "tests/hf_test.py")
 

@@ -28,7 +28,8 @@ def run_tool(name, *args, check=True):
 def corpus(tmp_path_factory):
   """A JSONL corpus of ~2000 short documents (stdlib lines), one of them without the text field."""
   path = tmp_path_factory.mktemp("corpus") / "docs.jsonl"
-  lines = [data.builtin_source("line")[i] for i in range(2000)]
+  source = data.builtin_source("line")
+  lines = [source[i] for i in range(2000)]
   with open(path, "w") as f:
     for i, line in enumerate(lines):
       f.write(json.dumps({"text": line} if i != 7 else {"title": line}) + "\n")

@@ -20,8 +20,9 @@ Each run trains in WORKDIR/NAME, where NAME spells the run's own overrides
 and a hash of the exact overrides is appended, so distinct overrides get distinct dirs).
 A run whose metrics.jsonl reaches its final step (train.steps in the config.json it wrote)
 under the same command is skipped; `--rerun` deletes its workdir and trains it again. A run
-stopped early (Ctrl-C stops the sweep once the current run has saved a checkpoint) resumes
-next time, as does a finished run whose command changed (e.g. a larger train.steps). A failed
+stopped early (Ctrl-C stops the sweep once the current run has saved a checkpoint; a run
+that exits 130 or 143, stopped by SIGINT / SIGTERM with its step saved, is "stopped early",
+not failed) resumes next time, as does a finished run whose command changed (e.g. a larger train.steps). A failed
 run is reported and the sweep goes on; the exit status is 1 if any run failed. The table,
 sorted by the first metric (ascending), gives each run's overrides and the last value of each
 metric in its metrics.jsonl. WORKDIR may be a gs:// URL (every file goes through
@@ -331,7 +332,9 @@ def main(argv):
       start(run, finished)
       run.status = "interrupted"  # until it returns
       code = execute(run)
-      if code:
+      if code in (130, 143):  # llmjax.main stopped by SIGINT / SIGTERM, step saved
+        run.status = "stopped early"
+      elif code:
         run.status = f"failed (exit {code})" if code > 0 else f"failed (signal {-code})"
       else:
         run.status = "ok" if is_finished(run) else "stopped early"

@@ -10,6 +10,7 @@
 
 from llmjax.train.config import base_config, model_config, objective_config, shrink_for_cpu
 from llmjax.train.experiment import Setup, build, make_pipeline
-from llmjax.train.loop import CheckpointError, Result, evaluate, train
+from llmjax.train.checkpoints import CheckpointError
+from llmjax.train.loop import Result, evaluate, train
 from llmjax.train.step import (Parts, batch_shardings, eval_step, global_batch, init_state,
                                make_eval_step, make_train_step, train_step)

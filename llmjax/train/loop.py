@@ -1,26 +1,25 @@
 """`train(config, workdir)`: the step loop with evals, metrics, checkpoints, resume and signals.
 
-Checkpoints (Orbax, async) hold the train state and the data iterator's position, so a
-restarted run continues with the very batches it would have seen. SIGTERM or SIGINT stops
-the run after the step in flight: that step is saved, and the run returns. A NaN or Inf
-loss stops the run before it is ever saved. The workdir may be local or `gs://`.
+Checkpoints (Orbax, async) hold the train state, the data iterator's position and the
+metrics since the last log line, so a restarted run continues with the very batches it would
+have seen and logs the very values. SIGTERM or SIGINT stops the run after the step in flight
+(see llmjax/signals.py): that step is logged and saved, and the run returns, saying which
+signal stopped it. A NaN or Inf loss stops the run before it is ever saved. The workdir may
+be local or `gs://`.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import signal
 from typing import Any
 
-import grain
 import jax
 import jax.numpy as jnp
 import numpy as np
-import orbax.checkpoint as ocp
 
-from llmjax import checkpoint, data, metrics, paths
-from llmjax.train import experiment, step, workdir
+from llmjax import checkpoint, data, metrics, paths, signals
+from llmjax.train import checkpoints, experiment, lease, step, workdir
 from llmjax.train.config import shrink_for_cpu
 
 
@@ -45,6 +44,12 @@ def train(config, workdir_path: str, *, log=_print) -> Result:
     config = shrink_for_cpu(config)
     log("runlocal: shrunk to a CPU smoke run of the same family, objective and optimizer")
   run_dir = paths.open_dir(workdir_path)
+  with lease.hold(run_dir, log=log) as held:  # one run per workdir
+    return _train(config, run_dir, held, log)
+
+
+def _train(config, run_dir, held, log) -> Result:
+  """The loop of `train`, in a workdir this run holds."""
   config = workdir.reconcile(run_dir, config, log)
   setup = experiment.build(config)
   workdir.write_config(run_dir, config)
@@ -54,10 +59,12 @@ def train(config, workdir_path: str, *, log=_print) -> Result:
   train_step = step.make_train_step(setup, state_shardings, shardings)
   eval_step = step.make_eval_step(setup, state_shardings["params"], shardings)
   c = config.train
-  manager = _manager(run_dir, c)
-  state, start = _restore_or_init(setup, manager, abstract, init, it, log)
-  tracker = metrics.StepMetrics(*_flops(setup, state, log))
-  writer, signals, history = metrics.MetricWriter(run_dir), _Signals(), []
+  ckpts = checkpoints.Checkpoints(run_dir / "checkpoints", c.checkpoint_every,
+                                  c.keep_checkpoints, log=log)
+  state, start, window = _restore_or_init(setup, ckpts, abstract, init, it, log)
+  tracker = metrics.StepMetrics(*_flops(setup, state, log), window=window)
+  writer, history = metrics.MetricWriter(run_dir), []
+  signals.clear()
 
   def report(at: int, record: dict) -> None:
     writer.write(at, record)
@@ -68,31 +75,35 @@ def train(config, workdir_path: str, *, log=_print) -> Result:
   try:
     if at == 0 and c.eval_every:  # where the eval loss starts from
       report(0, evaluate(setup, eval_step, state["params"], shardings))
-    while at < c.steps and not signals.received:
+    while at < c.steps and not signals.received():
       state, step_metrics = train_step(state, step.global_batch(shardings, next(it)))
       at += 1
-      with _finite(manager):
+      signals.deferred()  # from the first step on (compiled now), a signal stops at a step
+      with _finite(ckpts):
         tracker.add(at, step_metrics)
-        record = tracker.summary() if at % c.log_every == 0 or at == c.steps else {}
+        record = tracker.summary(keep=bool(signals.received())) if (
+            at % c.log_every == 0 or at == c.steps or signals.received()) else {}
         with tracker.excluded():  # evals, log lines and saves are not step time
           if c.eval_every and (at % c.eval_every == 0 or at == c.steps):
             record.update(evaluate(setup, eval_step, state["params"], shardings))
           if record:
             report(at, record)
-          if manager.should_save(at) or at == c.steps or signals.received:
+          if ckpts.should_save(at) or at == c.steps or signals.received():
             tracker.check()  # nothing unchecked is ever saved
-            _save(manager, at, state, it)
-    if signals.received:
-      log(f"{signals.received}: saved step {at} in {run_dir}/checkpoints; stopping")
-    with _saving(manager, at):
-      manager.wait_until_finished()
+            held.check()  # nor by a run that lost the workdir to another
+            ckpts.save(at, state, it, tracker.window())
+    if signals.received():
+      log(f"{signals.received()}: saved step {at} in {run_dir}/checkpoints; stopping")
+    ckpts.wait(at)
+  except BaseException:
+    _close_quietly(log, writer.close, it.close, lambda: ckpts.close(at))
+    raise
   finally:
-    signals.restore()
-    writer.close()
-    it.close()
-    with _saving(manager, at):
-      manager.close()
-  return Result(history, state["params"], setup, at, signals.received)
+    signals.deferred(False)
+  writer.close()
+  it.close()
+  ckpts.close(at)
+  return Result(history, state["params"], setup, at, signals.received())
 
 
 def evaluate(setup, eval_step, params, shardings) -> dict[str, float]:
@@ -114,33 +125,19 @@ def evaluate(setup, eval_step, params, shardings) -> dict[str, float]:
           "eval/perplexity": float(np.exp(min(loss, 50.0))), "eval/tokens": float(totals["weight"])}
 
 
-def _manager(run_dir, c) -> ocp.CheckpointManager:
-  """Saves every `checkpoint_every` steps and when a preemption is announced (Orbax's
-  default would also save the first step, a checkpoint no one resumes from)."""
-  policies = ocp.checkpoint_managers
-  policy = policies.AnySavePolicy([policies.FixedIntervalPolicy(c.checkpoint_every),
-                                   policies.PreemptionCheckpointingPolicy()])
-  return ocp.CheckpointManager(
-      run_dir / "checkpoints",
-      options=ocp.CheckpointManagerOptions(save_decision_policy=policy,
-                                           max_to_keep=c.keep_checkpoints,
-                                           enable_async_checkpointing=True))
-
-
-def _restore_or_init(setup, manager, abstract, init, it, log):
-  """(state, step): the latest checkpoint's (the data iterator restored too), or a new state
-  (with `train.init_from`'s parameters if set: fine-tuning starts a new optimizer)."""
-  start = manager.latest_step()
-  if start is not None:
-    restored = manager.restore(start, args=ocp.args.Composite(
-        state=ocp.args.StandardRestore(abstract), data=grain.checkpoint.CheckpointRestore(it)))
-    log(f"resumed from {manager.directory} at step {start}")
-    return restored["state"], start
+def _restore_or_init(setup, ckpts, abstract, init, it, log):
+  """(state, step, log window): the latest checkpoint's (the data iterator restored too), or
+  a new state (with `train.init_from`'s parameters if set: fine-tuning starts a new
+  optimizer)."""
+  state, start, window = ckpts.restore(abstract, it)
+  if state is not None:
+    log(f"resumed from {ckpts.directory} at step {start}")
+    return state, start, window
   state = init(jax.random.key(setup.config.seed))
   if setup.config.train.init_from:
     state["params"] = checkpoint.load_params(setup.config.train.init_from, abstract["params"])
     log(f"parameters from {setup.config.train.init_from}")
-  return state, 0
+  return state, 0, None
 
 
 def _flops(setup, state, log) -> tuple[float, float]:
@@ -154,49 +151,23 @@ def _flops(setup, state, log) -> tuple[float, float]:
                                  cfg.d_model), peak
 
 
-def _save(manager, at: int, state, it) -> None:
-  with _saving(manager, at):
-    manager.save(at, args=ocp.args.Composite(
-        state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(it)), force=True)
-
-
-class _Signals:
-  """Remembers a SIGTERM / SIGINT so the loop can save and stop at a step boundary."""
-
-  def __init__(self):
-    self.received = None
-    self._old = {s: signal.signal(s, self._handle) for s in (signal.SIGTERM, signal.SIGINT)}
-
-  def _handle(self, signum, frame):
-    self.received = signal.Signals(signum).name
-
-  def restore(self):
-    for s, handler in self._old.items():
-      signal.signal(s, handler)
-
-
-class CheckpointError(RuntimeError):
-  """Writing a checkpoint failed (disk full, no permission); the last complete one is intact."""
+def _close_quietly(log, *closers) -> None:
+  """Runs every closer, an error in any of them only logged: the error that stopped the run
+  is the one the user must see."""
+  for close in closers:
+    try:
+      close()
+    except Exception as e:  # a full disk fails the metrics file too, say
+      message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+      log(f"while stopping: {type(e).__name__}: {message[:200]}")
 
 
 @contextlib.contextmanager
-def _saving(manager, at: int):
-  """Turns a failed (possibly earlier, asynchronous) save into a CheckpointError."""
-  try:
-    yield
-  except Exception as e:  # Orbax reraises a background write's error at the next call
-    message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-    raise CheckpointError(
-        f"writing a checkpoint in {manager.directory} failed by step {at}: {message}; the "
-        f"last complete checkpoint (step {manager.latest_step()}) is intact") from e
-
-
-@contextlib.contextmanager
-def _finite(manager):
+def _finite(ckpts):
   """A non-finite loss, as StepMetrics reports it, with what is left intact."""
   try:
     yield
   except FloatingPointError as e:
     raise FloatingPointError(
-        f"{e}; stopped before saving: the last checkpoint (step {manager.latest_step()}) is "
+        f"{e}; stopped before saving: the last checkpoint (step {ckpts.latest_step()}) is "
         f"intact. Lower the learning rate or check the data") from None

@@ -81,10 +81,13 @@ def losses(workdir):
 
 
 def test_resume_after_sigkill_is_bitwise(tmp_path):
-  """Kill -9 after the checkpoint at step N, rerun the same command: steps N+1..2N equal an
-  uninterrupted run's bit for bit (dropout on, so the data order and the rng both matter)."""
+  """Kill -9 after the checkpoint at step N, rerun the same command: the lines it logs equal
+  an uninterrupted run's bit for bit (dropout on, so the data order and the rng both matter),
+  the line whose window spans the checkpoint included (a log every 3 steps, a checkpoint at
+  4: the line at 6 averages steps 4-6 in both)."""
   n = 4
-  flags = SMALL + [f"--config.train.steps={2 * n}", f"--config.train.checkpoint_every={n}"]
+  flags = SMALL + [f"--config.train.steps={2 * n}", f"--config.train.checkpoint_every={n}",
+                   "--config.train.log_every=3"]
   code, _, err = run_main(tmp_path / "a", *flags)
   assert code == 0, err[-2000:]
   proc = run_main(tmp_path / "b", *flags, wait=False)
@@ -97,10 +100,16 @@ def test_resume_after_sigkill_is_bitwise(tmp_path):
   code, out, err = run_main(tmp_path / "b", *flags)
   assert code == 0, err[-2000:]
   assert "resumed from" in out + err
-  a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
-  assert [a[s] for s in range(n + 1, 2 * n + 1)] == [b[s] for s in range(n + 1, 2 * n + 1)]
-  # Determinism: the same command twice gives the same losses from the first step.
-  assert [a[s] for s in range(1, n + 1)] == [b[s] for s in range(1, n + 1)]
+  a, b = logged(tmp_path / "a"), logged(tmp_path / "b")
+  assert sorted(a) == sorted(b) == [3, 6, 8] and a == b, (a, b)
+
+
+def logged(workdir):
+  """step -> the values of its train/ line but timing (a step logged twice, before a kill
+  and after, keeps its last line)."""
+  timing = {"train/tokens_per_sec", "train/step_time", "train/mfu"}
+  return {r["step"]: {k: v for k, v in r.items() if k.startswith("train/") and k not in timing}
+          for r in read_metrics(workdir) if "train/loss" in r}
 
 
 def test_sharded_equals_single_device(tmp_path):
@@ -182,12 +191,14 @@ def test_shakespeare_char_experiment_runs_on_any_text(tmp_path):
 
 
 def test_signal_stops_at_the_next_step_and_the_summary_says_so(tmp_path):
-  """SIGINT while step 3's line is printed stops the run after at most the step in flight,
-  saved, with no sample; no log line holds a nan (step 1 is not timed). Rerun with more
-  steps: the schedule of the first run is kept and said so, and the summary covers the whole
-  run, its first segment included."""
+  """SIGINT while step 3's line is printed (log_every=2) stops the run after at most the step
+  in flight: that step is logged and saved, no sample, exit status 130; no log line holds a
+  nan (step 1 is not timed). Rerun with more steps: the schedule of the first run is kept and
+  said so, the log line at step 4 averages steps 3 and 4 as an uninterrupted run's does, and
+  the summary covers the whole run, its first segment included."""
   flags = SMALL + ["--config.train.steps=500", "--config.train.eval_every=0",
-                   "--config.train.checkpoint_every=1000", "--config.train.sample_tokens=20"]
+                   "--config.train.checkpoint_every=1000", "--config.train.sample_tokens=20",
+                   "--config.train.log_every=1"]
   proc = run_main(tmp_path, *flags, wait=False, env={"PYTHONUNBUFFERED": "1"})
   lines = []
   for line in proc.stdout:
@@ -198,7 +209,7 @@ def test_signal_stops_at_the_next_step_and_the_summary_says_so(tmp_path):
       break
   out, err = proc.communicate(timeout=300)
   lines += out.splitlines(True)
-  assert proc.returncode == 0, err[-2000:]
+  assert proc.returncode == 130, err[-2000:]
   stopped = int(re.search(r"SIGINT: saved step (\d+)", "".join(lines)).group(1))
   assert 3 <= stopped <= 4, lines  # step 4 may have been in flight
   assert f"stopped at step {stopped} of 500 (SIGINT)" in lines[-1], lines
@@ -218,10 +229,35 @@ def test_signal_stops_at_the_next_step_and_the_summary_says_so(tmp_path):
 
 def test_a_runlocal_run_prints_a_short_log(tmp_path):
   """The 20-step CPU smoke run of the default experiment, as a user first runs it: our lines
-  only (at most 25 with the sample), no library INFO line, no nan, no traceback at exit."""
-  code, out, err = run_main(tmp_path, "--config.runlocal=True")
+  only (at most 25 with the sample), no library INFO line, no nan, no traceback at exit. A
+  --config. flag given beside runlocal wins over its shrink (here a log every 10 steps, not
+  5)."""
+  code, out, err = run_main(tmp_path, "--config.runlocal=True", "--config.train.log_every=10")
   assert code == 0, err[-2000:]
   lines = (out + err).splitlines()
   assert len(lines) <= 25 and "step     20/20" in out and "sample:" in out, out + err
+  assert "kept train.log_every=10" in out and "step     10/20" in out, out
+  assert "step      5/20" not in out, out
   assert not re.search(r"^[IW]\d{4} |Traceback", out + err, re.M), out + err
   assert not any("nan" in line for line in lines if line.startswith("step")), out
+
+
+def test_a_full_disk_ends_in_one_clear_last_line(tmp_path):
+  """Files capped at 64 KB, as a full disk fails them, from the first save on: exit 1, and
+  the last line of stderr says which save failed and that no checkpoint is complete yet; no
+  library traceback anywhere."""
+  import resource
+
+  def cap():
+    signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (64 * 1024, 64 * 1024))
+
+  cmd = [sys.executable, "-m", "llmjax.main", f"--workdir={tmp_path}", *SMALL, *CONSTANT,
+         "--config.train.steps=4", "--config.train.checkpoint_every=2"]
+  proc = subprocess.run(cmd, cwd=ROOT, env={**os.environ, "PYTHONPATH": ROOT}, preexec_fn=cap,
+                        capture_output=True, text=True, timeout=300)
+  last = proc.stderr.strip().splitlines()[-1]
+  assert proc.returncode == 1 and last.startswith("llmjax.main: writing a checkpoint in "), (
+      proc.stderr[-3000:])
+  assert last.endswith("there is no complete checkpoint yet"), last
+  assert "Traceback" not in proc.stderr and len(proc.stderr.splitlines()) <= 10, proc.stderr

@@ -1,0 +1,368 @@
+"""The run's checkpoints: the sharded train state and every process's data-iterator position.
+
+    ckpts = Checkpoints(run_dir / "checkpoints", every=500, keep=3)
+    state, step, window = ckpts.restore(abstract, it)   # Nones when there is none yet
+    if ckpts.should_save(step): ckpts.save(step, state, it, window)   # asynchronous
+    ckpts.close(step)                             # waits for the last save
+
+Orbax writes them (through tensorstore, local or gs://); a save that fails, possibly in the
+background, surfaces as a CheckpointError naming the step of the last complete checkpoint.
+
+Integrity. Orbax 0.12 keeps no checksums of array data (OCDBT's own CRC32C covers its
+b-tree nodes and manifests, not the chunks), so each process records its own: once Orbax
+has committed step N (known at the next `save`, at `wait` and at `close`), every process
+writes N/_CHECKSUMS.process_<i>-of-<n>.json, the size and CRC32C of each file it wrote
+(paths with `process_<i>` in them; process 0 also the shared ones), atomically (locally a
+temporary name renamed; a gs:// object appears whole or not at all). Locally the files are
+read back, on a background thread unless keep=1 (about 10 GB/s from the page cache); on
+gs:// the CRC32C that Cloud Storage keeps for each object comes with one listing, nothing is
+downloaded. `restore` checks the newest checkpoint first (each process a share of the
+manifests, the verdict agreed by all before Orbax's restore), then restores it. A checkpoint
+that fails, or that cannot be restored, is reported in one line naming the file, moved
+aside to <step>.corrupt (a name Orbax's step listing ignores; never deleted), and the next
+newest is tried; with none left, training starts from step 0.
+
+A committed checkpoint without some manifest (saved by an older llmjax, or a process stopped
+in the moment between Orbax's commit and its manifest) cannot be checked: it is restored
+unverified, with a warning, and moved aside only if restoring it fails. A restore that fails
+on a checkpoint whose every byte checks out is not corruption: its error is raised.
+"""
+
+from __future__ import annotations
+
+import base64
+import concurrent.futures
+import contextlib
+import json
+import os
+import re
+import threading
+import uuid
+
+import google_crc32c
+import grain
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from absl import logging
+from etils import epath
+
+MANIFEST = "_CHECKSUMS"  # <step>/_CHECKSUMS.process_<i>-of-<n>.json
+_MANIFEST_NAME = re.compile(rf"{MANIFEST}\.process_(\d+)-of-(\d+)\.json")
+_OWNER = re.compile(r"(?:^|[/._-])process_(\d+)(?=$|[/._-])")
+_BLOCK = 1 << 20  # read size: 1 MiB reads hash fastest (they stay in the CPU's cache)
+_READERS = 4
+
+
+class CheckpointError(RuntimeError):
+  """Writing a checkpoint failed (disk full, no permission); the last complete one is intact."""
+
+
+class Checkpoints:
+  """Saves every `every` steps and when a preemption is announced (Orbax's default would
+  also save the first step, a checkpoint no one resumes from), keeping the last `keep`.
+  Lines about corrupt checkpoints go to `log` (absl's warning by default); `verify=False`
+  skips the checksums (not their writing)."""
+
+  def __init__(self, directory, every: int, keep: int, *, log=None, verify: bool = True):
+    policies = ocp.checkpoint_managers
+    policy = policies.AnySavePolicy([policies.FixedIntervalPolicy(every),
+                                     policies.PreemptionCheckpointingPolicy()])
+    self.directory = directory
+    self._keep, self._log, self._verify = keep, log or logging.warning, verify
+    self._owed = None  # the last step saved, whose checksums this process still owes
+    self._writer = None  # the thread writing the previous step's checksums
+    self._manager = ocp.CheckpointManager(
+        directory, options=ocp.CheckpointManagerOptions(
+            save_decision_policy=policy, max_to_keep=keep, enable_async_checkpointing=True))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def intact(self) -> str:
+    """What is intact, in words, for messages."""
+    step = self.latest_step()
+    return ("there is no complete checkpoint yet" if step is None else
+            f"the last complete checkpoint (step {step}) is intact")
+
+  def restore(self, abstract, it):
+    """(state, step, log window) of the newest intact checkpoint, `it` set to its data
+    position; (None, None, None) without one. The log window is what `save` got as `window`.
+    Corrupt checkpoints on the way are reported, moved aside and skipped."""
+    fresh = it.get_state()
+    steps = sorted(self._manager.all_steps(), reverse=True)
+    for i, step in enumerate(steps):
+      aside = self._aside_name(step)  # chosen before any process moves anything
+      # Agreed before restoring: Orbax's restore has collectives of its own.
+      problem, restored = _agree(self._check(step)), None
+      if problem is None:
+        unchecked = self._unchecked(step) if self._verify else ""
+        if unchecked:
+          self._log(f"checkpoint {step} has no checksums from {unchecked} (saved before they "
+                    f"were kept, or stopped before writing them): restoring it unverified")
+        try:
+          restored = self._manager.restore(step, args=self._restore_args(step, abstract, it))
+        except Exception as e:  # unreadable: truncated, emptied or missing files
+          if not unchecked:  # every byte is as written: not corruption, a real error
+            raise
+          problem = f"unreadable: {_one_line(e)}"
+        if unchecked:  # the same on every process
+          problem = _agree(problem)
+      if problem is None:
+        return restored["state"], step, restored.get("metrics")
+      self._set_aside(step, aside)
+      after = (f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else
+               "no older checkpoint: training starts from step 0")
+      self._log(f"checkpoint {step} is corrupt ({problem}); moved to {aside}; {after}")
+    it.set_state(fresh)  # a failed restore may have moved it
+    return None, None, None
+
+  def should_save(self, step: int) -> bool:
+    return self._manager.should_save(step)
+
+  def save(self, step: int, state, it, window=None) -> None:
+    """Saves asynchronously; `window` (JSON) is the metrics of the steps since the last log
+    line, so that a resumed run logs the very averages an uninterrupted one does."""
+    with self._errors(step):
+      if self._keep == 1:  # this save's commit deletes the previous step: checksum it first
+        self._manager.wait_until_finished()
+        self._settle(background=False)
+      saved = self._manager.save(step, args=ocp.args.Composite(
+          state=ocp.args.StandardSave(state), data=grain.checkpoint.CheckpointSave(it),
+          metrics=ocp.args.JsonSave(window or {})), force=True)
+      self._settle(background=True)  # Orbax finished the previous save before this one
+      if saved:
+        self._owed = step
+
+  def wait(self, step: int) -> None:
+    with self._errors(step):
+      self._manager.wait_until_finished()
+      self._settle(background=False)
+
+  def close(self, step: int) -> None:
+    with self._errors(step):
+      self._manager.close()
+      self._settle(background=False)
+
+  @contextlib.contextmanager
+  def _errors(self, step: int):
+    """Turns a failed (possibly earlier, asynchronous) save into a CheckpointError."""
+    try:
+      yield
+    except Exception as e:  # Orbax reraises a background write's error at the next call
+      self._owed = None
+      message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+      raise CheckpointError(
+          f"writing a checkpoint in {self.directory} failed by step {step}: {message}; "
+          f"{self.intact()}") from e
+
+  def _step_dir(self, step: int) -> epath.Path:
+    return epath.Path(self.directory) / str(step)
+
+  def _restore_args(self, step, abstract, it):
+    args = {"state": ocp.args.StandardRestore(abstract),
+            "data": grain.checkpoint.CheckpointRestore(it)}
+    if (self._step_dir(step) / "metrics").exists():
+      args["metrics"] = ocp.args.JsonRestore()
+    return ocp.args.Composite(**args)
+
+  # Writing checksums.
+
+  def _settle(self, background: bool) -> None:
+    """Writes this process's checksums of the last step saved (Orbax has committed it), on a
+    thread of its own or here; waits for the previous writer either way."""
+    if self._writer is not None:
+      self._writer.join()
+      self._writer = None
+    if self._owed is None:
+      return
+    step, self._owed = self._owed, None
+    if background:
+      self._writer = threading.Thread(target=self._write_checksums, args=(step,), daemon=True,
+                                      name=f"checksums-{step}")
+      self._writer.start()
+    else:
+      self._write_checksums(step)
+
+  def _write_checksums(self, step: int) -> None:
+    """N/_CHECKSUMS.process_<i>-of-<n>.json: size and CRC32C of each file this process owns.
+    A failure costs only the verification: the step is restored unverified."""
+    index, count = jax.process_index(), jax.process_count()
+    step_dir = self._step_dir(step)
+    try:
+      owned = {rel: entry for rel, entry in _listing(step_dir).items()
+               if _owner(rel, count) == index}
+      sums = _checksums(step_dir, owned)
+      text = json.dumps({"step": step, "crc32c": sums}, sort_keys=True)
+      manifest = step_dir / f"{MANIFEST}.process_{index}-of-{count}.json"
+      if _is_url(step_dir):  # an object appears whole or not at all
+        manifest.write_text(text)
+      else:
+        part = step_dir / f".{manifest.name}.{uuid.uuid4().hex[:8]}.part"
+        part.write_text(text)
+        part.rename(manifest)
+    except Exception as e:  # the step deleted meanwhile, a full disk: it stays restorable
+      logging.warning("checkpoint %d: writing its checksums failed (%s); it will be restored "
+                      "unverified", step, _one_line(e))
+
+  # Checking them.
+
+  def _manifests(self, step: int) -> tuple[dict[int, epath.Path], int]:
+    """({process: its manifest}, the number of processes that saved the step; 0: unknown)."""
+    found, count = {}, 0
+    for path in self._step_dir(step).iterdir():
+      if m := _MANIFEST_NAME.fullmatch(path.name):
+        found[int(m.group(1))] = path
+        count = max(count, int(m.group(2)))
+    return found, count
+
+  def _unchecked(self, step: int) -> str:
+    """Whose checksums the step lacks, in words ('' when it has all of them)."""
+    found, count = self._manifests(step)
+    if not found:
+      return "any process"
+    missing = [i for i in range(count) if i not in found]
+    return ", ".join(f"process {i}" for i in missing)
+
+  def _check(self, step: int) -> str | None:
+    """What is wrong with this process's share of the step's manifests ('FILE: why'), or
+    None. Sizes come from one listing; contents are read and hashed (gs://: the CRC32C that
+    Cloud Storage keeps)."""
+    if not self._verify:
+      return None
+    step_dir = self._step_dir(step)
+    try:
+      found, _ = self._manifests(step)
+      mine = [found[i] for i in sorted(found) if i % jax.process_count() == jax.process_index()]
+      if not mine:
+        return None
+      listing = _listing(step_dir)
+      for manifest in mine:
+        try:
+          written = json.loads(manifest.read_text())["crc32c"]
+        except (ValueError, KeyError, TypeError) as e:
+          return f"{manifest.name}: unreadable ({_one_line(e)})"
+        for rel in sorted(written):
+          if rel not in listing:
+            return f"{rel}: missing"
+          if listing[rel][0] != written[rel][0]:
+            return f"{rel}: {listing[rel][0]} bytes, {written[rel][0]} written"
+        actual = _checksums(step_dir, {rel: listing[rel] for rel in written})
+        for rel in sorted(written):
+          if actual[rel] != written[rel]:
+            return f"{rel}: checksum mismatch"
+    except OSError as e:  # a file that cannot be read at all
+      return f"unreadable: {_one_line(e)}"
+    return None
+
+  # Moving a corrupt step aside.
+
+  def _aside_name(self, step: int) -> epath.Path:
+    """<step>.corrupt, or .corrupt-2, -3, ... if taken (no '_<digits>' Orbax would parse)."""
+    names = {p.name for p in epath.Path(self.directory).iterdir()}
+    name, n = f"{step}.corrupt", 1
+    while name in names:
+      n += 1
+      name = f"{step}.corrupt-{n}"
+    return epath.Path(self.directory) / name
+
+  def _set_aside(self, step: int, aside: epath.Path) -> None:
+    if jax.process_index() == 0:
+      _move(self._step_dir(step), aside)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices(f"llmjax checkpoint {step} set aside")
+    self._manager.reload()
+
+
+def _is_url(path) -> bool:
+  return "://" in str(path)
+
+
+def _filesystem(path):
+  """(fsspec filesystem, path without its scheme) of a URL: epath's own instance (the same
+  arguments), so that the listings it caches see our changes."""
+  import fsspec
+  scheme = str(path).split("://")[0]
+  fs = (fsspec.filesystem("gcs", finalize_on_close=True) if scheme in ("gs", "gcs") else
+        fsspec.filesystem(scheme))
+  return fs, fs._strip_protocol(str(path)).rstrip("/")
+
+
+def _move(source: epath.Path, target: epath.Path) -> None:
+  """A rename locally; a server-side copy then a delete for URLs (epath's rename tries a
+  move call per object first, which buckets without a hierarchical namespace refuse)."""
+  if not _is_url(source):
+    source.rename(target)
+    return
+  fs, src = _filesystem(source)
+  _, dst = _filesystem(target)
+  fs.copy(src, dst, recursive=True)
+  fs.rm(src, recursive=True)
+  fs.invalidate_cache(src.rsplit("/", 1)[0])
+
+
+def _owner(rel: str, count: int) -> int:
+  """The process that wrote file `rel` of a step: a `process_<i>` in its path, else 0."""
+  m = _OWNER.search(rel)
+  return int(m.group(1)) % count if m else 0
+
+
+def _listing(step_dir: epath.Path) -> dict[str, list]:
+  """{path relative to step_dir: [size, CRC32C as hex, or None where it must be computed]}
+  for each file of the step but the manifests (and their temporary parts)."""
+  out, root = {}, str(step_dir)
+  if not _is_url(root):
+    for parent, _, names in os.walk(root):
+      for name in names:
+        full = os.path.join(parent, name)
+        out[os.path.relpath(full, root)] = [os.stat(full).st_size, None]
+  else:  # one listing; Cloud Storage's carries each object's CRC32C
+    fs, prefix = _filesystem(root)
+    fs.invalidate_cache(prefix)
+    for full, info in fs.find(prefix, detail=True).items():
+      crc = info.get("crc32c")
+      out[full[len(prefix) + 1:]] = [int(info["size"]),
+                                     base64.b64decode(crc).hex() if crc else None]
+  return {rel: entry for rel, entry in out.items()
+          if not rel.startswith((MANIFEST, ".")) and "/." not in rel}
+
+
+def _checksums(step_dir: epath.Path, entries: dict[str, list]) -> dict[str, list]:
+  """{rel: [size, CRC32C hex]}: the listing's where it has one, else the file read."""
+  def one(rel):
+    size, crc = entries[rel]
+    return rel, [size, crc] if crc is not None else _crc32c(step_dir / rel)
+  todo = sorted(entries)
+  with concurrent.futures.ThreadPoolExecutor(_READERS) as pool:
+    return dict(pool.map(one, todo))
+
+
+def _crc32c(path: epath.Path) -> list:
+  crc, size = 0, 0
+  opener = path.open("rb") if _is_url(path) else open(path, "rb", buffering=0)
+  with opener as f:
+    while chunk := f.read(_BLOCK):
+      crc = google_crc32c.extend(crc, chunk)
+      size += len(chunk)
+  return [size, f"{crc:08x}"]
+
+
+def _agree(problem: str | None) -> str | None:
+  """The first process's problem with a checkpoint if any process has one (all processes
+  then skip it together); `problem` itself on one process."""
+  if jax.process_count() == 1:
+    return problem
+  from jax.experimental import multihost_utils
+  raw = (problem or "").encode()[:1024]
+  mine = np.zeros(1024, np.uint8)
+  mine[:len(raw)] = np.frombuffer(raw, np.uint8)
+  for row in np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 1024):
+    if row.any():
+      return bytes(row).rstrip(b"\0").decode(errors="replace")
+  return None
+
+
+def _one_line(e: BaseException) -> str:
+  text = str(e).strip()
+  return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
