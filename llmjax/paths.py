@@ -27,14 +27,22 @@ def path(p) -> epath.Path:
   return out if is_url(p) else out.absolute()
 
 
+_REACHED = set()  # (bucket, endpoint) pairs this process has checked: asked once each
+
+
 def check_bucket(url: str, timeout: float = 10.0) -> None:
   """Raises a one-line ValueError within seconds if the bucket of `url` (gs://BUCKET/...)
-  cannot be reached or does not exist: the storage clients would retry for minutes."""
+  cannot be reached or does not exist: the storage clients would retry for minutes. A
+  bucket found once is not asked again (the workdir, the data and the tokenizer of a run
+  often share one)."""
   if not str(url).startswith("gs://"):
     return
   bucket = str(url)[len("gs://"):].split("/")[0]
   if not bucket:
     raise ValueError(f"{url} names no bucket; expected gs://BUCKET/PATH")
+  key = (bucket, os.environ.get("STORAGE_EMULATOR_HOST"))
+  if key in _REACHED:
+    return
   from google.api_core import exceptions  # only for gs://: the import takes a second
   from google.cloud import storage
   try:
@@ -48,6 +56,7 @@ def check_bucket(url: str, timeout: float = 10.0) -> None:
     message = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
     raise ValueError(f"{url}: bucket gs://{bucket} cannot be reached "
                      f"({type(e).__name__}: {message})") from None
+  _REACHED.add(key)
 
 
 def open_dir(p, what: str = "workdir") -> epath.Path:
@@ -68,14 +77,9 @@ def open_dir(p, what: str = "workdir") -> epath.Path:
 
 
 def check_buckets(ps) -> None:
-  """`check_bucket` once for each distinct bucket that the gs:// URLs among `ps` name."""
-  seen = set()
+  """`check_bucket` for each of `ps` (each distinct bucket is asked once)."""
   for p in ps:
-    if str(p).startswith("gs://"):
-      bucket = str(p)[len("gs://"):].split("/")[0]
-      if bucket not in seen:
-        seen.add(bucket)
-        check_bucket(str(p))
+    check_bucket(str(p))
 
 
 def glob(pattern) -> list[str]:
