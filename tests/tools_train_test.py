@@ -9,6 +9,7 @@ import shlex
 import stat
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -264,12 +265,12 @@ def test_tpu_dry_run_prints_the_gcloud_commands(tmp_path):
   remote = flag_values(argv)["--command"]
   assert flag_values(argv)["--worker"] == "all"
   words = shlex.split(remote)
-  start = words.index(".venv/bin/python")
-  assert words[:3] == ["cd", "llmjax", "&&"] and words[start - 1] == "nohup"
-  assert words[start:start + 7] == [
+  assert words[:10] == ["cd", "llmjax", "&&", "rm", "-f", "~/llmjax.exit", "&&", "nohup",
+                        "bash", "-c"] and words[11:13] == [">", "~/llmjax.log"]
+  assert shlex.split(words[10]) == [  # the run, then its exit status kept for `status`
       ".venv/bin/python", "-m", "llmjax.main", "--config=experiments/gpt.py:small",
-      "--workdir=/mnt/r 1", "--config.train.steps=20", "--config.data.path=it's *.jsonl"]
-  assert words[start + 7:start + 9] == [">", "~/llmjax.log"]
+      "--workdir=/mnt/r 1", "--config.train.steps=20", "--config.data.path=it's *.jsonl",
+      ";", "echo", "$?", ">", "~/llmjax.exit"]
 
   for command, expected in [("logs", "--worker=0"), ("delete", "delete")]:
     proc = tpu("--dry-run", *WHERE, command)
@@ -285,6 +286,47 @@ def test_tpu_dry_run_prints_the_gcloud_commands(tmp_path):
   assert proc.returncode == 0, proc.stderr
   assert (tmp_path / "argv").read_text().splitlines() == [
       "compute", "tpus", "tpu-vm", "delete", "lm-1", "--zone=us-central2-b", "--quiet"]
+
+
+def test_tpu_status_says_what_each_exit_means(tmp_path):
+  """launch's command and status's, run as a worker runs them (in $HOME, with a stand-in
+  interpreter that exits as llmjax.main would): the exit status is kept and read back as
+  finished, stopped (resumable) or failed with the log's last line; none at all (a kill -9
+  or a preemption) also says the same launch resumes; a live run is running."""
+  launch = flag_values(shlex.split(tpu("--dry-run", *WHERE, "--type=v4-8", "--workdir=/w",
+                                       "--config=experiments/gpt.py:small", "launch").stdout))
+  status = flag_values(shlex.split(tpu("--dry-run", *WHERE, "status").stdout))["--command"]
+  bin_dir, venv = tmp_path / "bin", tmp_path / "llmjax" / ".venv" / "bin"
+  for directory in (bin_dir, venv):
+    directory.mkdir(parents=True)
+  (bin_dir / "pgrep").write_text("#!/bin/sh\n[ -f \"$HOME/live\" ]\n")  # no real process
+  (venv / "python").write_text("#!/bin/sh\necho \"step 9 | loss 2.0\"\n"
+                               "echo 'llmjax.main: the disk is full' >&2\nexit $(cat ../code)\n")
+  for path in (bin_dir / "pgrep", venv / "python"):
+    path.chmod(0o755)
+  env = {"HOME": str(tmp_path), "PATH": f"{bin_dir}:{os.environ['PATH']}"}
+
+  def worker(command):
+    return subprocess.run(["bash", "-c", command], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=30).stdout.split(": ", 1)[1].strip()
+
+  assert worker(status).startswith("not running and no exit status (never launched, or "
+                                   "killed: SIGKILL, a preemption, a reboot); the same launch")
+  for code, said in [(0, "finished (exit 0)"),
+                     (143, "stopped by SIGTERM after saving its last step (exit 143); the "
+                           "same launch resumes it"),
+                     (130, "stopped by SIGINT after saving its last step (exit 130); the "
+                           "same launch resumes it"),
+                     (1, "failed (exit 1): llmjax.main: the disk is full")]:
+    (tmp_path / "code").write_text(str(code))
+    assert worker(launch["--command"]).startswith("started, log ~/llmjax.log")
+    deadline = time.time() + 10
+    exit_file = tmp_path / "llmjax.exit"
+    while not (exit_file.exists() and exit_file.read_text().strip()) and time.time() < deadline:
+      time.sleep(0.02)
+    assert worker(status) == said, code
+  (tmp_path / "live").touch()
+  assert worker(status) == "running"
 
 
 LAUNCH = ["--name=lm-1", "--zone=us-central2-b", "--config=experiments/gpt.py:small"]
@@ -383,7 +425,8 @@ def test_tpu_allows_a_local_workdir_on_a_single_host_slice(accelerator):
   proc = tpu("--dry-run", *LAUNCH, f"--type={accelerator}", "--workdir=/mnt/runs/x", "launch")
   assert proc.returncode == 0 and proc.stderr == "", proc.stderr
   (launch,) = [shlex.split(line) for line in proc.stdout.splitlines()]  # no bucket check
-  assert "--workdir=/mnt/runs/x" in shlex.split(flag_values(launch)["--command"])
+  run = shlex.split(flag_values(launch)["--command"])[10]  # nohup bash -c RUN
+  assert "--workdir=/mnt/runs/x" in shlex.split(run)
 
 
 def test_tpu_without_a_type_counts_the_hosts_before_a_local_workdir(tmp_path):

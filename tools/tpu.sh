@@ -7,7 +7,8 @@
 #   tools/tpu.sh --name=lm1 --zone=us-central2-b --type=v4-32 --config=experiments/gpt.py:small \
 #       --workdir=gs://BUCKET/runs/gpt_small launch -- --config.train.steps=20000
 #   tools/tpu.sh --name=lm1 --zone=us-central2-b logs         # tail -f of worker 0's log
-#   tools/tpu.sh --name=lm1 --zone=us-central2-b stop         # SIGTERM: checkpoint and stop
+#   tools/tpu.sh --name=lm1 --zone=us-central2-b status       # running, finished, stopped, failed
+#   tools/tpu.sh --name=lm1 --zone=us-central2-b stop         # SIGTERM: checkpoint, stop, status
 #   tools/tpu.sh --name=lm1 --zone=us-central2-b delete [-- --quiet]
 #
 # Settings, as a flag or an environment variable of the same name in capitals:
@@ -34,6 +35,14 @@
 # jax.distributed by itself on Cloud TPU (it sees TPU_WORKER_HOSTNAMES / CLOUD_TPU_TASK_ID),
 # so every worker joins one job with no coordinator flags.
 #
+# The run's state on each worker: `status` says, per worker, whether llmjax.main is running
+# there and, when it is not, what its exit status (kept in ~/llmjax.exit) means: 0 finished;
+# 130 / 143 stopped by SIGINT / SIGTERM after saving the step in flight, so the same launch
+# resumes it; any other status failed, with the last line of its log; no status at all
+# (killed by SIGKILL, a preemption or a reboot) also resumes from the last checkpoint with
+# the same launch. `stop` sends SIGTERM to every worker's run, waits (up to 10 minutes) for
+# it to save and exit, and prints the same status.
+#
 # The workdir on a pod: every host writes its own shards of each checkpoint, so all of them
 # must write to one place they all see: a Cloud Storage bucket, --workdir=gs://BUCKET/PATH.
 # Before launching, launch checks from every worker (one ssh --worker=all) that the VM's
@@ -56,7 +65,10 @@ ROOT=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 NAME=${NAME:-} ZONE=${ZONE:-} TYPE=${TYPE:-} RUNTIME=${RUNTIME:-} PROJECT=${PROJECT:-}
 REPO=${REPO:-} CONFIG=${CONFIG:-} WORKDIR=${WORKDIR:-} WORKER=${WORKER:-0}
 DRY_RUN=${DRY_RUN:-0}
-LOG=llmjax.log
+LOG=llmjax.log EXIT=llmjax.exit
+# llmjax.main's own processes: the command line starts with the interpreter (never the shell
+# that launch wraps around it to keep its exit status).
+RUNNING="pgrep -f '^[^ ]*python[0-9.]* -m llmjax[.]main' >/dev/null"
 PYTHON_VERSION=3.12
 
 usage() {
@@ -194,6 +206,20 @@ check_bucket() {  # one ssh to every worker: write, then delete, an object under
   }
 }
 
+status_script() {  # one line per worker: running, or what its run's exit status means
+  local s="h=\$(hostname); if $RUNNING; then echo \"\$h: running\""
+  s+="; elif [ ! -f ~/$EXIT ]; then echo \"\$h: not running and no exit status (never"
+  s+=" launched, or killed: SIGKILL, a preemption, a reboot); the same launch resumes from"
+  s+=" the last checkpoint\""
+  s+="; else e=\$(cat ~/$EXIT); case \$e in"
+  s+=" 0) echo \"\$h: finished (exit 0)\" ;;"
+  s+=" 130|143) echo \"\$h: stopped by SIG\$([ \$e = 130 ] && echo INT || echo TERM) after"
+  s+=" saving its last step (exit \$e); the same launch resumes it\" ;;"
+  s+=" *) echo \"\$h: failed (exit \$e): \$(awk 'NF { l = \$0 } END { print l }' ~/$LOG)\" ;;"
+  s+=" esac; fi"
+  echo "$s"
+}
+
 case $COMMAND in
   create)
     need NAME ZONE TYPE RUNTIME
@@ -227,22 +253,30 @@ case $COMMAND in
     fi
     main=$(quote .venv/bin/python -m llmjax.main --config="$CONFIG" --workdir="$WORKDIR" \
       ${EXTRA[@]+"${EXTRA[@]}"})
+    keep=$(quote "$main ; echo \$? > ~/$EXIT")  # the run, then its exit status for `status`
     started="echo \"\$(hostname): started, log ~/$LOG\""
     run "${TPU[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all \
-      --command="cd llmjax && nohup $main > ~/$LOG 2>&1 < /dev/null & $started" ;;
+      --command="cd llmjax && rm -f ~/$EXIT && nohup bash -c $keep > ~/$LOG 2>&1 < /dev/null & $started" ;;
   logs)
     need NAME ZONE
     no_extra
     run "${TPU[@]}" ssh "$NAME" "${WHERE[@]}" --worker="$WORKER" \
       --command="tail -n 100 -f ~/$LOG" ;;
+  status)
+    need NAME ZONE
+    no_extra
+    run "${TPU[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all --command="$(status_script)" ;;
   stop)
     need NAME ZONE
     no_extra
-    run "${TPU[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all \
-      --command="pkill -TERM -f 'python -m [l]lmjax.main' || echo \"\$(hostname): not running\"" ;;
+    stop="${RUNNING/pgrep/pkill -TERM} || echo \"\$(hostname): not running\""
+    stop+="; i=0; while $RUNNING && [ \$i -lt 600 ]; do sleep 1; i=\$((i + 1)); done"
+    run "${TPU[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all --command="$stop; $(status_script)" ;;
   delete)
     need NAME ZONE
     run "${TPU[@]}" delete "$NAME" "${WHERE[@]}" ${EXTRA[@]+"${EXTRA[@]}"} ;;
-  "") echo "tpu.sh: give a command: create, install, launch, logs, stop or delete" >&2; usage 2 ;;
-  *) die "unknown command $COMMAND; expected create, install, launch, logs, stop or delete" ;;
+  "") echo "tpu.sh: give a command: create, install, launch, logs, status, stop or delete" >&2
+      usage 2 ;;
+  *) die "unknown command $COMMAND; expected create, install, launch, logs, status, stop or" \
+       "delete" ;;
 esac
