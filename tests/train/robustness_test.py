@@ -252,11 +252,12 @@ def test_init_from_a_run_or_a_model_checkpoint(tmp_path):
     train.train(other, str(tmp_path / "other"), log=lambda line: None)
 
 
-@pytest.mark.parametrize("name,variant", [("gpt", "small"), ("t5", "base")])
-def test_runlocal_shrinks_a_big_variant_to_a_cpu_run(name, variant, tmp_path):
+def test_runlocal_shrinks_a_big_variant_to_a_cpu_run(tmp_path):
   """runlocal keeps the family, objective and optimizer and shrinks the rest to a run that
-  trains on CPU (here 4 steps: runlocal caps the steps at 20, and fewer stay fewer)."""
-  config = experiment(name, variant)
+  trains on CPU (here 4 steps: runlocal caps the steps at 20, and fewer stay fewer). T5 base:
+  an encoder-decoder without max_seq_len; a GPT's shrink runs in train_test's runlocal log
+  test."""
+  config = experiment("t5", "base")
   config.runlocal = True
   config.train.steps = 4
   result = train.train(config, str(tmp_path), log=lambda line: None)
