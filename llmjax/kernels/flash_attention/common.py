@@ -8,6 +8,18 @@ import jax
 import jax.numpy as jnp
 
 NEG = -1e30  # masked logits: finite, so exp(NEG - NEG) stays defined for rows that saw nothing
+NN = (((1,), (0,)), ((), ()))  # a @ b
+NT = (((1,), (1,)), ((), ()))  # a @ b.T
+TN = (((0,), (0,)), ((), ()))  # a.T @ b
+
+
+def dot(a, b, dims=NN):
+  """The product of two blocks in float32. float32 blocks multiply at full precision (not one
+  bfloat16 pass, not TF32), so the kernel matches the reference on TPU and GPU as on CPU;
+  bfloat16 products are exact either way. Set here, whatever jax_default_matmul_precision
+  says (Mosaic refuses bfloat16 operands at HIGHEST)."""
+  p = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+  return jax.lax.dot_general(a, b, dims, precision=(p, p), preferred_element_type=jnp.float32)
 
 
 @dataclasses.dataclass(frozen=True)

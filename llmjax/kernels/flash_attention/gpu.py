@@ -25,10 +25,8 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from llmjax.kernels.flash_attention import common
-from llmjax.kernels.flash_attention.common import NEG, Static
+from llmjax.kernels.flash_attention.common import NEG, NT, TN, Static, dot
 
-TRANS_B = (((1,), (1,)), ((), ()))  # a @ b.T
-TRANS_A = (((0,), (0,)), ((), ()))  # a.T @ b
 PARAMS = plgpu.CompilerParams(num_warps=4, num_stages=2)
 BLOCKS = ("block_q", "block_kv", "block_q_dq", "block_kv_dq", "block_q_dkv", "block_kv_dkv")
 
@@ -82,7 +80,7 @@ def _mask(st: Static, qseg, kvseg, qi, kj, bq: int, bk: int):
 
 
 def _logits(st: Static, q, k, table_ref, h, qi, kj, bq: int, bk: int):
-  s = jax.lax.dot_general(q, k, TRANS_B, preferred_element_type=jnp.float32) * st.scale
+  s = dot(q, k, NT) * st.scale
   buckets = None
   if st.num_buckets:
     buckets = common.buckets(st, qi, kj, bq, bk)
@@ -132,7 +130,7 @@ def _fwd_kernel(q_lo, q_hi, kv_lo, kv_hi, q_ref, k_ref, v_ref, qseg_ref, kvseg_r
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
     p = jnp.where(mask, jnp.exp(s - m_next[:, None]), 0.0)
     alpha = jnp.exp(m_prev - m_next)
-    pv = jax.lax.dot(p.astype(v_ref.dtype), v_ref[cols, :], preferred_element_type=jnp.float32)
+    pv = dot(p.astype(v_ref.dtype), v_ref[cols, :])
     return acc * alpha[:, None] + pv, m_next, alpha * l_prev + jnp.sum(p, axis=1)
 
   def body(kj, carry):
@@ -184,7 +182,7 @@ def _probs_and_ds(st, q, k, v, do, lse, di, mask, table_ref, h, qi, kj, bq, bk):
   """p = softmax probabilities and ds = d loss / d logits of one block."""
   s, buckets = _logits(st, q, k, table_ref, h, qi, kj, bq, bk)
   p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
-  dp = jax.lax.dot_general(do, v, TRANS_B, preferred_element_type=jnp.float32)
+  dp = dot(do, v, NT)
   return p, p * (dp - di[:, None]), buckets
 
 
@@ -206,8 +204,7 @@ def _dq_kernel(q_lo, q_hi, kv_lo, kv_hi, q_ref, k_ref, v_ref, do_ref, lse_ref, d
     mask = _mask(st, qseg, kvseg_ref[cols], qi, kj, bq, bk)
     _, ds, buckets = _probs_and_ds(st, q, k, v_ref[cols, :], do, lse, di, mask, table_ref, h,
                                    qi, kj, bq, bk)
-    dq = carry[0] + jax.lax.dot(ds.astype(k.dtype), k,
-                                preferred_element_type=jnp.float32) * st.scale
+    dq = carry[0] + dot(ds.astype(k.dtype), k) * st.scale
     if not st.num_buckets:
       return (dq,)
     dbias = carry[1]  # d table[h, n] = sum of ds where the bucket is n
@@ -244,10 +241,8 @@ def _dkv_kernel(q_lo, q_hi, kv_lo, kv_hi, q_ref, k_ref, v_ref, do_ref, lse_ref, 
     mask = _mask(st, qseg_ref[rows], kvseg, qi, kj, bq, bk)
     p, ds, _ = _probs_and_ds(st, q, k, v, do, lse_ref[r, rows], di_ref[r, rows], mask,
                              table_ref, g * R + r, qi, kj, bq, bk)
-    dv = dv + jax.lax.dot_general(p.astype(do.dtype), do, TRANS_A,
-                                  preferred_element_type=jnp.float32)
-    dk = dk + jax.lax.dot_general(ds.astype(q.dtype), q, TRANS_A,
-                                  preferred_element_type=jnp.float32) * st.scale
+    dv = dv + dot(p.astype(do.dtype), do, TN)
+    dk = dk + dot(ds.astype(q.dtype), q, TN) * st.scale
     return dk, dv
 
   q_blocks = _q_blocks(st, kj, bq, bk, nq)

@@ -25,11 +25,9 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from llmjax.kernels.flash_attention import common
-from llmjax.kernels.flash_attention.common import NEG, Static
+from llmjax.kernels.flash_attention.common import NEG, NT, TN, Static, dot
 
 LANES, SUBLANES = 128, 8
-TRANS_B = (((1,), (1,)), ((), ()))  # a @ b.T
-TRANS_A = (((0,), (0,)), ((), ()))  # a.T @ b
 
 
 def _div(a, b: int):
@@ -85,7 +83,7 @@ def _mask(st: Static, qseg_ref, kvseg_ref, qi, kj, bq: int, bk: int):
 
 
 def _logits(st: Static, q, k, table_ref, h, qi, kj, bq, bk):
-  s = jax.lax.dot_general(q, k, TRANS_B, preferred_element_type=jnp.float32) * st.scale
+  s = dot(q, k, NT) * st.scale
   buckets = None
   if st.num_buckets:
     buckets = common.buckets(st, qi, kj, bq, bk)
@@ -122,7 +120,7 @@ def _fwd_kernel(q_lo, q_hi, kv_lo, kv_hi, q_ref, k_ref, v_ref, qseg_ref, kvseg_r
     alpha = jnp.exp(m_prev - m_next)
     l_scr[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
     m_scr[...] = m_next
-    pv = jax.lax.dot(p.astype(v_ref.dtype), v_ref[...], preferred_element_type=jnp.float32)
+    pv = dot(p.astype(v_ref.dtype), v_ref[...])
     acc_scr[...] = acc_scr[...] * _lanes(alpha, acc_scr.shape[1]) + pv
 
   @pl.when(kj == nk - 1)
@@ -188,7 +186,7 @@ def _probs_and_ds(st, q, k, v, do, lse, di, mask, table_ref, h, qi, kj, bq, bk):
   """p = softmax probabilities and ds = d loss / d logits of one block."""
   s, buckets = _logits(st, q, k, table_ref, h, qi, kj, bq, bk)
   p = jnp.where(mask, jnp.exp(s - _lanes(lse, bk)), 0.0)
-  dp = jax.lax.dot_general(do, v, TRANS_B, preferred_element_type=jnp.float32)
+  dp = dot(do, v, NT)
   ds = p * (dp - _lanes(di, bk))
   return p, ds, buckets
 
@@ -215,8 +213,7 @@ def _dq_kernel(q_lo, q_hi, kv_lo, kv_hi, q_ref, k_ref, v_ref, do_ref, lse_ref, d
     mask = _mask(st, qseg_ref, kvseg_ref, qi, kj, bq, bk)
     _, ds, buckets = _probs_and_ds(st, q_ref[...], k_ref[...], v_ref[...], do_ref[...],
                                    lse_ref[...], di_ref[...], mask, table_ref, h, qi, kj, bq, bk)
-    dq_scr[...] += jax.lax.dot(ds.astype(k_ref.dtype), k_ref[...],
-                               preferred_element_type=jnp.float32) * st.scale
+    dq_scr[...] += dot(ds.astype(k_ref.dtype), k_ref[...]) * st.scale
     if st.num_buckets:  # d table[n, h] = sum of ds where the bucket is n
       lane = jax.lax.broadcasted_iota(jnp.int32, dbias_scr.shape, 1)
       update = jnp.zeros(dbias_scr.shape, jnp.float32)
@@ -252,10 +249,8 @@ def _dkv_kernel(q_lo, q_hi, kv_lo, kv_hi, q_ref, k_ref, v_ref, do_ref, lse_ref, 
     q, do = q_ref[...], do_ref[...]
     p, ds, _ = _probs_and_ds(st, q, k_ref[...], v_ref[...], do, lse_ref[...], di_ref[...],
                              mask, table_ref, h, qi, kj, bq, bk)
-    dv_scr[...] += jax.lax.dot_general(p.astype(do.dtype), do, TRANS_A,
-                                       preferred_element_type=jnp.float32)
-    dk_scr[...] += jax.lax.dot_general(ds.astype(q.dtype), q, TRANS_A,
-                                       preferred_element_type=jnp.float32) * st.scale
+    dv_scr[...] += dot(p.astype(do.dtype), do, TN)
+    dk_scr[...] += dot(ds.astype(q.dtype), q, TN) * st.scale
 
   @pl.when(t == R * nq - 1)
   def _store():

@@ -1,0 +1,75 @@
+"""Real accelerators as compile-only devices: programs compiled for them on a machine without.
+
+    devices = targets.devices("v5e")  # 4 chips of a v5e 2x2 slice, from libtpu
+    sharding = jax.sharding.SingleDeviceSharding(devices[0])
+    jax.jit(f).lower(jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)).compile()
+
+runs the target's whole compiler: XLA and Mosaic down to TPU code (libtpu, the version
+`jax[tpu]` pins), or XLA, Triton and ptxas down to GPU code (jax-cuda13-plugin with
+nvidia-cuda-nvcc). A TPU target is a topology libtpu knows; a GPU target is a description
+of the device written here from the vendor's published specifications (`GPUS`), which is
+also what the kernels size their GPU blocks by.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import jax
+from jax.experimental import topologies
+
+TPUS = {  # name: (libtpu topology, options)
+    "v4": ("v4:2x2x1", {"chip_config_name": "megacore"}),
+    "v5e": ("v5e:2x2", {}),
+    "v5p": ("v5p:2x2x1", {}),
+    "v6e": ("v6e:2x2", {}),
+}
+
+GPUS = {  # name: published specifications (SXM parts)
+    "a100": dict(kind="NVIDIA A100-SXM4-80GB", capability=(8, 0), sms=108, fpus_per_sm=64,
+                 smem_per_sm=167_936, smem_per_block=166_912, l2=40 << 20,
+                 bandwidth=2_039_000_000_000, clock_ghz=1.41, memory=80 << 30),
+    "h100": dict(kind="NVIDIA H100 80GB HBM3", capability=(9, 0), sms=132, fpus_per_sm=128,
+                 smem_per_sm=233_472, smem_per_block=232_448, l2=50 << 20,
+                 bandwidth=3_352_320_000_000, clock_ghz=1.98, memory=80 << 30),
+}
+
+NAMES = (*TPUS, *GPUS)
+
+
+def gpu_target_config(name: str) -> str:
+  """XLA's GpuTargetConfig (text proto) of GPU `name`."""
+  g = GPUS[name]
+  major, minor = g["capability"]
+  return f"""gpu_device_info {{
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: {g["smem_per_sm"]} shared_memory_per_block_optin: {g["smem_per_block"]}
+  threads_per_core_limit: 2048 core_count: {g["sms"]} fpus_per_core: {g["fpus_per_sm"]}
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: {g["bandwidth"]} l2_cache_size: {g["l2"]} clock_rate_ghz: {g["clock_ghz"]}
+  device_memory_size: {g["memory"]} registers_per_core_limit: 65536
+  registers_per_block_limit: 65536
+  cuda_compute_capability {{ major: {major} minor: {minor} }}
+}}
+platform_name: "CUDA"
+dnn_version_info {{ major: 9 minor: 8 }}
+runtime_version {{ major: 13 minor: 0 }}
+device_description_str: "{g["kind"]}"
+"""
+
+
+@functools.cache
+def devices(name: str) -> tuple:
+  """The compile-only devices of target `name` (one of NAMES)."""
+  if name in TPUS:
+    # Compiling needs no chip: let libtpu load beside another process that compiles too.
+    os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+    topology, options = TPUS[name]
+    return tuple(topologies.get_topology_desc(topology, platform="tpu", **options).devices)
+  if name in GPUS:
+    return tuple(topologies.get_topology_desc(
+        platform="cuda", topology_name=name, target_config=gpu_target_config(name),
+        topology="1x1x1").devices)
+  raise ValueError(f"unknown target {name!r}; expected one of {', '.join(NAMES)}")
+
