@@ -73,10 +73,22 @@ def _q_blocks(st: Static, kj, bq: int, bk: int, nq: int):
 
 
 def _mask(st: Static, qseg, kvseg, qi, kj, bq: int, bk: int):
-  """Boolean [bq, bk]: same non-padding segment, causal and window."""
-  mask = (qseg[:, None] == kvseg[None, :]) & (qseg[:, None] != 0)
-  position = common.position_mask(st, qi, kj, bq, bk)
-  return mask if position is None else mask & position
+  """[bq, bk] float32: 1 where the query may see the key (same non-padding segment, causal,
+  window), else 0. Built from integer arithmetic, never a boolean: Triton cannot stage
+  booleans in shared memory, which it does when it changes a tensor's layout (the dk/dv
+  kernel with the T5 bias did: 'ttg.local_alloc' op element type bit width ...)."""
+  def at_least_one(x):  # 1 where x >= 1, 0 where x <= 0 (integers)
+    return jnp.clip(x, 0, 1)
+  keep = (1 - at_least_one(jnp.abs(qseg[:, None] - kvseg[None, :]))) * at_least_one(qseg)[:, None]
+  if st.causal or st.window is not None:
+    row = qi * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+    col = kj * bk + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    if st.causal:
+      keep = keep * at_least_one(row - col + 1)
+    if st.window is not None:
+      distance = row - col if st.causal else jnp.abs(row - col)
+      keep = keep * at_least_one(st.window - distance)
+  return keep.astype(jnp.float32)
 
 
 def _logits(st: Static, q, k, table_ref, h, qi, kj, bq: int, bk: int):
@@ -126,9 +138,9 @@ def _fwd_kernel(q_lo, q_hi, kv_lo, kv_hi, q_ref, k_ref, v_ref, qseg_ref, kvseg_r
     cols = _block(kj, bk)
     s, _ = _logits(st, q, k_ref[cols, :], table_ref, h, qi, kj, bq, bk)
     mask = _mask(st, qseg, kvseg_ref[cols], qi, kj, bq, bk)
-    s = jnp.where(mask, s, NEG)
+    s = s * mask + (1.0 - mask) * NEG
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-    p = jnp.where(mask, jnp.exp(s - m_next[:, None]), 0.0)
+    p = jnp.exp(s - m_next[:, None]) * mask
     alpha = jnp.exp(m_prev - m_next)
     pv = dot(p.astype(v_ref.dtype), v_ref[cols, :])
     return acc * alpha[:, None] + pv, m_next, alpha * l_prev + jnp.sum(p, axis=1)
@@ -181,7 +193,7 @@ def forward(st: Static, q, k, v, q_seg, kv_seg, table):
 def _probs_and_ds(st, q, k, v, do, lse, di, mask, table_ref, h, qi, kj, bq, bk):
   """p = softmax probabilities and ds = d loss / d logits of one block."""
   s, buckets = _logits(st, q, k, table_ref, h, qi, kj, bq, bk)
-  p = jnp.where(mask, jnp.exp(s - lse[:, None]), 0.0)
+  p = jnp.exp(s * mask + (1.0 - mask) * NEG - lse[:, None]) * mask  # no inf * 0
   dp = dot(do, v, NT)
   return p, p * (dp - di[:, None]), buckets
 
