@@ -61,7 +61,7 @@ def test_chaos_sigkill_at_random_moments_then_resume(tmp_path):
   restart resumes from the newest complete checkpoint; the final run's log lines (a line
   every 3 steps, so resumed windows straddle checkpoints) equal an uninterrupted run's line
   for line, and the final state (parameters, optimizer state, step) equals its bit for bit."""
-  steps = 16
+  steps = 20
   flags = SMALL + CONSTANT + [f"--config.train.steps={steps}", "--config.train.log_every=3",
                               "--config.train.eval_every=0", "--config.train.checkpoint_every=1",
                               "--config.train.keep_checkpoints=2"]
