@@ -69,6 +69,7 @@ LOG=llmjax.log EXIT=llmjax.exit
 # llmjax.main's own processes: the command line starts with the interpreter (never the shell
 # that launch wraps around it to keep its exit status).
 RUNNING="pgrep -f '^[^ ]*python[0-9.]* -m llmjax[.]main' >/dev/null"
+LAST_LINE="awk 'NF { l = \$0 } END { print l }'"  # of its input, or a file: the last non-empty line
 PYTHON_VERSION=3.12
 
 usage() {
@@ -198,7 +199,7 @@ check_bucket() {  # one ssh to every worker: write, then delete, an object under
   check+=" && gcloud storage rm --quiet \"\$p\" 2>&1); then ok=1; fi; rm -f \"\$f\""
   check+="; if [ \$ok = 1 ]; then echo \"worker \$w: wrote and deleted \$p\""
   check+="; else echo \"tpu.sh: $bucket is not writable from worker \$w:"
-  check+=" \$(printf '%s\\n' \"\$e\" | awk 'NF { l = \$0 } END { print l }')\" >&2; exit 1; fi"
+  check+=" \$(printf '%s\\n' \"\$e\" | $LAST_LINE)\" >&2; exit 1; fi"
   run "${TPU[@]}" ssh "$NAME" "${WHERE[@]}" --worker=all --command="$check" || {
     echo "tpu.sh: nothing launched: the check that $bucket is writable from every worker" \
       "failed (see above)" >&2
@@ -215,7 +216,7 @@ status_script() {  # one line per worker: running, or what its run's exit status
   s+=" 0) echo \"\$h: finished (exit 0)\" ;;"
   s+=" 130|143) echo \"\$h: stopped by SIG\$([ \$e = 130 ] && echo INT || echo TERM) after"
   s+=" saving its last step (exit \$e); the same launch resumes it\" ;;"
-  s+=" *) echo \"\$h: failed (exit \$e): \$(awk 'NF { l = \$0 } END { print l }' ~/$LOG)\" ;;"
+  s+=" *) echo \"\$h: failed (exit \$e): \$($LAST_LINE ~/$LOG)\" ;;"
   s+=" esac; fi"
   echo "$s"
 }

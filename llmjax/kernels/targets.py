@@ -7,8 +7,7 @@
 runs the target's whole compiler: XLA and Mosaic down to TPU code (libtpu, the version
 `jax[tpu]` pins), or XLA, Triton and ptxas down to GPU code (jax-cuda13-plugin with
 nvidia-cuda-nvcc). A TPU target is a topology libtpu knows; a GPU target is a description
-of the device written here from the vendor's published specifications (`GPUS`), which is
-also what the kernels size their GPU blocks by.
+of the device written here from the vendor's published specifications (`GPUS`).
 """
 
 from __future__ import annotations
@@ -72,4 +71,3 @@ def devices(name: str) -> tuple:
         platform="cuda", topology_name=name, target_config=gpu_target_config(name),
         topology="1x1x1").devices)
   raise ValueError(f"unknown target {name!r}; expected one of {', '.join(NAMES)}")
-

@@ -91,6 +91,11 @@ def _mask(st: Static, qseg, kvseg, qi, kj, bq: int, bk: int):
   return keep.astype(jnp.float32)
 
 
+def _masked(s, mask):
+  """The logits with NEG where the mask is 0 (a select without a boolean)."""
+  return s * mask + (1.0 - mask) * NEG
+
+
 def _logits(st: Static, q, k, table_ref, h, qi, kj, bq: int, bk: int):
   s = dot(q, k, NT) * st.scale
   buckets = None
@@ -138,7 +143,7 @@ def _fwd_kernel(q_lo, q_hi, kv_lo, kv_hi, q_ref, k_ref, v_ref, qseg_ref, kvseg_r
     cols = _block(kj, bk)
     s, _ = _logits(st, q, k_ref[cols, :], table_ref, h, qi, kj, bq, bk)
     mask = _mask(st, qseg, kvseg_ref[cols], qi, kj, bq, bk)
-    s = s * mask + (1.0 - mask) * NEG
+    s = _masked(s, mask)
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
     p = jnp.exp(s - m_next[:, None]) * mask
     alpha = jnp.exp(m_prev - m_next)
@@ -193,7 +198,7 @@ def forward(st: Static, q, k, v, q_seg, kv_seg, table):
 def _probs_and_ds(st, q, k, v, do, lse, di, mask, table_ref, h, qi, kj, bq, bk):
   """p = softmax probabilities and ds = d loss / d logits of one block."""
   s, buckets = _logits(st, q, k, table_ref, h, qi, kj, bq, bk)
-  p = jnp.exp(s * mask + (1.0 - mask) * NEG - lse[:, None]) * mask  # no inf * 0
+  p = jnp.exp(_masked(s, mask) - lse[:, None]) * mask  # masked first: no inf * 0
   dp = dot(do, v, NT)
   return p, p * (dp - di[:, None]), buckets
 
