@@ -15,6 +15,7 @@ gs:// URLs work as local ones do.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 
@@ -79,11 +80,8 @@ def _locate(path) -> _Found:
 
 def _stored(found: _Found):
   """The tree of the stored parameters' metadata (shape, dtype)."""
-  handler = ocp.PyTreeCheckpointHandler()
-  try:
+  with contextlib.closing(ocp.PyTreeCheckpointHandler()) as handler:
     meta = handler.metadata(found.params_dir)
-  finally:
-    handler.close()
   tree = getattr(meta, "tree", meta)
   return tree[found.key] if found.key else tree
 
@@ -94,13 +92,10 @@ def _restore(found: _Found, abstract):
   item = {found.key: abstract} if found.key else abstract
   # The handler itself, not a Checkpointer: a workdir's state/ is one item of a step, whose
   # step metadata a Checkpointer would look for (and warn about) in the item's directory.
-  handler = ocp.PyTreeCheckpointHandler()
-  try:
+  with contextlib.closing(ocp.PyTreeCheckpointHandler()) as handler:
     restored = handler.restore(found.params_dir, args=ocp.args.PyTreeRestore(
         item=item, restore_args=ocp.checkpoint_utils.construct_restore_args(item),
         partial_restore=True))
-  finally:
-    handler.close()
   return restored[found.key] if found.key else restored
 
 
@@ -187,5 +182,5 @@ def load_tokenizer(path: str):
   try:
     return data.load_tokenizer(spec)
   except (OSError, ValueError) as e:  # a relative data.path is read from the current directory
-    message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
-    raise ValueError(f"the tokenizer of {what} ({spec}) cannot be loaded: {message}") from None
+    raise ValueError(f"the tokenizer of {what} ({spec}) cannot be loaded: "
+                     f"{paths.error_text(e, last=True)}") from None

@@ -17,6 +17,18 @@ import uuid
 from etils import epath
 
 
+def error_text(e: BaseException, *, last: bool = False) -> str:
+  """The first (or last) line of `e`'s message; its type's name if it has none."""
+  text = str(e).strip()
+  return text.splitlines()[-1 if last else 0] if text else type(e).__name__
+
+
+def error_line(e: BaseException, limit: int = 200) -> str:
+  """`e` in one line for a message: 'Type: first line of its message' (cut at `limit`)."""
+  text = str(e).strip()
+  return f"{type(e).__name__}: {text.splitlines()[0][:limit]}" if text else type(e).__name__
+
+
 def is_url(p) -> bool:
   return "://" in str(p)
 
@@ -53,9 +65,8 @@ def check_bucket(url: str, timeout: float = 10.0) -> None:
     raise ValueError(f"{url}: no permission to use bucket gs://{bucket} (its IAM grants this "
                      f"account nothing)") from None
   except Exception as e:  # no credentials, no network, a timeout
-    message = str(e).strip().splitlines()[0][:300] if str(e).strip() else ""
     raise ValueError(f"{url}: bucket gs://{bucket} cannot be reached "
-                     f"({type(e).__name__}: {message})") from None
+                     f"({error_line(e, 300)})") from None
   _REACHED.add(key)
 
 
@@ -71,8 +82,7 @@ def open_dir(p, what: str = "workdir") -> epath.Path:
     try:
       act()
     except Exception as e:  # OSError locally; the storage client's own errors for URLs
-      message = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-      raise ValueError(f"{what} {directory} {problem}: {message}") from None
+      raise ValueError(f"{what} {directory} {problem}: {error_text(e)}") from None
   return directory
 
 
@@ -104,10 +114,13 @@ def glob(pattern) -> list[str]:
 
 
 def is_file(p) -> bool:
+  """Whether `p` is a file; a gs:// bucket is checked first (one line in seconds, not retries)."""
+  check_bucket(str(p))
   return path(p).is_file() if is_url(p) else os.path.isfile(p)
 
 
 def is_dir(p) -> bool:
+  check_bucket(str(p))
   return path(p).is_dir() if is_url(p) else os.path.isdir(p)
 
 

@@ -29,28 +29,6 @@ SPECIALS = ("[PAD]", "[EOS]", "[BOS]", "[UNK]", "[MASK]", "[CLS]", "[SEP]")
 _WHITESPACE = np.frombuffer(b" \t\n\r\v\f", np.uint8)
 
 
-def _read(path: str) -> bytes:
-  """The bytes of a local file or of a gs:// object."""
-  if paths.is_url(path):
-    return paths.path(path).read_bytes()
-  with open(path, "rb") as f:
-    return f.read()
-
-
-def _is_file(path: str) -> bool:
-  if paths.is_url(path):
-    paths.check_bucket(path)  # one line in seconds for an unreachable bucket, not retries
-    return paths.path(path).is_file()
-  return os.path.isfile(path)
-
-
-def _is_dir(path: str) -> bool:
-  if paths.is_url(path):
-    paths.check_bucket(path)
-    return paths.path(path).is_dir()
-  return os.path.isdir(path)
-
-
 def sentinel_piece(k: int) -> str:
   """The k-th sentinel's text, as in T5: `<extra_id_0>`, `<extra_id_1>`, ..."""
   return f"<extra_id_{k}>"
@@ -138,9 +116,9 @@ class SentencePieceTokenizer(_Specials):
   """A trained SentencePiece model; [MASK]/[CLS]/[SEP] and `<extra_id_k>` found by their pieces."""
 
   def __init__(self, path: str):
-    if not _is_file(path):
+    if not paths.is_file(path):
       raise FileNotFoundError(f"SentencePiece model {path!r} does not exist")
-    self._load(_read(path))
+    self._load(paths.path(path).read_bytes())
     self.spec = path
 
   def _load(self, proto: bytes) -> None:
@@ -200,14 +178,14 @@ class CharTokenizer(_Specials):
   """
 
   def __init__(self, path: str):
-    if not _is_file(path):
-      exists = paths.path(path).exists() if paths.is_url(path) else os.path.exists(path)
-      several = exists or "," in path or glob.has_magic(path) or path == "builtin"
+    if not paths.is_file(path):
+      several = (paths.path(path).exists() or "," in path or glob.has_magic(path)
+                 or path == "builtin")
       raise FileNotFoundError(
           f"character vocabulary source {path!r} is not one text file: 'char' takes the "
           f"characters of a single file" if several else
           f"character vocabulary source {path!r} does not exist")
-    raw = _read(path)
+    raw = paths.path(path).read_bytes()
     check_text(raw, path)  # a binary's bytes are no vocabulary
     self.chars = "".join(sorted(set(raw.decode("utf-8", errors="replace"))))  # keeps "\r"
     if not self.chars:
@@ -249,7 +227,7 @@ def load_tokenizer(spec: str):
     if not count.isdigit():
       raise ValueError(f"tokenizer {spec!r}: expected 'byte' or 'byte:N' with N sentinels")
     return ByteTokenizer(int(count))
-  if _is_dir(spec) or spec.endswith(".json"):
+  if paths.is_dir(spec) or spec.endswith(".json"):
     from llmjax.data.hf_tokenizer import HFTokenizer  # imports this module: no cycle at load
     return HFTokenizer(spec)
   if not spec.endswith(".model"):
@@ -306,5 +284,5 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, *, vocab_size: 
   if prefix != model_prefix:
     with staging:
       for suffix in (".model", ".vocab"):
-        paths.path(model_prefix + suffix).write_bytes(_read(prefix + suffix))
+        paths.path(model_prefix + suffix).write_bytes(paths.path(prefix + suffix).read_bytes())
   return SentencePieceTokenizer(model_prefix + ".model")

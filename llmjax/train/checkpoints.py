@@ -47,6 +47,8 @@ import orbax.checkpoint as ocp
 from absl import logging
 from etils import epath
 
+from llmjax import paths
+
 MANIFEST = "_CHECKSUMS"  # <step>/_CHECKSUMS.process_<i>-of-<n>.json
 _MANIFEST_NAME = re.compile(rf"{MANIFEST}\.process_(\d+)-of-(\d+)\.json")
 _OWNER = re.compile(r"(?:^|[/._-])process_(\d+)(?=$|[/._-])")
@@ -105,7 +107,7 @@ class Checkpoints:
         except Exception as e:  # unreadable: truncated, emptied or missing files
           if not unchecked:  # every byte is as written: not corruption, a real error
             raise
-          problem = f"unreadable: {_one_line(e)}"
+          problem = f"unreadable: {paths.error_line(e)}"
         if unchecked:  # the same on every process
           problem = _agree(problem)
       if problem is None:
@@ -151,10 +153,9 @@ class Checkpoints:
       yield
     except Exception as e:  # Orbax reraises a background write's error at the next call
       self._owed = None
-      message = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
       raise CheckpointError(
-          f"writing a checkpoint in {self.directory} failed by step {step}: {message}; "
-          f"{self.intact()}") from e
+          f"writing a checkpoint in {self.directory} failed by step {step}: "
+          f"{paths.error_text(e, last=True)}; {self.intact()}") from e
 
   def _step_dir(self, step: int) -> epath.Path:
     return epath.Path(self.directory) / str(step)
@@ -195,7 +196,7 @@ class Checkpoints:
       sums = _checksums(step_dir, owned)
       text = json.dumps({"step": step, "crc32c": sums}, sort_keys=True)
       manifest = step_dir / f"{MANIFEST}.process_{index}-of-{count}.json"
-      if _is_url(step_dir):  # an object appears whole or not at all
+      if paths.is_url(step_dir):  # an object appears whole or not at all
         manifest.write_text(text)
       else:
         part = step_dir / f".{manifest.name}.{uuid.uuid4().hex[:8]}.part"
@@ -203,7 +204,7 @@ class Checkpoints:
         part.rename(manifest)
     except Exception as e:  # the step deleted meanwhile, a full disk: it stays restorable
       logging.warning("checkpoint %d: writing its checksums failed (%s); it will be restored "
-                      "unverified", step, _one_line(e))
+                      "unverified", step, paths.error_line(e))
 
   # Checking them.
 
@@ -241,7 +242,7 @@ class Checkpoints:
         try:
           written = json.loads(manifest.read_text())["crc32c"]
         except (ValueError, KeyError, TypeError) as e:
-          return f"{manifest.name}: unreadable ({_one_line(e)})"
+          return f"{manifest.name}: unreadable ({paths.error_line(e)})"
         for rel in sorted(written):
           if rel not in listing:
             return f"{rel}: missing"
@@ -252,7 +253,7 @@ class Checkpoints:
           if actual[rel] != written[rel]:
             return f"{rel}: checksum mismatch"
     except OSError as e:  # a file that cannot be read at all
-      return f"unreadable: {_one_line(e)}"
+      return f"unreadable: {paths.error_line(e)}"
     return None
 
   # Moving a corrupt step aside.
@@ -275,10 +276,6 @@ class Checkpoints:
     self._manager.reload()
 
 
-def _is_url(path) -> bool:
-  return "://" in str(path)
-
-
 def _filesystem(path):
   """(fsspec filesystem, path without its scheme) of a URL: epath's own instance (the same
   arguments), so that the listings it caches see our changes."""
@@ -292,7 +289,7 @@ def _filesystem(path):
 def _move(source: epath.Path, target: epath.Path) -> None:
   """A rename locally; a server-side copy then a delete for URLs (epath's rename tries a
   move call per object first, which buckets without a hierarchical namespace refuse)."""
-  if not _is_url(source):
+  if not paths.is_url(source):
     source.rename(target)
     return
   fs, src = _filesystem(source)
@@ -312,7 +309,7 @@ def _listing(step_dir: epath.Path) -> dict[str, list]:
   """{path relative to step_dir: [size, CRC32C as hex, or None where it must be computed]}
   for each file of the step but the manifests (and their temporary parts)."""
   out, root = {}, str(step_dir)
-  if not _is_url(root):
+  if not paths.is_url(root):
     for parent, _, names in os.walk(root):
       for name in names:
         full = os.path.join(parent, name)
@@ -340,7 +337,7 @@ def _checksums(step_dir: epath.Path, entries: dict[str, list]) -> dict[str, list
 
 def _crc32c(path: epath.Path) -> list:
   crc, size = 0, 0
-  opener = path.open("rb") if _is_url(path) else open(path, "rb", buffering=0)
+  opener = path.open("rb") if paths.is_url(path) else open(path, "rb", buffering=0)
   with opener as f:
     while chunk := f.read(_BLOCK):
       crc = google_crc32c.extend(crc, chunk)
@@ -361,8 +358,3 @@ def _agree(problem: str | None) -> str | None:
     if row.any():
       return bytes(row).rstrip(b"\0").decode(errors="replace")
   return None
-
-
-def _one_line(e: BaseException) -> str:
-  text = str(e).strip()
-  return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__

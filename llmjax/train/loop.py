@@ -158,8 +158,7 @@ def _close_quietly(log, *closers) -> None:
     try:
       close()
     except Exception as e:  # a full disk fails the metrics file too, say
-      message = str(e).strip().splitlines()[0] if str(e).strip() else ""
-      log(f"while stopping: {type(e).__name__}: {message[:200]}")
+      log(f"while stopping: {paths.error_line(e)}")
 
 
 @contextlib.contextmanager
