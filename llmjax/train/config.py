@@ -243,23 +243,12 @@ def with_overrides(config: ml_collections.ConfigDict,
   return config
 
 
-def _at_least(low):
-  return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v >= low, f">= {low}"
-
-
-def _int_at_least(low):
-  return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low, f"an int >= {low}"
+_int_at_least = optim.int_at_least
 
 
 def _optional(check):
   test, text = check
   return lambda v: v is None or test(v), f"None or {text}"
-
-
-def _in(low, high, closed_low=False):
-  test = (lambda v: low <= v < high) if closed_low else (lambda v: low < v < high)
-  bracket = "[" if closed_low else "("
-  return (lambda v: isinstance(v, (int, float)) and test(v)), f"in {bracket}{low}, {high})"
 
 
 def _one_of(choices):
@@ -274,7 +263,7 @@ CHECKS = {
     "objective.length": _int_at_least(1),
     "data.format": _one_of((None, "text", "jsonl", "array_record")),
     "data.split": _one_of(sources.SPLITS),
-    "data.validation_fraction": _in(0, 1),
+    "data.validation_fraction": optim.number(lambda v: 0 < v < 1, "in (0, 1)"),
     "data.split_method": _one_of(("tail", "hash")),
     "data.packing": _one_of(pipeline.PACKINGS),
     "data.shuffle_window": _int_at_least(0),

@@ -19,7 +19,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from llmjax import data, models, objectives
+from llmjax import checkpoint, data, models, objectives
 from llmjax import sharding as sh
 from llmjax.train import config as config_lib
 from llmjax.train import optim, step
@@ -40,10 +40,7 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   config_lib.validate(config)
   data.sources.check_path(config.data.path)
   model = models.model_from_dict(config.model.to_dict())
-  spec = config.data.tokenizer
-  if spec == "char":  # the characters of the corpus file
-    spec = "char:" + config.data.path
-  tokenizer = data.load_tokenizer(spec)
+  tokenizer = data.load_tokenizer(checkpoint.tokenizer_spec(config))
   objective = objectives.from_config(config.objective, tokenizer)
   objective.check_model(model)
   source = data.sources.open_source(config.data.path, format=config.data.format,

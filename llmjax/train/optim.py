@@ -9,11 +9,12 @@ SCHEDULES = ("cosine", "linear", "rsqrt", "constant")
 OPTIMIZERS = ("adamw", "adafactor")
 
 
-def _number(test, text):
+def number(test, text):
+  """A range check (test, what it expects) of a number, never a bool; config.py's too."""
   return lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and test(v), text
 
 
-def _count(low):
+def int_at_least(low):
   return lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= low, f"an int >= {low}"
 
 
@@ -21,15 +22,15 @@ def _count(low):
 CHECKS = {
     "name": (lambda v: v in OPTIMIZERS, f"one of {OPTIMIZERS}"),
     "schedule": (lambda v: v in SCHEDULES, f"one of {SCHEDULES}"),
-    "learning_rate": _number(lambda v: v > 0, "> 0"),
-    "final_learning_rate": _number(lambda v: v >= 0, ">= 0"),
-    "warmup_steps": _count(0),
-    "b1": _number(lambda v: 0 <= v < 1, "in [0, 1)"),
-    "b2": _number(lambda v: 0 <= v < 1, "in [0, 1)"),
-    "eps": _number(lambda v: v > 0, "> 0"),
-    "weight_decay": _number(lambda v: v >= 0, ">= 0"),
-    "clip_norm": _number(lambda v: v >= 0, ">= 0 (0: no clipping)"),
-    "microbatches": _count(1),
+    "learning_rate": number(lambda v: v > 0, "> 0"),
+    "final_learning_rate": number(lambda v: v >= 0, ">= 0"),
+    "warmup_steps": int_at_least(0),
+    "b1": number(lambda v: 0 <= v < 1, "in [0, 1)"),
+    "b2": number(lambda v: 0 <= v < 1, "in [0, 1)"),
+    "eps": number(lambda v: v > 0, "> 0"),
+    "weight_decay": number(lambda v: v >= 0, ">= 0"),
+    "clip_norm": number(lambda v: v >= 0, ">= 0 (0: no clipping)"),
+    "microbatches": int_at_least(1),
     # The schedule's length (None: train.steps); a resumed run keeps its first run's.
     "decay_steps": (lambda v: v is None or (isinstance(v, int) and v >= 1), "None or an int >= 1"),
 }
