@@ -37,8 +37,7 @@ _ACTIVATIONS = {"gelu": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "g
 
 
 def read_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-  """config.json as a dict and every tensor of model.safetensors (or its sharded index); a
-  gs:// checkpoint's files are read whole into memory, a local one's mapped."""
+  """config.json as a dict and every tensor of model.safetensors (or its sharded index)."""
   paths.check_bucket(str(path))  # gs://: one line in seconds for an unreachable bucket
   root = epath.Path(path)
   if not (root / "config.json").is_file():
@@ -271,9 +270,8 @@ def _t5(config, t: _Tensors, overrides):
     return out
 
   def mlp(p):
-    wi = {"wi_0": {"kernel": t.linear(f"{p}.wi_0.weight", D, (F,))},
-          "wi_1": {"kernel": t.linear(f"{p}.wi_1.weight", D, (F,))}} if gated else {
-              "wi": {"kernel": t.linear(f"{p}.wi.weight", D, (F,))}}
+    wi = {n: {"kernel": t.linear(f"{p}.{n}.weight", D, (F,))}
+          for n in (("wi_0", "wi_1") if gated else ("wi",))}
     return {**wi, "wo": {"kernel": t.linear(f"{p}.wo.weight", F, (D,))}}
 
   def stack(name, num_layers, is_decoder):
@@ -306,10 +304,9 @@ def convert(config: dict[str, Any], tensors: dict[str, np.ndarray], path: str = 
             **overrides) -> tuple[Any, dict]:
   """(llmjax config, numpy params) from a Hugging Face config dict and tensors.
 
-  `overrides` replace the llmjax config fields named in OVERRIDABLE (dtype, param_dtype,
-  scan_layers, remat_policy, attention_impl, dropout_rate). A tensor the model has no place
-  for is an error, except known task heads llmjax does not build (BERT's next-sentence
-  head), which are logged.
+  `overrides` replace the llmjax config fields named in OVERRIDABLE. A tensor the model has no
+  place for is an error, except task heads llmjax does not build (BERT's next-sentence head),
+  which are logged.
   """
   arch = architecture(config, tensors)
   if arch.startswith("GPT2"):

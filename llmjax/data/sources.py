@@ -12,11 +12,9 @@ document of memory, pickles cheaply into worker processes, and reads any documen
     builtin_source()                                   # this Python's standard library
     train, val = split_source(source, validation_fraction=0.05)
 
-Text and JSONL files may be gs:// URLs (`gs://bucket/corpus/*.txt`, through llmjax.paths):
-each is downloaded once per process into a local temporary copy that is indexed and read
-through mmap as a local file is (so a host needs the disk for them). ArrayRecord shards must
-be local: array_record's reader cannot read gs:// without TensorFlow, so they are refused in
-one line (copy them first: `gcloud storage cp -r gs://bucket/shards DIR`).
+Text and JSONL files may be gs:// URLs: each is copied once per process to local disk and
+read as a local file is. ArrayRecord shards must be local (array_record reads gs:// only
+through TensorFlow): copy them first, `gcloud storage cp -r gs://bucket/shards DIR`.
 """
 
 from __future__ import annotations
@@ -43,8 +41,7 @@ STDLIB_FILES = ("argparse.py", "ast.py", "collections/__init__.py", "dataclasses
 
 
 def expand_paths(patterns: str | list[str] | tuple[str, ...]) -> list[str]:
-  """Files named by paths, glob patterns or comma-separated lists of them (local or gs://),
-  each pattern non-empty."""
+  """Files named by paths, glob patterns or comma-separated lists of them, each matching."""
   if isinstance(patterns, str):
     patterns = [p for p in patterns.split(",") if p]
   if not patterns:
@@ -64,8 +61,7 @@ def expand_paths(patterns: str | list[str] | tuple[str, ...]) -> list[str]:
 
 def check_path(path: str, name: str = "data.path") -> None:
   """Raises FileNotFoundError `data.path='x.txt' does not exist` (or `matches no file`) unless
-  "builtin" or each comma-separated part of `path` names a file, a directory (of shards) or a
-  glob matching files: the config's own words, before any source is opened."""
+  each comma-separated part of `path` is a file, a directory (of shards) or a matching glob."""
   if path == "builtin":
     return
   patterns = [p for p in str(path).split(",") if p]
@@ -209,8 +205,7 @@ class TextSource:
 
 
 class JsonlSource:
-  """Documents from one string field of JSON-lines files; lines without it are counted and
-  reported."""
+  """Documents from one string field of JSON-lines files; lines without it are reported."""
 
   MAX_REPORTED = 5
 
@@ -298,14 +293,13 @@ class ArrayRecordSource:
     self._source = grain.sources.ArrayRecordDataSource(self.paths)
     if len(self._source) == 0:
       raise ValueError(f"the ArrayRecord shards {self.paths} hold no records")
-    self._sizes = None
-    if self.meta and all(os.path.isfile(os.path.join(d, "sizes.npy")) for d in metas):
-      # Shard order is the sorted path order, as written: one sizes file per directory.
-      sizes = {d: np.load(os.path.join(d, "sizes.npy")) for d in metas}
-      every = all(len(m["shards"]) == len([p for p in self.paths if os.path.dirname(p) == d])
-                  for d, m in metas.items())
-      if every:
-        self._sizes = np.concatenate([sizes[d] for d in sorted(metas)])
+    # Shard order is the sorted path order, as written: one sizes file per directory, used
+    # when all of its shards are read.
+    every = self.meta and all(os.path.isfile(os.path.join(d, "sizes.npy")) and len(m["shards"])
+                              == sum(os.path.dirname(p) == d for p in self.paths)
+                              for d, m in metas.items())
+    self._sizes = (np.concatenate([np.load(os.path.join(d, "sizes.npy")) for d in sorted(metas)])
+                   if every else None)
 
   @property
   def tokenizer(self) -> str | None:
@@ -319,8 +313,7 @@ class ArrayRecordSource:
 
   @property
   def sizes(self) -> np.ndarray:
-    """Tokens (or bytes) per document: from sizes.npy when written with the shards, else read
-    once."""
+    """Tokens (or bytes) per document: from sizes.npy if written, else read once."""
     if self._sizes is None:
       itemsize = self._dtype.itemsize if self._dtype is not None else 1
       self._sizes = np.array([len(self._source[i]) // itemsize for i in range(len(self))])
@@ -341,8 +334,7 @@ class ArrayRecordSource:
 
 
 def builtin_source(split: str = "paragraph") -> TextSource:
-  """The sources of STDLIB_FILES from this Python's install (about 1 MB): a corpus on every
-  machine."""
+  """The sources of STDLIB_FILES in this Python's install (about 1 MB): a corpus everywhere."""
   root = os.path.dirname(os.__file__)
   paths = [p for p in (os.path.join(root, n) for n in STDLIB_FILES) if os.path.isfile(p)]
   if not paths:  # a stripped install may lack them

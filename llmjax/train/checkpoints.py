@@ -8,24 +8,20 @@
 Orbax writes them (through tensorstore, local or gs://); a save that fails, possibly in the
 background, surfaces as a CheckpointError naming the step of the last complete checkpoint.
 
-Integrity. Orbax 0.12 keeps no checksums of array data (OCDBT's own CRC32C covers its
-b-tree nodes and manifests, not the chunks), so each process records its own: once Orbax
-has committed step N (known at the next `save`, at `wait` and at `close`), every process
-writes N/_CHECKSUMS.process_<i>-of-<n>.json, the size and CRC32C of each file it wrote
-(paths with `process_<i>` in them; process 0 also the shared ones), atomically (locally a
-temporary name renamed; a gs:// object appears whole or not at all). Locally the files are
-read back, on a background thread unless keep=1 (about 10 GB/s from the page cache); on
-gs:// the CRC32C that Cloud Storage keeps for each object comes with one listing, nothing is
-downloaded. `restore` checks the newest checkpoint first (each process a share of the
-manifests, the verdict agreed by all before Orbax's restore), then restores it. A checkpoint
-that fails, or that cannot be restored, is reported in one line naming the file, moved
-aside to <step>.corrupt (a name Orbax's step listing ignores; never deleted), and the next
-newest is tried; with none left, training starts from step 0.
+Integrity. Orbax 0.12 keeps no checksums of array data (OCDBT's CRC32C covers its b-tree
+nodes, not the chunks), so once Orbax has committed step N (known at the next `save`, at
+`wait` and at `close`) every process writes N/_CHECKSUMS.process_<i>-of-<n>.json, the size
+and CRC32C of each file it wrote. Locally the files are read back, on a background thread
+unless keep=1; on gs:// Cloud Storage's own CRC32C comes with one listing. `restore` checks
+the newest checkpoint first (each process a share of the manifests, the verdict agreed by
+all), then restores it. One that fails, or cannot be restored, is reported in one line naming
+the file, moved aside to <step>.corrupt (never deleted), and the next newest is tried; with
+none left, training starts from step 0.
 
-A committed checkpoint without some manifest (saved by an older llmjax, or a process stopped
-in the moment between Orbax's commit and its manifest) cannot be checked: it is restored
-unverified, with a warning, and moved aside only if restoring it fails. A restore that fails
-on a checkpoint whose every byte checks out is not corruption: its error is raised.
+A committed checkpoint without some manifest (saved by an older llmjax, or stopped between
+Orbax's commit and its manifest) is restored unverified, with a warning, and moved aside only
+if restoring it fails. A restore that fails on a checkpoint whose every byte checks out is
+not corruption: its error is raised.
 """
 
 from __future__ import annotations
@@ -61,10 +57,9 @@ class CheckpointError(RuntimeError):
 
 
 class Checkpoints:
-  """Saves every `every` steps and when a preemption is announced (Orbax's default would
-  also save the first step, a checkpoint no one resumes from), keeping the last `keep`.
-  Lines about corrupt checkpoints go to `log` (absl's warning by default); `verify=False`
-  skips the checksums (not their writing)."""
+  """Saves every `every` steps and when a preemption is announced (not the first step, as
+  Orbax's default would), keeping the last `keep`. Lines about corrupt checkpoints go to `log`
+  (absl's warning by default); `verify=False` skips checking the checksums."""
 
   def __init__(self, directory, every: int, keep: int, *, log=None, verify: bool = True):
     policies = ocp.checkpoint_managers
@@ -170,8 +165,7 @@ class Checkpoints:
   # Writing checksums.
 
   def _settle(self, background: bool) -> None:
-    """Writes this process's checksums of the last step saved (Orbax has committed it), on a
-    thread of its own or here; waits for the previous writer either way."""
+    """Writes this process's checksums of the last step saved, on a thread or here."""
     if self._writer is not None:
       self._writer.join()
       self._writer = None
@@ -186,8 +180,7 @@ class Checkpoints:
       self._write_checksums(step)
 
   def _write_checksums(self, step: int) -> None:
-    """N/_CHECKSUMS.process_<i>-of-<n>.json: size and CRC32C of each file this process owns.
-    A failure costs only the verification: the step is restored unverified."""
+    """N/_CHECKSUMS.process_<i>-of-<n>.json; a failure costs only the verification."""
     index, count = jax.process_index(), jax.process_count()
     step_dir = self._step_dir(step)
     try:
@@ -227,8 +220,7 @@ class Checkpoints:
 
   def _check(self, step: int) -> str | None:
     """What is wrong with this process's share of the step's manifests ('FILE: why'), or
-    None. Sizes come from one listing; contents are read and hashed (gs://: the CRC32C that
-    Cloud Storage keeps)."""
+    None."""
     if not self._verify:
       return None
     step_dir = self._step_dir(step)
@@ -306,8 +298,7 @@ def _owner(rel: str, count: int) -> int:
 
 
 def _listing(step_dir: epath.Path) -> dict[str, list]:
-  """{path relative to step_dir: [size, CRC32C as hex, or None where it must be computed]}
-  for each file of the step but the manifests (and their temporary parts)."""
+  """{path relative to step_dir: [size, CRC32C hex or None]} of each file but the manifests."""
   out, root = {}, str(step_dir)
   if not paths.is_url(root):
     for parent, _, names in os.walk(root):
@@ -346,8 +337,7 @@ def _crc32c(path: epath.Path) -> list:
 
 
 def _agree(problem: str | None) -> str | None:
-  """The first process's problem with a checkpoint if any process has one (all processes
-  then skip it together); `problem` itself on one process."""
+  """The first process's problem with a checkpoint if any process has one (all skip it)."""
   if jax.process_count() == 1:
     return problem
   from jax.experimental import multihost_utils

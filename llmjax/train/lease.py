@@ -9,11 +9,10 @@ The holder (host, pid, start time, a random run id) renews its heartbeat every
 `stale_secs` (120 s) is stale and taken over, so a crashed or SIGKILLed run blocks the next
 for two minutes at most; one whose process is gone from this host is stale at once (a reused
 pid only delays that to the timeout). Hosts' clocks are assumed to agree within seconds.
-Every write is conditional on the lease its writer last saw, so of two runs racing to create
-or take over a lease one wins, and a holder that lost its lease learns it at its next
-heartbeat: locally under a short flock, on gs:// through generation
-preconditions (the tests' emulator ignores them on delete, which matters only to a release
-racing a takeover). On a pod process 0 holds the one lease; every process sees the outcome.
+Every write is conditional on the lease its writer last saw (locally under a short flock, on
+gs:// through generation preconditions, which the tests' emulator ignores on delete), so of
+two runs racing to create or take over a lease one wins, and a holder that lost its lease
+learns it at its next heartbeat. On a pod process 0 holds the one lease; all see the outcome.
 """
 
 from __future__ import annotations
@@ -62,8 +61,6 @@ class _Local:
   def create(self, text):
     return self.take(text, None)
 
-  renew = take
-
   def delete(self, token):
     self.take(None, token)
 
@@ -90,8 +87,6 @@ class _Gcs:
 
   def create(self, text):
     return self.take(text, 0)
-
-  renew = take
 
   def delete(self, generation):
     with contextlib.suppress(self.errors.NotFound, self.errors.PreconditionFailed):
@@ -169,7 +164,7 @@ class Lease:
   def _beat(self):
     while not self._stop.wait(self.heartbeat_secs):
       try:
-        token = self.store.renew(self._text(), self.token)
+        token = self.store.take(self._text(), self.token)
       except Exception:  # a transient storage error: the next beat tries again
         if time.time() - self.renewed > self.stale_secs:  # others may take it over now
           self._lose(f"not renewed for {self.stale_secs:.0f} s: the storage fails")
