@@ -35,6 +35,23 @@ GPUS = {  # name: published specifications (SXM parts)
 }
 
 NAMES = (*TPUS, *GPUS)
+KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p",
+         "TPU v5p": "v5p", "TPU v6 lite": "v6e", "TPU v6e": "v6e", "NVIDIA A100": "a100",
+         "NVIDIA H100": "h100", "NVIDIA H200": "h100", "NVIDIA GH200": "h100"}  # device kinds
+
+
+def name_of(device) -> str | None:
+  """The target a device is (or is sized like: an H200 has an H100's SMs), or None."""
+  kind = device.device_kind
+  if kind in KINDS:
+    return KINDS[kind]
+  return next((name for prefix, name in KINDS.items() if kind.startswith(prefix + " ")
+               or kind.startswith(prefix + "-")), None)
+
+
+def local() -> str | None:
+  """The target of this machine's first accelerator; None on CPU or an unknown device."""
+  return name_of(jax.devices()[0]) if jax.default_backend() in ("tpu", "gpu") else None
 
 
 def gpu_target_config(name: str) -> str:

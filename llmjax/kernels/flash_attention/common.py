@@ -39,6 +39,7 @@ class Static:
   interpret: bool
   bucket_thresholds: tuple[int, ...] = ()  # kernels/buckets.py: distance_thresholds
   backend: str = "tpu"  # which module's kernels: tpu.py or gpu.py
+  target: str | None = None  # kernels/targets.py: NAMES
 
 
 def buckets(st: Static, qi, kj, bq: int, bk: int):

@@ -31,7 +31,13 @@ PARAMS = plgpu.CompilerParams(num_warps=4, num_stages=2)
 BLOCKS = ("block_q", "block_kv", "block_q_dq", "block_kv_dq", "block_q_dkv", "block_kv_dkv")
 
 
-def _check_blocks(st: Static):
+def default_blocks(target: str | None, D: int, dtype, bias: bool) -> tuple[int, int]:
+  """(block_q, block_kv) when BlockSizes leaves them to the target."""
+  return 128, 128
+
+
+def check(st: Static, D: int, dtype, R: int):
+  """Refuses, in one line, blocks that Triton cannot tile or that do not fit the target."""
   for name in BLOCKS:
     size = getattr(st, name)
     if size & (size - 1):
@@ -165,7 +171,6 @@ def _fwd_kernel(q_lo, q_hi, kv_lo, kv_hi, q_ref, k_ref, v_ref, qseg_ref, kvseg_r
 
 def forward(st: Static, q, k, v, q_seg, kv_seg, table):
   """(o [B, H, T, D], lse [B, H, T] float32) for padded inputs in the kernel layout."""
-  _check_blocks(st)
   B, H, T, D = q.shape
   G, S = k.shape[1], k.shape[2]
   bq, bk = st.block_q, st.block_kv
@@ -278,7 +283,6 @@ def _dkv_kernel(q_lo, q_hi, kv_lo, kv_hi, q_ref, k_ref, v_ref, do_ref, lse_ref, 
 
 def backward(st: Static, q, k, v, q_seg, kv_seg, table, o, lse, do):
   """(dq, dk, dv, d table [H, buckets] or None) in the kernel layout."""
-  _check_blocks(st)
   B, H, T, D = q.shape
   G, S = k.shape[1], k.shape[2]
   R = H // G

@@ -8,7 +8,7 @@ import math
 import jax
 import jax.numpy as jnp
 
-from llmjax.kernels import buckets
+from llmjax.kernels import buckets, targets
 from llmjax.kernels.flash_attention import common, reference, tpu
 
 HEAD_DIMS = (64, 128, 256)
@@ -18,13 +18,15 @@ HEAD_DIMS = (64, 128, 256)
 class BlockSizes:
   """Query and key/value block lengths of the forward, dq and dk/dv kernels.
 
-  Each is a positive multiple of 8 up to 2048; a backward size left None takes its forward
-  one. On TPU the kv blocks must also be multiples of 128 (the lane width); on GPU every
-  block must be a power of two (Triton), and blocks past 128 may exceed shared memory. Sequences shorter
-  than a block use one smaller block; longer ones are padded to a whole number of blocks.
+  Each is a positive multiple of 8 up to 2048. A forward size left None is the target's
+  default (sized to its memory; `default_blocks` of tpu.py / gpu.py), a backward one takes
+  its forward one. On TPU the kv blocks must also be multiples of 128 (the lane width); on GPU
+  every block must be a power of two (Triton). Blocks that do not fit the target's VMEM or
+  shared memory are refused before compiling. Sequences shorter than a block use one smaller
+  block; longer ones are padded to a whole number of blocks.
   """
-  block_q: int = 128
-  block_kv: int = 128
+  block_q: int | None = None
+  block_kv: int | None = None
   block_q_dq: int | None = None
   block_kv_dq: int | None = None
   block_q_dkv: int | None = None
@@ -33,14 +35,14 @@ class BlockSizes:
   def __post_init__(self):
     for field in dataclasses.fields(self):
       value = getattr(self, field.name)
-      if value is None and field.name not in ("block_q", "block_kv"):
+      if value is None:
         continue
       if not isinstance(value, int) or value < 8 or value % 8 or value > 2048:
         raise ValueError(f"BlockSizes.{field.name}={value!r}: a block must be a multiple of 8 "
                          f"between 8 and 2048")
 
-  def resolved(self) -> tuple[int, int, int, int, int, int]:
-    q, kv = self.block_q, self.block_kv
+  def resolved(self, default: tuple[int, int]) -> tuple[int, int, int, int, int, int]:
+    q, kv = self.block_q or default[0], self.block_kv or default[1]
     return (q, kv, self.block_q_dq or q, self.block_kv_dq or kv, self.block_q_dkv or q,
             self.block_kv_dkv or kv)
 
@@ -61,7 +63,7 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, kv_segme
                     bias_table=None, bias_bidirectional: bool = True, bias_max_distance: int = 128,
                     window: int | None = None, scale: float | None = None,
                     block_sizes: BlockSizes | None = None, interpret: bool | None = None,
-                    backend: str | None = None):
+                    backend: str | None = None, target: str | None = None):
   """Softmax attention of q [B, T, H, D] over k, v [B, S, G, D] (H % G == 0), never forming
   a T x S matrix. Returns [B, T, H, D] in q's dtype.
 
@@ -79,6 +81,10 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, kv_segme
     backend: "tpu" (Mosaic kernels: a grid over kv blocks with scratch accumulators) or
       "gpu" (Triton kernels: a loop over kv blocks inside each program); default: the
       platform's, and "tpu" when interpreting on CPU.
+    target: the accelerator compiled for, one of `llmjax.kernels.targets.NAMES` ("v5e",
+      "h100", ...): it sizes the default blocks and the compiler's settings, and decides
+      which blocks fit. Default: the local accelerator's; None on CPU (the smallest of the
+      backend's targets is assumed).
   """
   if backend not in (None, "tpu", "gpu"):
     raise ValueError(f"backend={backend!r}; expected 'tpu', 'gpu' or None")
@@ -89,9 +95,17 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, kv_segme
   if D not in HEAD_DIMS:
     raise ValueError(f"head dim {D} is not supported by the kernel; expected one of {HEAD_DIMS}")
   S = k.shape[1]
-  blocks = (block_sizes or BlockSizes()).resolved()
   platform = jax.default_backend()
-  backend = backend or ("gpu" if platform == "gpu" else "tpu")
+  target = targets.local() if target is None else target
+  if target is not None and target not in targets.NAMES:
+    raise ValueError(f"target={target!r}; expected one of {', '.join(targets.NAMES)}")
+  backend = backend or ("gpu" if platform == "gpu" or target in targets.GPUS else "tpu")
+  if target is not None and (target in targets.GPUS) != (backend == "gpu"):
+    raise ValueError(f"target={target!r} is not a {backend.upper()}; backend={backend!r} "
+                     f"kernels compile for {', '.join(getattr(targets, backend.upper() + 'S'))}")
+  kernels = _kernels(backend)
+  blocks = (block_sizes or BlockSizes()).resolved(
+      kernels.default_blocks(target, D, q.dtype, bias_table is not None))
   if interpret is None:
     interpret = platform not in ("tpu", "gpu")
   if not interpret and platform in ("tpu", "gpu") and backend != platform:
@@ -107,10 +121,11 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, kv_segme
       num_buckets=0 if bias_table is None else bias_table.shape[0],
       bias_bidirectional=bias_bidirectional,
       block_q=bq[0], block_kv=bk[0], block_q_dq=bq[1], block_kv_dq=bk[1], block_q_dkv=bq[2],
-      block_kv_dkv=bk[2], interpret=bool(interpret), backend=backend,
+      block_kv_dkv=bk[2], interpret=bool(interpret), backend=backend, target=target,
       bucket_thresholds=() if bias_table is None else buckets.distance_thresholds(
           bidirectional=bias_bidirectional, num_buckets=bias_table.shape[0],
           max_distance=bias_max_distance))
+  kernels.check(st, D, q.dtype, H // k.shape[2])
   if segment_ids is None:
     q_seg, kv_seg = jnp.ones((B, T), jnp.int32), jnp.ones((B, S), jnp.int32)
   else:
@@ -126,25 +141,25 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, kv_segme
   return out[:, :, :T].transpose(0, 2, 1, 3)
 
 
-def _kernels(st):
-  if st.backend == "gpu":
+def _kernels(backend: str):
+  if backend == "gpu":
     from llmjax.kernels.flash_attention import gpu
     return gpu
   return tpu
 
 
 def _fwd_impl(st, q, k, v, q_seg, kv_seg, table):
-  return _kernels(st).forward(st, q, k, v, q_seg, kv_seg, table)[0]
+  return _kernels(st.backend).forward(st, q, k, v, q_seg, kv_seg, table)[0]
 
 
 def _flash_fwd(st, q, k, v, q_seg, kv_seg, table):
-  o, lse = _kernels(st).forward(st, q, k, v, q_seg, kv_seg, table)
+  o, lse = _kernels(st.backend).forward(st, q, k, v, q_seg, kv_seg, table)
   return o, (q, k, v, q_seg, kv_seg, table, o, lse)
 
 
 def _flash_bwd(st, residuals, do):
   q, k, v, q_seg, kv_seg, table, o, lse = residuals
-  dq, dk, dv, dtable = _kernels(st).backward(st, q, k, v, q_seg, kv_seg, table, o, lse, do)
+  dq, dk, dv, dtable = _kernels(st.backend).backward(st, q, k, v, q_seg, kv_seg, table, o, lse, do)
   return dq, dk, dv, None, None, dtable
 
 

@@ -30,6 +30,15 @@ from llmjax.kernels.flash_attention.common import NEG, NT, TN, Static, dot
 LANES, SUBLANES = 128, 8
 
 
+def default_blocks(target: str | None, D: int, dtype, bias: bool) -> tuple[int, int]:
+  """(block_q, block_kv) when BlockSizes leaves them to the target."""
+  return 128, 128
+
+
+def check(st: Static, D: int, dtype, R: int):
+  """Refuses, in one line, blocks that do not fit the target."""
+
+
 def _div(a, b: int):
   """a // b for non-negative ints, lowered without the sign handling of floor division."""
   return jax.lax.div(a, b)
