@@ -5,11 +5,10 @@
         --config.train.steps=500 --config.model.num_layers=2
 
 With no --config it trains the default tiny byte-level GPT (llmjax/train/config.py) on the
-built-in corpus (this Python's standard-library sources) for a few minutes, then prints a
-sample of what it learned. A workdir that holds checkpoints is resumed from the latest.
-Everything lands in the workdir: config.json, metrics.jsonl, TensorBoard events, checkpoints.
-A bad command line (a missing experiment file, an unknown variant, a misspelled key, a value
-of the wrong type) is refused in one line naming it, before anything is built.
+built-in corpus for a few minutes, then prints a sample of what it learned. A workdir that
+holds checkpoints is resumed from the latest; everything lands in it (config.json,
+metrics.jsonl, TensorBoard events, checkpoints). A bad command line is refused in one line
+naming what is wrong, before anything is built.
 
 The log is our progress lines, warnings and errors; `--verbosity=0` adds the libraries' INFO
 lines (Orbax's checkpointing, Grain's pipelines), `--verbosity=1` their debug lines.
@@ -68,9 +67,8 @@ def _flag_args(args: list[str]) -> list[str]:
 
 def check_command_line(args: list[str]) -> dict[str, str]:
   """Loads the experiment that `args` (argv[1:]) name and sets each `--config.KEY=VALUE` on it,
-  as ml_collections will: ValueError / FileNotFoundError with one line naming a missing file,
-  a bad variant, a field that doesn't exist (and the nearest that does) or a value of the
-  wrong type, before ml_collections raises its tracebacks. Returns the overrides, KEY: TEXT."""
+  as ml_collections will, but failing in one line (ValueError / FileNotFoundError) where it
+  would raise a traceback. Returns the overrides, KEY: TEXT."""
   from llmjax.train import config as config_lib
   args = _flag_args(args)
   config_at = next((i for i, a in enumerate(args) if _CONFIG_FLAG.match(a)), None)
@@ -177,9 +175,8 @@ def _fail(message: str):
 
 
 def _quiet_library_errors() -> None:
-  """A library's errors as one line each, without their tracebacks: each also reaches us as
-  an exception and is reported (one line) when it ends the run. Storage callbacks that find
-  asyncio's loop closed after a failed save print nothing."""
+  """A library's logged errors without their tracebacks (each also reaches us as an exception);
+  storage callbacks that find asyncio's loop closed after a failed save print nothing."""
   import logging as pylogging
 
   class OneLine(pylogging.Filter):
@@ -200,8 +197,7 @@ def _quiet_library_errors() -> None:
 
 
 def summarize(result, workdir: str) -> None:
-  """Where the run stopped, or the whole run's eval loss (earlier segments of a resumed run
-  included, from metrics.jsonl) and a sample of what the model learned."""
+  """Where the run stopped, or the whole run's eval loss (from metrics.jsonl) and a sample."""
   from llmjax import metrics
   run = result.setup.config  # as trained: `runlocal` shrinks it
   if result.stopped:

@@ -58,8 +58,8 @@ def _cpu_name() -> str:
 
 
 def _cached_cpu_peak() -> tuple[float, str]:
-  """This CPU's measured float32 matmul FLOP/s, measured once per CPU model and core count
-  and kept in PEAK_CACHE, so that MFU figures of runs on one machine compare."""
+  """This CPU's float32 matmul FLOP/s, measured once per CPU model and core count and kept in
+  PEAK_CACHE, so that MFU figures of runs on one machine compare."""
   cache, key = os.path.expanduser(PEAK_CACHE), _cpu_name()
   try:
     with open(cache) as f:
@@ -103,12 +103,10 @@ def flops_per_token(num_params: int, embed_params: int, num_layers: int, context
 class StepMetrics:
   """The train/* record of the steps since the last log line.
 
-  `add(step, metrics)` takes a step's metrics as the jitted step returned them and fetches
-  the previous step's: the host thus runs at most one step ahead of the devices (a signal
-  or a NaN is seen within a step), and every loss is checked finite as it arrives. A step's
-  time is the wall time between consecutive fetches, less what ran under `excluded()` (an
-  eval, a save, a log line); the first `warmup` steps of a run segment (the compile, the
-  first run) are not timed.
+  `add(step, metrics)` takes a step's device metrics and fetches the previous step's (checked
+  finite): the host runs at most one step ahead of the devices. A step's time is the wall time
+  between consecutive `add`s less what ran under `excluded()`; the first `warmup` steps of a
+  run segment (the compile) are not timed.
   """
 
   def __init__(self, flops_per_token: float, peak: float, warmup: int = 2,
@@ -155,16 +153,13 @@ class StepMetrics:
 
   def window(self) -> dict:
     """The fetched metrics of the steps since the last summary (JSON), to save with a
-    checkpoint: a run resumed from it then summarizes the same steps an uninterrupted run
-    does at its next log line."""
+    checkpoint, so that a resumed run logs what an uninterrupted one does."""
     self._fetch()
     return {"steps": list(self._fetched)}
 
   def summary(self, keep: bool = False) -> dict[str, float]:
-    """The mean loss, nll and accuracy of the steps since the last summary, the last step's
-    gradient norm and learning rate, and (once a step was timed) throughput and MFU. `keep`:
-    the steps still count toward the next summary (a run stopping between log lines logs
-    them, and saves them for the run that resumes)."""
+    """Mean loss, nll and accuracy since the last summary, the last gradient norm and learning
+    rate, throughput and MFU (once timed). `keep`: the steps count toward the next one too."""
     self._fetch()
     steps = self._fetched
     if not keep:
@@ -202,13 +197,10 @@ def format_line(step: int, total: int, record: dict) -> str:
 class MetricWriter:
   """Appends `{"step": s, key: value, ...}` lines to workdir/metrics.jsonl and TensorBoard scalars.
 
-  The lines are strict JSON: a value that is not finite is left out (JSON has no NaN).
-
-  Only process 0 writes. TensorBoard files come from tensorboardX (no TensorFlow); without
-  it installed only the JSON lines are written. In a `gs://` workdir (an object store has
-  no append) metrics.jsonl is rewritten whole at every record, a few hundred bytes a line,
-  and the TensorBoard events are written locally and copied up at most every `sync_secs`
-  and at close.
+  The lines are strict JSON: a value that is not finite is left out. Only process 0 writes.
+  TensorBoard files come from tensorboardX, if installed. In a `gs://` workdir (no append)
+  metrics.jsonl is rewritten whole at every record, and the TensorBoard events are written
+  locally and copied up at most every `sync_secs` and at close.
   """
 
   def __init__(self, workdir, sync_secs: float = 30.0):
@@ -265,9 +257,8 @@ class MetricWriter:
 
 
 def _tensorboard_writer(workdir: str):
-  """tensorboardX's SummaryWriter for workdir, or None without tensorboardX. tensorboardX
-  imports torch where it is installed, only to accept torch tensors (we pass floats): hidden
-  from that import, torch's 2-3 s of import time stays out of every run's start."""
+  """tensorboardX's SummaryWriter for workdir, or None without tensorboardX. Torch is hidden
+  from its import (only for torch tensors; we pass floats): it would add 2-3 s to each start."""
   hide_torch = "torch" not in sys.modules
   if hide_torch:
     sys.modules["torch"] = None  # `import torch` raises ImportError meanwhile
@@ -288,9 +279,8 @@ def _ends_with_newline(file) -> bool:
 
 
 def read_metrics(workdir: str) -> list[dict]:
-  """The records of workdir/metrics.jsonl, in order (none before the first is written). A run
-  resumed after a kill logs the steps after its checkpoint again (with the same values); a
-  line torn by the kill is skipped."""
+  """The records of workdir/metrics.jsonl, in order; a line torn by a kill is skipped (a run
+  resumed after one logs the steps after its checkpoint again, with the same values)."""
   records, file = [], paths.path(workdir) / "metrics.jsonl"
   if not file.exists():
     return records

@@ -53,8 +53,7 @@ class _Flatten(grain.experimental.FlatMapTransform):
 
 
 class _Pad:
-  """One example per row, padded to `lengths`, with the packer's segment-id and position
-  features."""
+  """One example per row, padded to `lengths`, with the packer's segment ids and positions."""
 
   def __init__(self, lengths: dict[str, int]):
     self.lengths = lengths
@@ -62,12 +61,10 @@ class _Pad:
   def __call__(self, example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
     row = {}
     for key, length in self.lengths.items():
-      value = example[key]
-      n = len(value)
-      row[key] = np.pad(value, (0, length - n))
-      row[key + "_segment_ids"] = (np.arange(length) < n).astype(np.int32)
-      row[key + "_positions"] = np.where(np.arange(length) < n, np.arange(length),
-                                         0).astype(np.int32)
+      real = np.arange(length) < len(example[key])
+      row[key] = np.pad(example[key], (0, length - len(example[key])))
+      row[key + "_segment_ids"] = real.astype(np.int32)
+      row[key + "_positions"] = np.where(real, np.arange(length), 0).astype(np.int32)
     return row
 
 
@@ -100,9 +97,8 @@ def is_padding(batch: dict[str, Any]) -> bool:
   return not np.any(np.asarray(batch[key]))
 
 
-# Iterators their user did not close are closed at exit, and let go of the Grain iterators
-# under them, which are then freed while the modules they use still exist (freed at
-# interpreter teardown, Grain's prefetch iterators print tracebacks).
+# Iterators their user did not close are closed at exit, letting go of the Grain iterators
+# under them while their modules still exist (freed at teardown, they print tracebacks).
 _OPEN = weakref.WeakSet()
 
 

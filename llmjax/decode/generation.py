@@ -58,10 +58,9 @@ def _as_rows(prompts, vocab_size: int) -> list[np.ndarray]:
 
 def _check_request(model, lengths, max_new_tokens, num_beams, sampler, eos_id, pad_id):
   cfg = model.cfg
-  if int(max_new_tokens) != max_new_tokens or max_new_tokens < 1:
-    raise ValueError(f"generate: max_new_tokens={max_new_tokens}; expected a whole number >= 1")
-  if int(num_beams) != num_beams or num_beams < 1:
-    raise ValueError(f"generate: num_beams={num_beams}; expected a whole number >= 1")
+  for name, value in (("max_new_tokens", max_new_tokens), ("num_beams", num_beams)):
+    if int(value) != value or value < 1:
+      raise ValueError(f"generate: {name}={value}; expected a whole number >= 1")
   if num_beams > 1 and not sampler.greedy:
     raise ValueError(f"generate: num_beams={num_beams} with temperature={sampler.temperature}: "
                      f"beam search is deterministic; use temperature=0 with beams")
@@ -214,9 +213,8 @@ def _reorder(model, cache, parent_X):
 
 
 def _stage_ends(N: int) -> list[int]:
-  """The new-token counts at which a long decoding loop (N >= 128) widens the part of the
-  cache it attends over: 64, 128, ... then N. Early steps then attend over the positions
-  filled so far, not over the whole bucket, which keeps the time per token flat."""
+  """Where a long loop (N >= 128) widens the cache it attends over: 64, 128, ... then N, so
+  that early steps attend over the positions filled so far and the time per token stays flat."""
   ends = [64 << k for k in range(max(0, N.bit_length() - 7))] if N >= 128 else []
   return [e for e in ends if e < N] + [N]
 

@@ -10,18 +10,11 @@ optimizer, a mesh and its logical-axis rules), so a custom module trains as ours
     train_step = step.make_train_step(parts, state_shardings, shardings)
     state, metrics = train_step(state, step.global_batch(shardings, numpy_batch))
 
-The model contract: `objective.model_args(batch)` gives the call. Decoder-only objectives
-call `model.apply(variables, tokens, segment_ids, positions[, prefix_mask=...])`, masked LM
-`(tokens, segment_ids, positions=...)`, span corruption the encoder-decoder batch keys; the
-model returns logits [B, T, V], and accepts `deterministic=False, rngs={"dropout": key}`
-when dropout is on (`Parts.dropout`). Parameters declared with logical axis names
-(`nn.with_logical_partitioning`, see llmjax/sharding.py) are sharded by `rules`; others are
-replicated.
-
-The state ({"step", "params", "opt_state"}) is born sharded: shapes come from
-`jax.eval_shape`, shardings from the logical names, and the init is jitted with those
-out_shardings. The step is jitted with in/out shardings and a donated state; its metrics
-stay on device until the caller fetches them.
+The model contract: `objective.model_args(batch)` gives the call; the model returns logits
+[B, T, V] and, with `Parts.dropout`, accepts `deterministic=False, rngs={"dropout": key}`.
+Parameters with logical axis names (see llmjax/sharding.py) are sharded by `rules`; others
+are replicated. The state ({"step", "params", "opt_state"}) is born sharded, and the step's
+metrics stay on device until the caller fetches them.
 """
 
 from __future__ import annotations
@@ -57,8 +50,7 @@ class Parts:
 
 
 def in_mesh(parts: Parts, fn):
-  """`fn` traced and run under the mesh and rules: activation constraints by logical name
-  apply, and the attention kernel finds the mesh to run per shard."""
+  """`fn` run under the mesh and rules (for activation constraints and per-shard kernels)."""
   def run(*args):
     with jax.set_mesh(parts.mesh), nn.logical_axis_rules(parts.rules):
       return fn(*args)
