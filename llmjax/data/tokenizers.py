@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import glob
 import hashlib
+import itertools
 import os
 import tempfile
 from typing import Iterable, Sequence
@@ -86,21 +87,14 @@ class ByteTokenizer(_Specials):
 
   def decode(self, ids) -> str:
     """Text of `ids`: padding, EOS and BOS are dropped, other specials written by name."""
-    out, run = [], []
-    for i in np.asarray(ids).reshape(-1).tolist():
-      if self.offset <= i < self.offset + 256:
-        run.append(i - self.offset)
+    out, is_byte = [], lambda i: self.offset <= i < self.offset + 256
+    for bytes_run, run in itertools.groupby(np.asarray(ids).reshape(-1).tolist(), is_byte):
+      if bytes_run:
+        out.append(bytes(i - self.offset for i in run).decode("utf-8", errors="replace"))
         continue
-      if run:
-        out.append(bytes(run).decode("utf-8", errors="replace"))
-        run = []
-      if i in (self.pad_id, self.eos_id, self.bos_id):
-        continue
-      out.append(SPECIALS[i] if 0 <= i < self.offset else
-                 sentinel_piece(i - self.offset - 256) if self.offset + 256 <= i < self.vocab_size
-                 else "[UNK]")
-    if run:
-      out.append(bytes(run).decode("utf-8", errors="replace"))
+      out += [SPECIALS[i] if 0 <= i < self.offset else
+              sentinel_piece(i - self.offset - 256) if self.offset + 256 <= i < self.vocab_size
+              else "[UNK]" for i in run if i not in (self.pad_id, self.eos_id, self.bos_id)]
     return "".join(out)
 
   def word_starts(self, ids) -> np.ndarray:
@@ -256,10 +250,10 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, *, vocab_size: 
   sentinels `<extra_id_0>`... They are control symbols: text that spells "[MASK]" or
   "<extra_id_0>" is encoded as ordinary text, never as the special id (as in T5, whose
   sentinels live outside the SentencePiece model), and decode drops them.
-  Writes `model_prefix`.model and .vocab (a gs:// prefix: trained locally, then copied; its
-  bucket is checked before training). The model is lossless
-  by default (decode(encode(text)) == text: no normalization, whitespace kept, unseen
-  characters as UTF-8 bytes); pass e.g. normalization_rule_name="nmt_nfkc" for T5's behaviour.
+  Writes `model_prefix`.model and .vocab (a gs:// prefix: trained locally, then copied). The
+  model is lossless by default (decode(encode(text)) == text: no normalization, whitespace
+  kept, unseen characters as UTF-8 bytes); pass e.g. normalization_rule_name="nmt_nfkc" for
+  T5's behaviour.
   """
   options = {"normalization_rule_name": "identity", "remove_extra_whitespaces": False,
              "allow_whitespace_only_pieces": True, "max_sentence_length": 1 << 14,

@@ -46,7 +46,7 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.
 
 
 class Objective:
-  """Base class: subclasses set `lengths`, `examples`, `batch`, `model_args`; the loss is shared.
+  """Base class: subclasses set `lengths`, `examples`, `model_args`; `batch`, the loss shared.
 
   The keyword-only arguments of a subclass's `__init__` (and these two of the loss) are its
   settings: the config's `objective` section holds one field per setting (see
@@ -87,6 +87,15 @@ class Objective:
       raise ValueError(f"{type(self).__name__} makes ids up to {self.vocab_size - 1} (its "
                        f"tokenizer has {self.vocab_size}) but the model's vocab_size is {vocab}; "
                        f"raise the model's vocab_size to at least {self.vocab_size}")
+
+  def batch(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """The batch of packed decoder-only or encoder-only `rows`: weights the examples' own, else
+    1 on every real token."""
+    segment_ids, positions = segments(rows, "tokens")
+    weights = rows["weights"] if "weights" in rows else segment_ids > 0
+    return {"tokens": rows["tokens"], "targets": rows["targets"],
+            "weights": weights.astype(np.float32), "segment_ids": segment_ids,
+            "positions": positions}
 
   def model_args(self, batch) -> tuple[tuple, dict]:
     """(args, kwargs) of the model call for `batch`."""

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from llmjax.objectives.base import Objective, chunks, segments
+from llmjax.objectives.base import Objective, chunks
 
 
 class CausalLM(Objective):
@@ -49,12 +49,6 @@ class CausalLM(Objective):
     offset = int(rng.integers(self.seq_len)) if self.random_offset else 0
     return [{"tokens": w[:-1], "targets": w[1:]} for w in self.windows(tokens, offset)]
 
-  def batch(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    segment_ids, positions = segments(rows, "tokens")
-    return {"tokens": rows["tokens"], "targets": rows["targets"],
-            "weights": (segment_ids > 0).astype(np.float32), "segment_ids": segment_ids,
-            "positions": positions}
-
   def model_args(self, batch):
     return (batch["tokens"], batch["segment_ids"], batch["positions"]), {}
 
@@ -86,10 +80,7 @@ class PrefixLM(CausalLM):
     return out
 
   def batch(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    out = super().batch(rows)
-    out["weights"] = rows["weights"].astype(np.float32)
-    out["prefix_mask"] = rows["prefix_mask"]
-    return out
+    return {**super().batch(rows), "prefix_mask": rows["prefix_mask"]}
 
   def model_args(self, batch):
     return (batch["tokens"], batch["segment_ids"], batch["positions"]), {

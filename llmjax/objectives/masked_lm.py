@@ -15,7 +15,7 @@ from typing import Iterable
 
 import numpy as np
 
-from llmjax.objectives.base import Objective, chunks, segments
+from llmjax.objectives.base import Objective, chunks
 
 MASK_PROB, RANDOM_PROB = 0.8, 0.1  # of the chosen tokens; the remaining 10% stay unchanged
 
@@ -91,8 +91,7 @@ def mask_tokens(tokens, *, seed, vocab_size: int, mask_id: int, special_ids: Ite
 
 
 class MaskedLM(Objective):
-  """BERT pre-training data: [CLS] piece [SEP] rows with `mask_tokens` applied; loss on the
-  chosen."""
+  """BERT pre-training: [CLS] piece [SEP] rows with `mask_tokens` applied; loss on the chosen."""
 
   architectures = ("encoder",)
 
@@ -122,12 +121,6 @@ class MaskedLM(Objective):
           word_starts=tok.word_starts(row) if self.whole_word else None)
       out.append({"tokens": inputs, "targets": targets, "weights": weights})
     return out
-
-  def batch(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    segment_ids, positions = segments(rows, "tokens")
-    return {"tokens": rows["tokens"], "targets": rows["targets"],
-            "weights": rows["weights"].astype(np.float32), "segment_ids": segment_ids,
-            "positions": positions}
 
   def model_args(self, batch):
     return (batch["tokens"], batch["segment_ids"]), {"positions": batch["positions"]}

@@ -39,13 +39,10 @@ def _lengths_after(tokens_length: int, noise_density: float,
 
 def span_corruption_lengths(inputs_length: int, noise_density: float = 0.15,
                             mean_noise_span_length: float = 3.0) -> tuple[int, int]:
-  """(tokens_length, targets_length): the raw chunk that fills `inputs_length` (T5's
-  random_spans_helper).
-
-  `tokens_length` is the longest raw chunk whose corrupted inputs, plus EOS, fit in
-  `inputs_length`; `targets_length` is the length of its targets plus EOS. At density 0.5 the
-  chunk is shortened by one when that keeps the targets no longer than the inputs, as T5 does.
-  """
+  """(tokens_length, targets_length), as T5's random_spans_helper: the longest raw chunk whose
+  corrupted inputs plus EOS fit in `inputs_length`, and its targets' length plus EOS. At
+  density 0.5 the chunk is shortened by one when that keeps the targets no longer than the
+  inputs, as T5 does."""
   _check_args(noise_density, mean_noise_span_length)
   if inputs_length < 2:
     raise ValueError(f"inputs_length={inputs_length} is too short for span corruption: "
@@ -64,8 +61,7 @@ def span_corruption_lengths(inputs_length: int, noise_density: float = 0.15,
 
 def noise_counts(length: int, noise_density: float,
                  mean_noise_span_length: float) -> tuple[int, int]:
-  """(noise tokens, noise spans) in a chunk of `length` >= 2 tokens: at least one of each,
-  never all noise."""
+  """(noise tokens, noise spans) in a chunk of `length` >= 2 tokens: >= 1 of each, not all."""
   num_noise = int(round(length * noise_density))
   num_noise = min(max(num_noise, 1), length - 1)
   num_spans = max(int(round(num_noise / mean_noise_span_length)), 1)
@@ -83,8 +79,7 @@ def _random_segmentation(rng: np.random.Generator, num_items: int, num_segments:
 
 def noise_mask(length: int, rng: np.random.Generator, noise_density: float = 0.15,
                mean_noise_span_length: float = 3.0) -> np.ndarray:
-  """Boolean [length]: T5's random_spans_noise_mask, spans alternating and starting with
-  non-noise."""
+  """Boolean [length]: T5's random_spans_noise_mask, spans alternating, non-noise first."""
   if length < 2:
     raise ValueError(f"a chunk of {length} token(s) is too short for span corruption; need >= 2")
   num_noise, num_spans = noise_counts(length, noise_density, mean_noise_span_length)
@@ -114,8 +109,7 @@ def span_corrupt(tokens, *, seed, noise_density: float = 0.15, mean_noise_span_l
 
 def corrupt_with_mask(tokens: np.ndarray, mask: np.ndarray,
                       sentinel_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-  """(inputs, targets) for a given noise mask: each noise span becomes one sentinel in the
-  inputs."""
+  """(inputs, targets) for a given noise mask: each noise span one sentinel in the inputs."""
   noise_starts = mask & ~np.concatenate([[False], mask[:-1]])
   num_spans = int(noise_starts.sum())
   if num_spans > len(sentinel_ids):
