@@ -84,15 +84,11 @@ class _Tensors:
     self.tensors, self.prefixes, self.path, self.used = tensors, prefixes, path, set()
 
   def find(self, name: str) -> str | None:
-    aliases = [name]
-    if re.search(r"LayerNorm\.(weight|bias)$", name):  # TF-era BERT names
-      aliases.append(name.replace("LayerNorm.weight", "LayerNorm.gamma")
-                     .replace("LayerNorm.bias", "LayerNorm.beta"))
-    for alias in aliases:
-      for prefix in self.prefixes:
-        if prefix + alias in self.tensors:
-          return prefix + alias
-    return None
+    """The key of `name` under the first prefix that has it (TF-era BERT names too), or None."""
+    tf_name = name.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias",
+                                                                         "LayerNorm.beta")
+    keys = (prefix + alias for alias in (name, tf_name) for prefix in self.prefixes)
+    return next((key for key in keys if key in self.tensors), None)
 
   def has(self, name: str) -> bool:
     return self.find(name) is not None

@@ -38,19 +38,10 @@ TOKEN_TYPES = "token_types"  # BERT token-type table rows
 Rules = Sequence[tuple[str, str | tuple[str, ...] | None]]
 
 RULES: Rules = (
-    (BATCH, ("data", "fsdp")),
-    (EMBED, "fsdp"),
-    (HEADS, "tensor"),
-    (KV_HEADS, "tensor"),
-    (MLP, "tensor"),
-    (VOCAB, "tensor"),
-    (LENGTH, None),
-    (ACT_EMBED, None),
-    (HEAD_DIM, None),
-    (LAYERS, None),
-    (POSITIONS, None),
-    (BUCKETS, None),
-    (TOKEN_TYPES, None),
+    (BATCH, ("data", "fsdp")), (EMBED, "fsdp"),
+    (HEADS, "tensor"), (KV_HEADS, "tensor"), (MLP, "tensor"), (VOCAB, "tensor"),
+    (LENGTH, None), (ACT_EMBED, None), (HEAD_DIM, None), (LAYERS, None), (POSITIONS, None),
+    (BUCKETS, None), (TOKEN_TYPES, None),
 )
 
 

@@ -24,15 +24,10 @@ TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")  # the later one wins, as in HF
 # Where the configs do not name a special token, these pieces stand for it if the vocabulary
 # has them (transformers' BERT, GPT-2 and T5 tokenizer classes default to the same names).
-FALLBACK_NAMES = {
-    "pad": ("[PAD]", "<pad>"),
-    "eos": ("</s>", "<|endoftext|>", "[EOS]"),
-    "bos": ("<s>", "<|endoftext|>", "[BOS]"),
-    "unk": ("[UNK]", "<unk>", "<|endoftext|>"),
-    "mask": ("[MASK]", "<mask>"),
-    "cls": ("[CLS]",),
-    "sep": ("[SEP]",),
-}
+FALLBACK_NAMES = {"pad": ("[PAD]", "<pad>"), "eos": ("</s>", "<|endoftext|>", "[EOS]"),
+                  "bos": ("<s>", "<|endoftext|>", "[BOS]"),
+                  "unk": ("[UNK]", "<unk>", "<|endoftext|>"),
+                  "mask": ("[MASK]", "<mask>"), "cls": ("[CLS]",), "sep": ("[SEP]",)}
 _WHITESPACE = frozenset(" \t\n\r\v\f")
 
 

@@ -6,6 +6,7 @@ so a gs:// output directory is refused in one line.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -29,8 +30,7 @@ def check_output_dir(output_dir: str) -> None:
 
 def write_shards(source, tokenizer, output_dir: str, *, num_shards: int = 8,
                  show_progress: bool = True) -> dict:
-  """Writes `source`'s documents, tokenized, to `num_shards` shards plus `meta.json`; returns
-  the meta.
+  """Writes `source`'s documents, tokenized, to `num_shards` shards plus `meta.json` (returned).
 
   Document i goes to shard i * num_shards // len(source) (contiguous ranges, so a shard reads
   sequentially), as uint16 ids when the vocabulary fits, else int32, with `sizes.npy` (tokens
@@ -73,10 +73,8 @@ def write_shards(source, tokenizer, output_dir: str, *, num_shards: int = 8,
     os.rename(staging, output_dir)
   except BaseException:
     for w in writers:
-      try:
+      with contextlib.suppress(Exception):  # already closed, or the failure itself
         w.close()
-      except Exception:  # already closed, or the failure itself
-        pass
     shutil.rmtree(staging, ignore_errors=True)
     raise
   finally:

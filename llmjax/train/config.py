@@ -224,10 +224,8 @@ def override(config: ml_collections.ConfigDict, key: str, text: str) -> None:
     value = _PARSERS[kind].parse(text)
   except (ValueError, TypeError):
     raise ValueError(f"{key}={text}: expected {_EXPECTED[kind]}") from None
-  *parents, last = key.split(".")
-  node = config
-  for part in parents:
-    node = node[part]
+  parent, _, last = key.rpartition(".")
+  node = _get(config, parent) if parent else config
   try:
     node[last] = value
   except TypeError as e:
