@@ -8,9 +8,8 @@ Two kinds of directory hold parameters:
     llmjax workdir     config.json (the run's config) + checkpoints/<step>/state (the train
                        state {"step", "params", "opt_state"}, see `train.train`)
 
-`load_model(path)` gives (model, params) of either, reading only the parameters of a
-workdir's latest checkpoint (not its optimizer state). Paths go through `llmjax.paths`, so
-gs:// URLs work as local ones do.
+`load_model(path)` gives (model, params) of either (of a workdir, its latest checkpoint's
+parameters only). gs:// URLs work as local paths do.
 """
 
 from __future__ import annotations
@@ -87,8 +86,7 @@ def _stored(found: _Found):
 
 
 def _restore(found: _Found, abstract):
-  """The stored parameters as `abstract` (ShapeDtypeStructs with shardings) says; nothing else
-  of the checkpoint (a train state's optimizer state) is read."""
+  """The stored parameters placed as `abstract` says; nothing else of the checkpoint is read."""
   item = {found.key: abstract} if found.key else abstract
   # The handler itself, not a Checkpointer: a workdir's state/ is one item of a step, whose
   # step metadata a Checkpointer would look for (and warn about) in the item's directory.
@@ -105,8 +103,7 @@ def _shapes(tree) -> dict[str, tuple]:
 
 
 def save_model(directory: str, model: nn.Module, params) -> None:
-  """Writes `model`'s config and `params` (unboxed) under `directory` (which must not hold
-  params yet)."""
+  """Writes `model`'s config and `params` under `directory` (which must not hold params yet)."""
   root = paths.path(directory)
   root.mkdir(parents=True, exist_ok=True)
   (root / "model.json").write_text(json.dumps(models.config_to_dict(model.cfg), indent=2))
@@ -170,8 +167,7 @@ def tokenizer_spec(config) -> str:
 
 
 def load_tokenizer(path: str):
-  """The tokenizer of a workdir (as its config.json says) or of a model checkpoint (saved
-  beside it, see `data.load_tokenizer`)."""
+  """The tokenizer of a workdir (as its config.json says) or of a model checkpoint (beside it)."""
   root = paths.path(path)
   if (root / "model.json").is_file():
     spec, what = str(root), f"model checkpoint {root}"

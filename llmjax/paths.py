@@ -43,10 +43,8 @@ _REACHED = set()  # (bucket, endpoint) pairs this process has checked: asked onc
 
 
 def check_bucket(url: str, timeout: float = 10.0) -> None:
-  """Raises a one-line ValueError within seconds if the bucket of `url` (gs://BUCKET/...)
-  cannot be reached or does not exist: the storage clients would retry for minutes. A
-  bucket found once is not asked again (the workdir, the data and the tokenizer of a run
-  often share one)."""
+  """Raises a one-line ValueError within seconds if the bucket of a gs:// `url` cannot be
+  reached or does not exist (storage clients would retry for minutes); each is asked once."""
   if not str(url).startswith("gs://"):
     return
   bucket = str(url)[len("gs://"):].split("/")[0]
@@ -71,9 +69,8 @@ def check_bucket(url: str, timeout: float = 10.0) -> None:
 
 
 def open_dir(p, what: str = "workdir") -> epath.Path:
-  """Directory `p`, created if need be and proven writable (a probe file is written and
-  removed); a ValueError of one line if it cannot be used. A gs:// bucket is checked
-  first, so an unreachable one is refused in seconds."""
+  """Directory `p`, created if need be and proven writable (a probe file written and removed);
+  a one-line ValueError if it cannot be used."""
   check_bucket(str(p))
   directory = path(p)
   probe = directory / f".write_probe_{uuid.uuid4().hex}"
@@ -93,9 +90,8 @@ def check_buckets(ps) -> None:
 
 
 def glob(pattern) -> list[str]:
-  """The files and directories `pattern` matches, sorted; local paths through `glob.glob`,
-  URLs through epath (the wildcards may stand anywhere after the bucket). A pattern without
-  wildcards matches itself if it exists."""
+  """The files and directories `pattern` (local or a URL, wildcards after the bucket) matches,
+  sorted; a pattern without wildcards matches itself if it exists."""
   import glob as globlib
   pattern = str(pattern)
   if not is_url(pattern):

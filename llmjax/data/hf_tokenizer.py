@@ -63,8 +63,7 @@ class HFTokenizer(_Specials):
   """
 
   def __init__(self, path: str):
-    paths.check_bucket(str(path))  # gs://: one line in seconds for an unreachable bucket
-    is_dir = epath.Path(path).is_dir()
+    is_dir = paths.is_dir(path)  # gs://: its bucket checked, one line in seconds
     file = epath.Path(path) / TOKENIZER_FILE if is_dir else epath.Path(path)
     if is_dir and not file.is_file():
       raise ValueError(f"{path!r} has no {TOKENIZER_FILE}: expected a Hugging Face tokenizer "

@@ -1,9 +1,8 @@
 """Causal LM (GPT) and prefix LM (T5 section 3.2.1, UL2's S-denoiser): next-token prediction.
 
 A document becomes BOS + tokens + EOS, cut into windows of `seq_len + 1` tokens that overlap
-by one, so every token after BOS is a target exactly once: window w gives tokens w[:-1] and
-targets w[1:]. Targets are made per window before packing, so no target ever crosses into
-the next packed document.
+by one (tokens w[:-1], targets w[1:]), so every token after BOS is a target exactly once and
+no target crosses into the next packed document.
 
 Prefix LM splits each window at a random point: the prefix is seen bidirectionally
 (`prefix_mask`, over input positions) and only the suffix is predicted. The position whose

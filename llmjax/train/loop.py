@@ -1,11 +1,9 @@
 """`train(config, workdir)`: the step loop with evals, metrics, checkpoints, resume and signals.
 
-Checkpoints (Orbax, async) hold the train state, the data iterator's position and the
-metrics since the last log line, so a restarted run continues with the very batches it would
-have seen and logs the very values. SIGTERM or SIGINT stops the run after the step in flight
-(see llmjax/signals.py): that step is logged and saved, and the run returns, saying which
-signal stopped it. A NaN or Inf loss stops the run before it is ever saved. The workdir may
-be local or `gs://`.
+Checkpoints hold the train state, the data iterator's position and the metrics since the
+last log line, so a restarted run sees the very batches and logs the very values. SIGTERM or
+SIGINT stops the run after the step in flight, logged and saved (see llmjax/signals.py). A
+NaN or Inf loss stops the run before it is ever saved. The workdir may be local or `gs://`.
 """
 
 from __future__ import annotations
@@ -25,8 +23,7 @@ from llmjax.train.config import shrink_for_cpu
 
 @dataclasses.dataclass
 class Result:
-  """What a run leaves in memory: this segment's metric records, the final parameters, the
-  parts, the step reached and the signal that stopped it early (None: it ran to the end)."""
+  """What a run leaves in memory; `stopped`: the signal that stopped it early, if any."""
   history: list[dict]
   params: Any
   setup: experiment.Setup
@@ -126,9 +123,8 @@ def evaluate(setup, eval_step, params, shardings) -> dict[str, float]:
 
 
 def _restore_or_init(setup, ckpts, abstract, init, it, log):
-  """(state, step, log window): the latest checkpoint's (the data iterator restored too), or
-  a new state (with `train.init_from`'s parameters if set: fine-tuning starts a new
-  optimizer)."""
+  """(state, step, log window) of the latest checkpoint (`it` restored too), or a new state
+  (with `train.init_from`'s parameters if set: fine-tuning starts a new optimizer)."""
   state, start, window = ckpts.restore(abstract, it)
   if state is not None:
     log(f"resumed from {ckpts.directory} at step {start}")
@@ -152,8 +148,7 @@ def _flops(setup, state, log) -> tuple[float, float]:
 
 
 def _close_quietly(log, *closers) -> None:
-  """Runs every closer, an error in any of them only logged: the error that stopped the run
-  is the one the user must see."""
+  """Runs every closer, logging their errors: the one that stopped the run is the one to see."""
   for close in closers:
     try:
       close()
