@@ -111,8 +111,7 @@ _OVERRIDES = {}  # the command line's --config.KEY=TEXT
 
 
 def parse_flags(argv: list[str]) -> list[str]:
-  """absl's flag parsing, with the command line checked first (`check_command_line`): a bad
-  experiment, override or flag ends the program with one line, not a traceback."""
+  """absl's flag parsing after `check_command_line`: a bad command line ends in one line."""
   try:
     args = FLAGS.read_flags_from_files(argv[1:], force_gnu=False)  # --flagfile=F expanded
     if not any(_CONFIG_FLAG.match(a) for a in _flag_args(args)):
@@ -152,8 +151,7 @@ def main(argv):
 
 
 def _runlocal(config):
-  """The experiment shrunk to a CPU smoke run, with the command line's --config. flags set
-  again on top (they win over the shrink)."""
+  """The experiment shrunk to a CPU smoke run, the command line's --config. flags set again."""
   from llmjax.train import config as config_lib
   config = config_lib.shrink_for_cpu(config)
   kept = {k: v for k, v in _OVERRIDES.items() if k != "runlocal"}

@@ -89,8 +89,7 @@ class Objective:
                        f"raise the model's vocab_size to at least {self.vocab_size}")
 
   def batch(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """The batch of packed decoder-only or encoder-only `rows`: weights the examples' own, else
-    1 on every real token."""
+    """Packed decoder-/encoder-only `rows` as a batch: weights their own, else 1 per real token."""
     segment_ids, positions = segments(rows, "tokens")
     weights = rows["weights"] if "weights" in rows else segment_ids > 0
     return {"tokens": rows["tokens"], "targets": rows["targets"],
@@ -114,8 +113,7 @@ class Objective:
     return model.init(rngs, *args, **kwargs)
 
   def loss(self, logits_BTV, batch) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """(mean loss over weighted tokens, sums) for `logits` of `batch`; the sums add across
-    batches."""
+    """(mean loss over weighted tokens, sums that add across batches) of `batch`'s logits."""
     sums = cross_entropy(logits_BTV, batch[self.targets_key], batch[self.weights_key],
                          **self.loss_options)
     return sums["loss"] / jnp.maximum(sums["weight"], 1.0), sums

@@ -118,8 +118,7 @@ class Checkpoints:
     return self._manager.should_save(step)
 
   def save(self, step: int, state, it, window=None) -> None:
-    """Saves asynchronously; `window` (JSON) is the metrics of the steps since the last log
-    line, so that a resumed run logs the very averages an uninterrupted one does."""
+    """Saves asynchronously, with `window` (JSON): the metrics since the last log line."""
     with self._errors(step):
       if self._keep == 1:  # this save's commit deletes the previous step: checksum it first
         self._manager.wait_until_finished()
@@ -219,8 +218,7 @@ class Checkpoints:
     return ", ".join(f"process {i}" for i in missing)
 
   def _check(self, step: int) -> str | None:
-    """What is wrong with this process's share of the step's manifests ('FILE: why'), or
-    None."""
+    """What is wrong with this process's share of the step's manifests ('FILE: why'), or None."""
     if not self._verify:
       return None
     step_dir = self._step_dir(step)

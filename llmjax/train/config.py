@@ -65,8 +65,8 @@ def model_config(family: str, size: str, **overrides) -> ml_collections.ConfigDi
 
 
 def objective_config(name: str = "causal_lm", length: int = 128) -> ml_collections.ConfigDict:
-  """Which objective, its row length (the encoder length for span corruption) and the settings
-  of every objective (`objectives.settings()`: the objectives' keyword arguments)."""
+  """Which objective, its row length (span corruption: the encoder's) and every objective's
+  settings (`objectives.settings()`)."""
   out = ml_collections.ConfigDict({"name": name, "length": length})
   for key, (default, annotation) in objectives.settings().items():
     out[key] = config_dict.placeholder(_field_type(annotation)) if default is None else default
@@ -107,9 +107,8 @@ def get_config(variant: str | None = None) -> ml_collections.ConfigDict:
 
 
 def shrink_for_cpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
-  """`config` as a CPU smoke run (`--config.runlocal=True`): the same family, objective and
-  optimizer, with the family's tiny model on the built-in corpus in byte tokens, a short
-  context, a small batch and 20 steps on whatever devices there are."""
+  """`config` as a CPU smoke run (`--config.runlocal=True`) of the same family, objective and
+  optimizer."""
   c = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy
   length = min(c.objective.length, 128)
   kwargs = {"max_seq_len": length} if "max_seq_len" in c.model else {}
