@@ -54,12 +54,8 @@ class Mlp(nn.Module):
   @nn.compact
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     act = activation(self.activation)
-    D = x_BTD.shape[-1]
-    if self.gated:
-      h_BTF = (act(self._dense(x_BTD, self.d_ff, (sh.EMBED, sh.MLP), self.wi_init, "wi_0"))
-               * self._dense(x_BTD, self.d_ff, (sh.EMBED, sh.MLP), self.wi_init, "wi_1"))
-    else:
-      h_BTF = act(self._dense(x_BTD, self.d_ff, (sh.EMBED, sh.MLP), self.wi_init, "wi"))
+    wi = lambda name: self._dense(x_BTD, self.d_ff, (sh.EMBED, sh.MLP), self.wi_init, name)
+    h_BTF = act(wi("wi_0")) * wi("wi_1") if self.gated else act(wi("wi"))
     h_BTF = sh.constrain(h_BTF, (sh.BATCH, sh.LENGTH, sh.MLP))
     h_BTF = nn.Dropout(self.dropout_rate)(h_BTF, deterministic=self.deterministic)
-    return self._dense(h_BTF, D, (sh.MLP, sh.EMBED), self.wo_init, "wo")
+    return self._dense(h_BTF, x_BTD.shape[-1], (sh.MLP, sh.EMBED), self.wo_init, "wo")

@@ -9,6 +9,16 @@ from flax import linen as nn
 from llmjax import sharding as sh
 
 
+def _affine(norm: nn.Module, y: jax.Array, use_bias: bool) -> jax.Array:
+  """y * scale (+ bias) in float32, cast to the norm's dtype; parameters [D] on "embed"."""
+  param = lambda name, init: norm.param(name, nn.with_logical_partitioning(init, (sh.EMBED,)),
+                                        (y.shape[-1],), norm.param_dtype).astype(jnp.float32)
+  y = y * param("scale", nn.initializers.ones)
+  if use_bias:
+    y = y + param("bias", nn.initializers.zeros)
+  return y.astype(norm.dtype)
+
+
 class LayerNorm(nn.Module):
   """y = (x - mean) / sqrt(var + eps) * scale + bias over the last axis."""
 
@@ -19,19 +29,10 @@ class LayerNorm(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    d = x.shape[-1]
     x32 = x.astype(jnp.float32)
     mean = x32.mean(-1, keepdims=True)
     var = jnp.square(x32 - mean).mean(-1, keepdims=True)
-    y = (x32 - mean) * jax.lax.rsqrt(var + self.epsilon)
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (sh.EMBED,)),
-                       (d,), self.param_dtype)
-    y = y * scale.astype(jnp.float32)
-    if self.use_bias:
-      bias = self.param("bias", nn.with_logical_partitioning(nn.initializers.zeros, (sh.EMBED,)),
-                        (d,), self.param_dtype)
-      y = y + bias.astype(jnp.float32)
-    return y.astype(self.dtype)
+    return _affine(self, (x32 - mean) * jax.lax.rsqrt(var + self.epsilon), self.use_bias)
 
 
 class RMSNorm(nn.Module):
@@ -45,6 +46,4 @@ class RMSNorm(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.square(x32).mean(-1, keepdims=True) + self.epsilon)
-    scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones, (sh.EMBED,)),
-                       (x.shape[-1],), self.param_dtype)
-    return (y * scale.astype(jnp.float32)).astype(self.dtype)
+    return _affine(self, y, use_bias=False)
