@@ -1,16 +1,15 @@
 """Multi-head attention with grouped-query heads, packed-segment masks and a KV cache.
 
-The projections live in `Attention`; the score-softmax-mix step is a plain function
-chosen by name from `ATTENTION_IMPLS`, so other implementations (a Pallas kernel) can
-take its place without touching the module. Every implementation takes the same
-arguments: q [B,T,H,K], k and v [B,S,G,K] with H % G == 0, segment ids for queries and
-keys (0 = padding; a query sees only keys of its own segment), `causal`, an optional
-additive bias [1 or B, H, T, S] (or T5's `RelativeBias` table, which the kernel applies
-blockwise), the logit `scale` and the index of the first query (`q_offset`, non-zero while
-decoding from a cache).
+`Attention` projects; the score-softmax-mix step is a function chosen by name from
+`ATTENTION_IMPLS`. Every implementation takes q [B,T,H,K], k and v [B,S,G,K] (H % G == 0),
+query and key segment ids (0 = padding; a query sees only its own segment), `causal`, an
+optional additive bias [1 or B, H, T, S] (or T5's `RelativeBias` table, which the kernel
+applies blockwise), the logit `scale` and `q_offset`, the first query's index (decoding).
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -125,13 +124,9 @@ def auto_attention(q_BTHK, k_BSGK, v_BSGK, **kwargs):
   return (pallas_attention if fast else xla_attention)(q_BTHK, k_BSGK, v_BSGK, **kwargs)
 
 
-_WARNED = set()
-
-
+@functools.cache
 def _warn_once(message: str) -> None:
-  if message not in _WARNED:
-    _WARNED.add(message)
-    logging.warning(message)
+  logging.warning(message)
 
 
 # Attention implementations by name (the config's `attention_impl`).
@@ -175,25 +170,22 @@ class Attention(nn.Module):
     y = jnp.einsum(eq, x, kernel)
     if self.use_bias:
       bias_shape = shape[x.ndim - 2:]  # the output dims: the kernel less the contracted ones
-      bias = self.param(f"{name}_bias",
-                        nn.with_logical_partitioning(nn.initializers.zeros,
-                                                     axes[-len(bias_shape):]),
-                        bias_shape, self.param_dtype)
+      bias = self.param(f"{name}_bias", nn.with_logical_partitioning(
+          nn.initializers.zeros, axes[-len(bias_shape):]), bias_shape, self.param_dtype)
       y = y + bias.astype(self.dtype)
     return y
 
   def _update_cache(self, k_BSGK, v_BSGK, segment_ids_BT):
     """Writes this step's keys, values and segment ids at the cache index; returns the full
-    cache, the offset of this step's first query, the keys' segment ids and an overflow flag.
+    cache, the first query's offset, the keys' segment ids and an overflow flag.
 
-    The cache holds as many positions as the input it was initialized with. Its keys carry the
-    segment ids they were written with (0: left padding of a shorter prompt, never attended;
-    slots not yet written are 0 too). Feeding more than fits cannot raise inside jit, so the
-    outputs of an overflowing step are NaN, never silently wrong.
+    The cache is as long as the input it was initialized with; keys keep the segment ids they
+    were written with, so left padding and unwritten slots (id 0) are never attended. An
+    overflowing step cannot raise inside jit: its outputs are NaN, never silently wrong.
+    Keys are stored heads-first, [B, G, S, K], the layout the matmuls read, so a step copies
+    only its own keys, never the whole cache.
     """
     is_initialized = self.has_variable("cache", "cached_key")
-    # Stored heads-first, [B, G, S, K]: the layout attention's matmuls read, so a step copies
-    # only its own keys, never the whole cache.
     B, T, G, K = k_BSGK.shape
     cached_k = self.variable("cache", "cached_key", jnp.zeros, (B, G, T, K), k_BSGK.dtype)
     cached_v = self.variable("cache", "cached_value", jnp.zeros, (B, G, T, K), v_BSGK.dtype)
@@ -202,7 +194,6 @@ class Attention(nn.Module):
     index = self.variable("cache", "cache_index", lambda: jnp.array(0, jnp.int32))
     if not is_initialized:  # init call: the cache takes the shape of the (max-length) input
       return k_BSGK, v_BSGK, 0, segment_ids_BT, False
-    S = cached_k.value.shape[2]
     i = index.value
     heads_first = lambda x: x.transpose(0, 2, 1, 3)
     cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, heads_first(k_BSGK), (0, 0, i, 0))
@@ -211,7 +202,7 @@ class Attention(nn.Module):
         cached_seg.value, segment_ids_BT.astype(jnp.int32), (0, i))
     index.value = i + T
     return (heads_first(cached_k.value), heads_first(cached_v.value), i, cached_seg.value,
-            i + T > S)
+            i + T > cached_k.value.shape[2])
 
   def _cross_cache(self, k_BSGK, v_BSGK, kv_segment_ids_BS):
     """Decoding cross-attention: the encoder's keys, values and segment ids are projected once,
@@ -235,10 +226,8 @@ class Attention(nn.Module):
                causal: bool = False, bias: jax.Array | None = None,
                positions: jax.Array | None = None,
                prefix_mask: jax.Array | None = None) -> jax.Array:
-    """Attends queries from `x_BTD` to keys from `kv_BSD` (default: `x_BTD` itself).
-
-    `prefix_mask` (causal self-attention) makes the marked prefix bidirectional (prefix LM).
-    """
+    """Attends queries from `x_BTD` to keys from `kv_BSD` (default: `x_BTD` itself);
+    `prefix_mask` (causal self-attention) makes the marked prefix bidirectional (prefix LM)."""
     H, G, K = self.num_heads, self.num_kv_heads, self.head_dim
     if H % G:
       raise ValueError(f"num_heads={H} is not divisible by num_kv_heads={G}")
