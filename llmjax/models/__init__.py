@@ -28,8 +28,7 @@ def model_from_dict(d: dict[str, Any]) -> nn.Module:
   if family not in FAMILIES:
     raise ValueError(f"unknown model family {family!r}; expected one of {sorted(FAMILIES)}")
   cfg_cls, model_cls = FAMILIES[family]
-  known = {f.name for f in dataclasses.fields(cfg_cls)}
-  unknown = sorted(set(d) - known)
+  unknown = sorted(set(d) - {f.name for f in dataclasses.fields(cfg_cls)})
   if unknown:
     raise ValueError(f"unknown {cfg_cls.__name__} fields {unknown}")
   return model_cls(cfg_cls(**d))

@@ -36,16 +36,12 @@ class BertConfig(common.BaseConfig):
   norm_eps: float = 1e-12
   head: str = "mlm"  # mlm: logits over the vocabulary | none: final hidden states
   pooler: bool = False  # tanh(dense(h[CLS])), returned by `Bert.pooled`
+  SIZES = SIZES
 
   def __post_init__(self):
     super().__post_init__()
     common.check(self.head in ("mlm", "none"), f"BertConfig.head={self.head!r}; expected mlm or none")
     common.check(self.type_vocab_size > 0, "BertConfig.type_vocab_size must be positive")
-
-  @classmethod
-  def from_size(cls, size: str, **overrides) -> "BertConfig":
-    """A named size from SIZES (tiny, base, large), with field overrides."""
-    return common.from_size(cls, SIZES, size, **overrides)
 
 
 class BertBlock(nn.Module):
@@ -57,16 +53,15 @@ class BertBlock(nn.Module):
   @nn.compact
   def __call__(self, x_BTD, segment_ids_BT):
     cfg = self.cfg
-    kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
     x_BTD = sh.constrain(x_BTD, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
     h_BTD = layers.Attention(cfg.num_heads, cfg.kv_heads, cfg.k, dropout_rate=cfg.dropout_rate,
                              deterministic=self.deterministic, impl=cfg.attention_impl,
-                             name="attn", **kw)(x_BTD, q_segment_ids=segment_ids_BT)
+                             name="attn", **cfg.dtypes)(x_BTD, q_segment_ids=segment_ids_BT)
     h_BTD = nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=self.deterministic)
-    x_BTD = layers.LayerNorm(cfg.norm_eps, name="attn_ln", **kw)(x_BTD + h_BTD)
-    h_BTD = layers.Mlp(cfg.mlp_dim, cfg.activation, name="mlp", **kw)(x_BTD)
+    x_BTD = layers.LayerNorm(cfg.norm_eps, name="attn_ln", **cfg.dtypes)(x_BTD + h_BTD)
+    h_BTD = layers.Mlp(cfg.mlp_dim, cfg.activation, name="mlp", **cfg.dtypes)(x_BTD)
     h_BTD = nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=self.deterministic)
-    x_BTD = layers.LayerNorm(cfg.norm_eps, name="mlp_ln", **kw)(x_BTD + h_BTD)
+    x_BTD = layers.LayerNorm(cfg.norm_eps, name="mlp_ln", **cfg.dtypes)(x_BTD + h_BTD)
     return sh.constrain(x_BTD, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED)), None
 
 
@@ -84,21 +79,20 @@ class Bert(nn.Module):
 
   def setup(self):
     cfg = self.cfg
-    kw = dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
-    self.token_embed = layers.Embed(cfg.vocab_size, cfg.d_model, **kw)
-    self.position_embed = layers.LearnedPositions(cfg.max_seq_len, cfg.d_model, **kw)
+    self.token_embed = layers.Embed(cfg.vocab_size, cfg.d_model, **cfg.dtypes)
+    self.position_embed = layers.LearnedPositions(cfg.max_seq_len, cfg.d_model, **cfg.dtypes)
     self.type_embed = layers.Embed(cfg.type_vocab_size, cfg.d_model,
-                                   axes=(sh.TOKEN_TYPES, sh.EMBED), **kw)
-    self.embed_ln = layers.LayerNorm(cfg.norm_eps, **kw)
+                                   axes=(sh.TOKEN_TYPES, sh.EMBED), **cfg.dtypes)
+    self.embed_ln = layers.LayerNorm(cfg.norm_eps, **cfg.dtypes)
     self.embed_dropout = nn.Dropout(cfg.dropout_rate)
     self.encoder = _Encoder(cfg)
     # The D -> D denses keep their output unsplit: with it split over "tensor" on D, XLA's
     # SPMD partitioner (jax 0.10) computes wrong gradients through the tied un-embedding.
     dense = lambda: layers.mlp.dense(cfg.d_model, (sh.EMBED, None),
-                                     nn.initializers.normal(0.02), **kw)
+                                     nn.initializers.normal(0.02), **cfg.dtypes)
     if cfg.head == "mlm":
       self.mlm_dense = dense()
-      self.mlm_ln = layers.LayerNorm(cfg.norm_eps, **kw)
+      self.mlm_ln = layers.LayerNorm(cfg.norm_eps, **cfg.dtypes)
       self.mlm_bias = self.param("mlm_bias", nn.with_logical_partitioning(
           nn.initializers.zeros, (sh.VOCAB,)), (cfg.vocab_size,), cfg.weight_dtype)
     if cfg.pooler:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any
+from typing import Any, ClassVar
 
 import jax
 import jax.numpy as jnp
@@ -28,40 +28,6 @@ def check(ok: bool, message: str) -> None:
     raise ValueError(message)
 
 
-def from_size(cls, sizes: dict[str, dict[str, Any]], size: str, **overrides):
-  """cls(**sizes[size], **overrides), with a clear error for an unknown size name."""
-  if size not in sizes:
-    raise ValueError(f"unknown {cls.__name__} size {size!r}; expected one of {sorted(sizes)}")
-  return cls(**{**sizes[size], **overrides})
-
-
-def validate_common(cfg) -> None:
-  """Checks the fields every family has; called from each config's __post_init__."""
-  name = type(cfg).__name__
-  for field in ("vocab_size", "d_model", "num_layers", "num_heads"):
-    check(getattr(cfg, field) > 0, f"{name}.{field} must be positive, got {getattr(cfg, field)}")
-  check(cfg.d_ff >= 0, f"{name}.d_ff must be positive (or 0 for 4 * d_model), got {cfg.d_ff}")
-  check(cfg.head_dim is None or cfg.head_dim > 0,
-        f"{name}.head_dim must be positive (or None for d_model // num_heads), got {cfg.head_dim}")
-  if cfg.head_dim is None:
-    check(cfg.d_model % cfg.num_heads == 0,
-          f"{name}.d_model={cfg.d_model} is not divisible by num_heads={cfg.num_heads} "
-          f"(or give head_dim explicitly)")
-  kv = cfg.num_kv_heads if cfg.num_kv_heads is not None else cfg.num_heads
-  check(kv > 0 and cfg.num_heads % kv == 0,
-        f"{name}.num_heads={cfg.num_heads} is not divisible by num_kv_heads={kv}")
-  check(cfg.remat_policy in REMAT_POLICIES,
-        f"{name}.remat_policy={cfg.remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}")
-  check(0.0 <= cfg.dropout_rate < 1.0, f"{name}.dropout_rate={cfg.dropout_rate} not in [0, 1)")
-  for field in ("dtype", "param_dtype"):
-    try:
-      jnp.dtype(getattr(cfg, field))
-    except TypeError:
-      raise ValueError(f"{name}.{field}={getattr(cfg, field)!r} is not a dtype name") from None
-  check(cfg.activation in ACTIVATIONS,
-        f"{name}.activation={cfg.activation!r}; expected one of {sorted(ACTIVATIONS)}")
-
-
 @dataclasses.dataclass(frozen=True)
 class BaseConfig:
   """Fields and derived values every family config has; the families subclass it."""
@@ -72,9 +38,39 @@ class BaseConfig:
   scan_layers: bool = False  # nn.scan over layers (parameters get a leading layers axis)
   remat_policy: str = "none"  # a key of REMAT_POLICIES
   attention_impl: str = "xla"  # a key of llmjax.layers.ATTENTION_IMPLS
+  SIZES: ClassVar[dict[str, dict[str, Any]]] = {}  # named sizes for from_size
 
   def __post_init__(self):
-    validate_common(self)
+    """Checks the fields every family has; the families check their own after."""
+    name = type(self).__name__
+    for field in ("vocab_size", "d_model", "num_layers", "num_heads"):
+      value = getattr(self, field)
+      check(value > 0, f"{name}.{field} must be positive, got {value}")
+    check(self.d_ff >= 0, f"{name}.d_ff must be positive (or 0 for 4 * d_model), got {self.d_ff}")
+    check(self.head_dim is None or self.head_dim > 0, f"{name}.head_dim must be positive "
+          f"(or None for d_model // num_heads), got {self.head_dim}")
+    check(self.head_dim is not None or self.d_model % self.num_heads == 0,
+          f"{name}.d_model={self.d_model} is not divisible by num_heads={self.num_heads} "
+          f"(or give head_dim explicitly)")
+    check(self.kv_heads > 0 and self.num_heads % self.kv_heads == 0,
+          f"{name}.num_heads={self.num_heads} is not divisible by num_kv_heads={self.kv_heads}")
+    check(self.remat_policy in REMAT_POLICIES,
+          f"{name}.remat_policy={self.remat_policy!r}; expected one of {sorted(REMAT_POLICIES)}")
+    check(0.0 <= self.dropout_rate < 1.0, f"{name}.dropout_rate={self.dropout_rate} not in [0, 1)")
+    for field in ("dtype", "param_dtype"):
+      try:
+        jnp.dtype(getattr(self, field))
+      except TypeError:
+        raise ValueError(f"{name}.{field}={getattr(self, field)!r} is not a dtype name") from None
+    check(self.activation in ACTIVATIONS,
+          f"{name}.activation={self.activation!r}; expected one of {sorted(ACTIVATIONS)}")
+
+  @classmethod
+  def from_size(cls, size: str, **overrides):
+    """The named size from the family's SIZES, with field overrides."""
+    check(size in cls.SIZES,
+          f"unknown {cls.__name__} size {size!r}; expected one of {sorted(cls.SIZES)}")
+    return cls(**{**cls.SIZES[size], **overrides})
 
   @property
   def kv_heads(self) -> int:
@@ -98,6 +94,11 @@ class BaseConfig:
   def weight_dtype(self):
     return jnp.dtype(self.param_dtype)
 
+  @property
+  def dtypes(self) -> dict[str, jnp.dtype]:
+    """The `dtype` and `param_dtype` keyword arguments of layers."""
+    return dict(dtype=self.compute_dtype, param_dtype=self.weight_dtype)
+
   def replace(self, **changes):
     """A copy with `changes` applied (and validated)."""
     return dataclasses.replace(self, **changes)
@@ -113,31 +114,23 @@ def check_inputs(name: str, tokens_BT: jax.Array, **others: jax.Array | None) ->
             f"{name}: {key} has shape {jnp.shape(value)} but tokens have {jnp.shape(tokens_BT)}")
 
 
-def layer_stack(block_cls: type[nn.Module], cfg, num_layers: int, num_broadcast: int):
-  """`block_cls` wrapped for the config's remat policy and, if `cfg.scan_layers`, `nn.scan`.
-
-  Blocks are called as block(x, *broadcast_args) and return (x, None) so they can be
-  scanned; scanned parameters get a leading "layers" axis.
-  """
-  policy = REMAT_POLICIES[cfg.remat_policy]
+def run_layers(block_cls: type[nn.Module], cfg, num_layers: int, x_BTD, *args,
+               name: str = "layers", **block_kw):
+  """Applies `num_layers` blocks, each block(x, *args) -> (x, None), under the config's remat
+  policy: modules layers_0, layers_1, ... or, with `cfg.scan_layers`, one `nn.scan` module
+  whose parameters get a leading "layers" axis."""
   if cfg.remat_policy != "none":
-    block_cls = nn.remat(block_cls, policy=policy, prevent_cse=not cfg.scan_layers)
+    block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[cfg.remat_policy],
+                         prevent_cse=not cfg.scan_layers)
   if not cfg.scan_layers:
-    return block_cls
-  return nn.scan(block_cls, variable_axes={"params": 0, "cache": 0},
-                 split_rngs={"params": True, "dropout": True},
-                 in_axes=(nn.broadcast,) * num_broadcast, length=num_layers,
-                 metadata_params={nn.PARTITION_NAME: sh.LAYERS})
-
-
-def run_layers(block_cls, cfg, num_layers: int, x_BTD, *args, name: str = "layers", **block_kw):
-  """Applies `num_layers` blocks to x: one scanned module, or modules layers_0, layers_1, ..."""
-  stack = layer_stack(block_cls, cfg, num_layers, len(args))
-  if cfg.scan_layers:
-    x_BTD, _ = stack(cfg, name=name, **block_kw)(x_BTD, *args)
+    for i in range(num_layers):
+      x_BTD, _ = block_cls(cfg, name=f"{name}_{i}", **block_kw)(x_BTD, *args)
     return x_BTD
-  for i in range(num_layers):
-    x_BTD, _ = stack(cfg, name=f"{name}_{i}", **block_kw)(x_BTD, *args)
+  stack = nn.scan(block_cls, variable_axes={"params": 0, "cache": 0},
+                  split_rngs={"params": True, "dropout": True},
+                  in_axes=(nn.broadcast,) * len(args), length=num_layers,
+                  metadata_params={nn.PARTITION_NAME: sh.LAYERS})
+  x_BTD, _ = stack(cfg, name=name, **block_kw)(x_BTD, *args)
   return x_BTD
 
 

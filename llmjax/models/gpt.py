@@ -41,6 +41,7 @@ class GPTConfig(common.BaseConfig):
   norm_eps: float = 1e-5
   use_bias: bool = True
   tie_embeddings: bool = True
+  SIZES = SIZES
 
   def __post_init__(self):
     super().__post_init__()
@@ -50,18 +51,11 @@ class GPTConfig(common.BaseConfig):
                  f"GPTConfig.norm={self.norm!r}; expected layernorm or rmsnorm")
     common.check(self.max_seq_len > 0, f"GPTConfig.max_seq_len={self.max_seq_len} must be positive")
 
-  @classmethod
-  def from_size(cls, size: str, **overrides) -> "GPTConfig":
-    """A named size from SIZES (tiny, small, medium, large, xl), with field overrides."""
-    return common.from_size(cls, SIZES, size, **overrides)
-
 
 def _norm(cfg: GPTConfig, name: str):
   if cfg.norm == "rmsnorm":
-    return layers.RMSNorm(cfg.norm_eps, dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype,
-                          name=name)
-  return layers.LayerNorm(cfg.norm_eps, use_bias=cfg.use_bias, dtype=cfg.compute_dtype,
-                          param_dtype=cfg.weight_dtype, name=name)
+    return layers.RMSNorm(cfg.norm_eps, name=name, **cfg.dtypes)
+  return layers.LayerNorm(cfg.norm_eps, use_bias=cfg.use_bias, name=name, **cfg.dtypes)
 
 
 class GPTBlock(nn.Module):
@@ -80,15 +74,13 @@ class GPTBlock(nn.Module):
         cfg.num_heads, cfg.kv_heads, cfg.k, use_bias=cfg.use_bias,
         rope_theta=cfg.rope_theta if cfg.positions == "rope" else None,
         dropout_rate=cfg.dropout_rate, deterministic=self.deterministic,
-        impl=cfg.attention_impl, decode=self.decode, dtype=cfg.compute_dtype,
-        param_dtype=cfg.weight_dtype, out_init=resid_init, name="attn")(
-            _norm(cfg, "ln_1")(x_BTD), q_segment_ids=segment_ids_BT, causal=True,
-            positions=positions_BT, prefix_mask=prefix_mask_BT)
+        impl=cfg.attention_impl, decode=self.decode, out_init=resid_init, name="attn",
+        **cfg.dtypes)(_norm(cfg, "ln_1")(x_BTD), q_segment_ids=segment_ids_BT, causal=True,
+                      positions=positions_BT, prefix_mask=prefix_mask_BT)
     x_BTD = x_BTD + nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=self.deterministic)
     h_BTD = layers.Mlp(cfg.mlp_dim, cfg.activation, cfg.gated, cfg.use_bias,
-                       deterministic=self.deterministic, dtype=cfg.compute_dtype,
-                       param_dtype=cfg.weight_dtype, wo_init=resid_init, name="mlp")(
-                           _norm(cfg, "ln_2")(x_BTD))
+                       deterministic=self.deterministic, wo_init=resid_init, name="mlp",
+                       **cfg.dtypes)(_norm(cfg, "ln_2")(x_BTD))
     x_BTD = x_BTD + nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=self.deterministic)
     return sh.constrain(x_BTD, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED)), None
 
@@ -96,15 +88,13 @@ class GPTBlock(nn.Module):
 class GPT(nn.Module):
   """Decoder-only language model: tokens [B, T] -> next-token logits [B, T, V] in float32.
 
-  `segment_ids` [B, T]: 0 marks padding, equal non-zero ids mark one packed sequence
-  (default: one sequence per row). `positions` default to each token's index within its
-  segment. `prefix_mask` [B, T] (prefix LM) marks positions that attend bidirectionally
-  among themselves within their segment. With `decode=True` the attention layers keep a KV
-  cache: initialize with a [B, max_length] input, then feed tokens (a prompt, then one at a
-  time) with mutable=["cache"]; a step past max_length gives NaN. While decoding,
-  `segment_ids` 0 marks left padding (never attended) and 1 the row's tokens, and rows of
-  different lengths pass their own `positions` (llmjax.decode does both). `last_only` returns
-  the logits of the last position only, [B, 1, V].
+  `segment_ids` [B, T]: 0 marks padding, equal non-zero ids one packed sequence (default:
+  one per row). `positions` default to each token's index in its segment. `prefix_mask`
+  [B, T] (prefix LM) marks positions that attend bidirectionally within their segment.
+  `last_only` returns the last position's logits only, [B, 1, V]. With `decode=True` the
+  attention layers keep a KV cache: initialize with a [B, max_length] input, then feed
+  tokens with mutable=["cache"] (a step past max_length gives NaN); segment id 0 marks left
+  padding and rows of different lengths pass their own `positions` (as llmjax.decode does).
   """
 
   ARCHITECTURE = "decoder"  # which objectives train it: see objectives.Objective.check_model
@@ -131,17 +121,14 @@ class GPT(nn.Module):
       positions = layers.segment_positions(segment_ids_BT)
       if self.decode:  # continue from where the cache is
         step = self.variable("cache", "position", lambda: jnp.array(0, jnp.int32))
-        if self.is_initializing():
-          step.value = jnp.array(0, jnp.int32)
-        else:
+        if not self.is_initializing():
           positions = positions + step.value
           step.value = step.value + T
-    wte = layers.Embed(cfg.vocab_size, cfg.d_model, dtype=cfg.compute_dtype,
-                       param_dtype=cfg.weight_dtype, name="wte")
+    wte = layers.Embed(cfg.vocab_size, cfg.d_model, name="wte", **cfg.dtypes)
     x_BTD = wte(tokens)
     if cfg.positions == "learned":
-      x_BTD = x_BTD + layers.LearnedPositions(cfg.max_seq_len, cfg.d_model, cfg.compute_dtype,
-                                              cfg.weight_dtype, name="wpe")(positions)
+      x_BTD = x_BTD + layers.LearnedPositions(cfg.max_seq_len, cfg.d_model, name="wpe",
+                                              **cfg.dtypes)(positions)
     elif cfg.positions == "sinusoidal":
       x_BTD = x_BTD + layers.sinusoidal(positions, cfg.d_model).astype(cfg.compute_dtype)
     x_BTD = nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=deterministic)

@@ -44,6 +44,7 @@ class T5Config(common.BaseConfig):
   relative_buckets: int = 32
   relative_max_distance: int = 128
   norm_eps: float = 1e-6
+  SIZES = SIZES
 
   def __post_init__(self):
     super().__post_init__()
@@ -56,15 +57,6 @@ class T5Config(common.BaseConfig):
   def decoder_layers(self) -> int:
     return self.num_layers if self.num_decoder_layers is None else self.num_decoder_layers
 
-  @classmethod
-  def from_size(cls, size: str, **overrides) -> "T5Config":
-    """A named size (tiny, small, base, large; v1_1-tiny ... v1_1-large), with overrides."""
-    return common.from_size(cls, SIZES, size, **overrides)
-
-
-def _kw(cfg: T5Config):
-  return dict(dtype=cfg.compute_dtype, param_dtype=cfg.weight_dtype)
-
 
 def _attention(cfg: T5Config, deterministic: bool, name: str, **kw) -> layers.Attention:
   """T5 attention: no biases, no 1/sqrt(K) scaling (folded into the init instead)."""
@@ -74,15 +66,7 @@ def _attention(cfg: T5Config, deterministic: bool, name: str, **kw) -> layers.At
                           dropout_rate=cfg.dropout_rate, deterministic=deterministic,
                           impl=cfg.attention_impl, q_init=normal((D * K) ** -0.5),
                           kv_init=normal(D ** -0.5), out_init=normal((H * K) ** -0.5),
-                          name=name, **_kw(cfg), **kw)
-
-
-def _mlp(cfg: T5Config, deterministic: bool) -> layers.Mlp:
-  normal = nn.initializers.normal
-  return layers.Mlp(cfg.mlp_dim, cfg.activation, cfg.gated, use_bias=False,
-                    dropout_rate=cfg.dropout_rate, deterministic=deterministic,
-                    wi_init=normal(cfg.d_model ** -0.5), wo_init=normal(cfg.mlp_dim ** -0.5),
-                    name="mlp", **_kw(cfg))
+                          name=name, **cfg.dtypes, **kw)
 
 
 class T5Block(nn.Module):
@@ -96,7 +80,7 @@ class T5Block(nn.Module):
   @nn.compact
   def __call__(self, x_BTD, segment_ids_BT, relative_bias, encoded_BSD=None, enc_segment_ids_BS=None):
     cfg, det = self.cfg, self.deterministic
-    norm = lambda name: layers.RMSNorm(cfg.norm_eps, name=name, **_kw(cfg))
+    norm = lambda name: layers.RMSNorm(cfg.norm_eps, name=name, **cfg.dtypes)
     drop = lambda h: nn.Dropout(cfg.dropout_rate)(h, deterministic=det)
     x_BTD = sh.constrain(x_BTD, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
     x_BTD = x_BTD + drop(_attention(cfg, det, "self_attn", decode=self.decode)(
@@ -106,7 +90,12 @@ class T5Block(nn.Module):
       x_BTD = x_BTD + drop(_attention(cfg, det, "cross_attn", decode=self.decode, cross=True)(
           norm("cross_attn_norm")(x_BTD), encoded_BSD, q_segment_ids=segment_ids_BT,
           kv_segment_ids=enc_segment_ids_BS))
-    x_BTD = x_BTD + drop(_mlp(cfg, det)(norm("mlp_norm")(x_BTD)))
+    normal = nn.initializers.normal
+    mlp = layers.Mlp(cfg.mlp_dim, cfg.activation, cfg.gated, use_bias=False,
+                     dropout_rate=cfg.dropout_rate, deterministic=det,
+                     wi_init=normal(cfg.d_model ** -0.5), wo_init=normal(cfg.mlp_dim ** -0.5),
+                     name="mlp", **cfg.dtypes)
+    x_BTD = x_BTD + drop(mlp(norm("mlp_norm")(x_BTD)))
     return sh.constrain(x_BTD, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED)), None
 
 
@@ -122,11 +111,10 @@ class T5Stack(nn.Module):
                deterministic: bool = True):
     cfg = self.cfg
     T = x_BTD.shape[1]
-    relative_bias = layers.RelativePositionBias(
-        cfg.relative_buckets, cfg.relative_max_distance, cfg.num_heads,
-        bidirectional=not self.is_decoder, embedding_init=nn.initializers.normal(
-            cfg.d_model ** -0.5), name="relpos_bias", param_dtype=cfg.weight_dtype)(
-                T, T, as_table=True)  # the attention implementation applies it
+    relative_bias = layers.RelativePositionBias(  # as a table: the attention applies it
+        cfg.relative_buckets, cfg.relative_max_distance, cfg.num_heads, not self.is_decoder,
+        cfg.weight_dtype, nn.initializers.normal(cfg.d_model ** -0.5), name="relpos_bias")(
+            T, T, as_table=True)
     x_BTD = nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=deterministic)
     args = (segment_ids_BT, relative_bias) + ((encoded_BSD, enc_segment_ids_BS)
                                           if self.is_decoder else ())
@@ -134,7 +122,7 @@ class T5Stack(nn.Module):
     x_BTD = common.run_layers(T5Block, cfg, num_layers, x_BTD, *args,
                               deterministic=deterministic, is_decoder=self.is_decoder,
                               decode=self.decode)
-    x_BTD = layers.RMSNorm(cfg.norm_eps, name="final_norm", **_kw(cfg))(x_BTD)
+    x_BTD = layers.RMSNorm(cfg.norm_eps, name="final_norm", **cfg.dtypes)(x_BTD)
     return nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=deterministic)
 
 
@@ -142,13 +130,12 @@ class T5(nn.Module):
   """Encoder-decoder model: (encoder tokens [B, S], decoder tokens [B, T]) -> logits [B, T, V].
 
   Decoder tokens are the decoder's inputs (targets shifted right). Segment ids: 0 marks
-  padding, equal non-zero ids mark one packed sequence, matched between encoder and
-  decoder (decoder segment k attends to encoder segment k). Logits are float32.
+  padding, equal non-zero ids one packed sequence, matched between encoder and decoder
+  (decoder segment k attends to encoder segment k). Logits are float32.
 
-  With `decode=True` the decoder keeps a cache: its self-attention keys and values, and the
-  cross-attention keys and values of the encoder output, projected once. Initialize with a
-  [B, max_length] decoder input; then call `decoder_logits` with the encoder output on the
-  first call and `encoded_BSD=None` on the later ones (llmjax.decode does this).
+  `decode=True` caches the decoder's self-attention keys and values and, projected once,
+  the encoder output's: initialize with a [B, max_length] decoder input, then pass the
+  encoder output to `decoder_logits` first and `encoded_BSD=None` after (llmjax.decode).
   """
 
   ARCHITECTURE = "encoder_decoder"  # which objectives train it: see objectives.Objective.check_model
@@ -159,7 +146,7 @@ class T5(nn.Module):
   def setup(self):
     cfg = self.cfg
     self.token_embed = layers.Embed(cfg.vocab_size, cfg.d_model, embedding_init=
-                                    nn.initializers.normal(1.0), **_kw(cfg))
+                                    nn.initializers.normal(1.0), **cfg.dtypes)
     self.encoder = T5Stack(cfg, is_decoder=False)
     self.decoder = T5Stack(cfg, is_decoder=True, decode=self.decode)
     if not cfg.tie_embeddings:
@@ -178,13 +165,11 @@ class T5(nn.Module):
     """Decoder logits [B, T, V] given the encoder output (None: decoding, from the cache)."""
     cfg = self.cfg
     common.check_inputs("T5 decoder", decoder_tokens, decoder_segment_ids=decoder_segment_ids)
-    enc_seg_BS = encoder_segment_ids
-    if enc_seg_BS is None and encoded_BSD is not None:
-      enc_seg_BS = jnp.ones(encoded_BSD.shape[:2], jnp.int32)
     dec_seg_BT = (jnp.ones_like(decoder_tokens) if decoder_segment_ids is None
                   else decoder_segment_ids)
-    y_BTD = self.decoder(self.token_embed(decoder_tokens), dec_seg_BT, encoded_BSD, enc_seg_BS,
-                         deterministic=deterministic)
+    # Encoder segment ids default to ones in the cross-attention, where the encoder output is.
+    y_BTD = self.decoder(self.token_embed(decoder_tokens), dec_seg_BT, encoded_BSD,
+                         encoder_segment_ids, deterministic=deterministic)
     if cfg.scale_logits:
       y_BTD = y_BTD * cfg.d_model ** -0.5
     if cfg.tie_embeddings:
