@@ -24,6 +24,7 @@ TPUS = {  # name: (libtpu topology, options)
     "v5p": ("v5p:2x2x1", {}),
     "v6e": ("v6e:2x2", {}),
 }
+VMEM = {"v4": 16 << 20, "v5e": 128 << 20, "v5p": 64 << 20, "v6e": 128 << 20}  # per core
 
 GPUS = {  # name: published specifications (SXM parts)
     "a100": dict(kind="NVIDIA A100-SXM4-80GB", capability=(8, 0), sms=108, fpus_per_sm=64,

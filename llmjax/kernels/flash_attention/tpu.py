@@ -12,7 +12,11 @@ bucket in the dq kernel.
 
 Layouts inside: q [B, H, T, D], k and v [B, G, S, D]; T and S padded to the blocks, with
 padding marked by segment id 0. Per-row statistics are kept lane-replicated [rows, 128] and
-segment ids as [B, T, 128] / [B, 8, S], the shapes Mosaic tiles natively.
+segment ids as [B, T, 128] / [B, 8, S], the shapes Mosaic tiles natively; the log-sum-exp
+saved for the backward is one lane of it, [B, H, T].
+
+Blocks are sized to VMEM: `vmem_need` bounds what each kernel allocates, `check` refuses
+blocks over the target's `cap`, and each kernel's scoped VMEM limit is raised to its need.
 """
 
 from __future__ import annotations
@@ -24,19 +28,91 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from llmjax.kernels import targets
 from llmjax.kernels.flash_attention import common
 from llmjax.kernels.flash_attention.common import NEG, NT, TN, Static, dot
 
 LANES, SUBLANES = 128, 8
+MiB = 1 << 20
+KERNELS = {"forward": ("block_q", "block_kv"), "dq": ("block_q_dq", "block_kv_dq"),
+           "dk/dv": ("block_q_dkv", "block_kv_dkv")}
+# VMEM a kernel may use: the compiler's default scoped limit (vmem_limit_bytes unset), and
+# the most it is raised to (3/4 of the core's VMEM, the rest left to Mosaic and XLA; all of
+# v4's 16 MiB, which the default already grants).
+DEFAULT_LIMIT = {"v4": 16 * MiB, "v5e": 16 * MiB, "v5p": 16 * MiB, "v6e": 32 * MiB}
+# The [bq, bk] float32 temporaries of each kernel: a count without and with T5 bias, and
+# for float32 inputs a count more per 128 lanes of head dim (the full-precision products
+# split their operands in bfloat16 parts); with T5 bias and rows over 256 bytes, Mosaic keeps
+# the dq kernel's per-bucket selects live: WIDE_DQ_BIAS. Fitted to bound what it allocates
+# (libtpu 0.0.42.1, v4 to v6e; MEASURED in tests/kernels/tpu_fit_test.py).
+TEMPS = {"forward": (2.25, 2.25, 1.5), "dq": (1.25, 3.5, 2.5), "dk/dv": (1.75, 1.75, 2.0)}
+WIDE_DQ_BIAS = 24.0
 
 
-def default_blocks(target: str | None, D: int, dtype, bias: bool) -> tuple[int, int]:
-  """(block_q, block_kv) when BlockSizes leaves them to the target."""
-  return 128, 128
+def cap(target: str | None) -> int:
+  """The most VMEM a kernel may be given on `target`; None (unknown, or CPU): the least of
+  all TPU targets, so blocks accepted there compile for each of them."""
+  if target is None:
+    return min(cap(t) for t in targets.TPUS)
+  return max(DEFAULT_LIMIT[target], targets.VMEM[target] * 3 // 4)
+
+
+def vmem_need(kernel: str, bq: int, bk: int, D: int, dtype, bias: bool) -> int:
+  """Bytes of scoped VMEM (an upper bound) the `kernel` of KERNELS needs at blocks bq x bk:
+  its double-buffered input and output blocks, its scratch and its [bq, bk] temporaries."""
+  n = jnp.dtype(dtype).itemsize
+  d = -(-D // LANES) * LANES  # the lanes a row occupies
+  rows = bq * LANES * 4  # a lane-replicated float32 statistic (or int32 segment ids)
+  kv = 2 * bk * d * n + SUBLANES * bk * 4  # k, v and the kv segment ids
+  if kernel == "forward":
+    blocks, scratch = 2 * bq * d * n + 2 * rows + kv, 2 * rows + bq * d * 4
+  elif kernel == "dq":
+    blocks, scratch = 3 * bq * d * n + 3 * rows + kv, bq * d * 4
+  else:
+    blocks, scratch = 2 * bq * d * n + 3 * rows + kv + 2 * bk * d * n, 2 * bk * d * 4
+  plain, biased, per_lanes = TEMPS[kernel]
+  count = (WIDE_DQ_BIAS if kernel == "dq" and D * n > 256 else biased) if bias else plain
+  temps = (count + (per_lanes * d / LANES if n == 4 else 0)) * bq * bk * 4
+  return int(2 * blocks + scratch + temps) + MiB // 4
+
+
+def needs(st: Static, D: int, dtype) -> dict[str, tuple[int, int, int]]:
+  """kernel: (bq, bk, VMEM bytes) of each kernel at st's blocks."""
+  bias = st.num_buckets > 0
+  return {name: (getattr(st, q), getattr(st, kv),
+                 vmem_need(name, getattr(st, q), getattr(st, kv), D, dtype, bias))
+          for name, (q, kv) in KERNELS.items()}
+
+
+def compiler_params(st: Static, need: int):
+  """Mosaic's settings: the grid's last axis sequential, and the scoped VMEM limit raised to
+  what the kernel needs where that is above the target's default."""
+  default = DEFAULT_LIMIT.get(st.target, 16 * MiB)
+  limit = None if need <= default else -(-need // MiB) * MiB
+  return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel",
+                                                   "arbitrary"), vmem_limit_bytes=limit)
+
+
+def default_blocks(target: str | None, D: int, dtype, bias: bool) -> tuple[int, ...]:
+  """The six BlockSizes when left to the target: per kernel 512 x 512 (as MaxText's splash
+  attention) where it fits the target's VMEM, else 256 x 256 or 128 x 128."""
+  def fitting(kernel):
+    return next((b for b in (512, 256) if vmem_need(kernel, b, b, D, dtype, bias)
+                 <= cap(target)), 128)
+  return tuple(b for kernel in KERNELS for b in (fitting(kernel),) * 2)
 
 
 def check(st: Static, D: int, dtype, R: int):
-  """Refuses, in one line, blocks that do not fit the target."""
+  """Refuses, in one line, blocks whose kernels would need more VMEM than `cap` allows."""
+  limit = cap(st.target)
+  for name, (bq, bk, need) in needs(st, D, dtype).items():
+    if need > limit:
+      q, kv = KERNELS[name]
+      where = st.target or "the smallest TPU (target None)"
+      raise ValueError(
+          f"BlockSizes {q}={bq}, {kv}={bk}: the {name} kernel would need {need / MiB:.1f} MiB "
+          f"of VMEM (head dim {D}, {jnp.dtype(dtype).name}{', T5 bias' if st.num_buckets else ''}"
+          f"), over {where}'s {limit / MiB:.0f} MiB; use smaller blocks")
 
 
 def _div(a, b: int):
@@ -153,7 +229,7 @@ def _smem():
 
 
 def forward(st: Static, q, k, v, q_seg, kv_seg, table):
-  """(o [B, H, T, D], lse [B, H, T, 128]) for padded inputs in the kernel layout."""
+  """(o [B, H, T, D], lse [B, H, T]) for padded inputs in the kernel layout."""
   B, H, T, D = q.shape
   G, S = k.shape[1], k.shape[2]
   bq, bk = st.block_q, st.block_kv
@@ -178,14 +254,15 @@ def forward(st: Static, q, k, v, q_seg, kv_seg, table):
                  pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j, *_: (b, h, i, 0))],
       scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
                       pltpu.VMEM((bq, D), jnp.float32)])
-  return pl.pallas_call(
+  o, lse = pl.pallas_call(
       functools.partial(_fwd_kernel, st=st, nq=nq, nk=nk), grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((B, H, T, LANES), jnp.float32)],
-      compiler_params=pltpu.CompilerParams(
-          dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
+      compiler_params=compiler_params(
+          st, vmem_need("forward", bq, bk, D, q.dtype, st.num_buckets > 0)),
       interpret=st.interpret, name="flash_attention_fwd",
   )(*common.block_ranges(q_seg, kv_seg, bq, bk), *args)
+  return o, lse[..., 0]  # the residual kept for the backward: one lane
 
 
 # ------------------------------------------------------------------------------ backward
@@ -274,9 +351,9 @@ def backward(st: Static, q, k, v, q_seg, kv_seg, table, o, lse, do):
   R = H // G
   di = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, H, T]
   di = jnp.broadcast_to(di[..., None], (B, H, T, LANES))
+  lse = jnp.broadcast_to(lse[..., None], (B, H, T, LANES))
+  bias = st.num_buckets > 0
   qseg_l, kvseg_l = _seg_layouts(q_seg, kv_seg)
-  params = pltpu.CompilerParams(
-      dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
   nb_lanes = max(LANES, -(-st.num_buckets // LANES) * LANES)
 
   # dq (and the bias table's gradient): kv blocks innermost.
@@ -304,8 +381,8 @@ def backward(st: Static, q, k, v, q_seg, kv_seg, table, o, lse, do):
       grid_spec=pltpu.PrefetchScalarGridSpec(
           num_scalar_prefetch=4, grid=(B, H, nq, nk), in_specs=in_specs, out_specs=out_specs,
           scratch_shapes=scratch),
-      out_shape=out_shape, compiler_params=params, interpret=st.interpret,
-      name="flash_attention_dq",
+      out_shape=out_shape, interpret=st.interpret, name="flash_attention_dq",
+      compiler_params=compiler_params(st, vmem_need("dq", bq, bk, D, q.dtype, bias)),
   )(*common.block_ranges(q_seg, kv_seg, bq, bk), *args)
   dq = outs[0]
   dtable = None
@@ -336,6 +413,7 @@ def backward(st: Static, q, k, v, q_seg, kv_seg, table, o, lse, do):
           out_specs=[kv_spec, kv_spec],
           scratch_shapes=[pltpu.VMEM((bk, D), jnp.float32), pltpu.VMEM((bk, D), jnp.float32)]),
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=params, interpret=st.interpret, name="flash_attention_dkv",
+      compiler_params=compiler_params(st, vmem_need("dk/dv", bq, bk, D, q.dtype, bias)),
+      interpret=st.interpret, name="flash_attention_dkv",
   )(*common.block_ranges(q_seg, kv_seg, bq, bk), *args)
   return dq, dk, dv, dtable
