@@ -134,29 +134,19 @@ ATTENTION_IMPLS = {"xla": xla_attention, "pallas": pallas_attention, "auto": aut
 
 
 class Attention(nn.Module):
-  """Self- or cross-attention: project, (rotate), attend, project back.
+  """Self- or cross-attention: project, (rotate), attend, project back."""
 
-  Attributes:
-    num_heads, num_kv_heads, head_dim: H, G and K; H must be a multiple of G.
-    scale: logit scale; None means 1/sqrt(K) (T5 uses 1.0).
-    rope_theta: if set, rotary embeddings are applied to q and k at `positions`.
-    impl: a key of ATTENTION_IMPLS.
-    decode: keep keys and values in the "cache" collection and attend to all so far.
-    cross: cross-attention to `kv_BSD`; when decoding, its keys and values are projected once
-      (the call that passes kv_BSD) and read from the cache by later calls (kv_BSD None).
-  """
-
-  num_heads: int
-  num_kv_heads: int
-  head_dim: int
+  num_heads: int  # H, a multiple of num_kv_heads
+  num_kv_heads: int  # G
+  head_dim: int  # K
   use_bias: bool = True
-  scale: float | None = None
-  rope_theta: float | None = None
+  scale: float | None = None  # the logits' scale; None: 1/sqrt(K) (T5 uses 1.0)
+  rope_theta: float | None = None  # if set, q and k are rotated at `positions`
   dropout_rate: float = 0.0
   deterministic: bool = True
-  impl: str = "xla"
-  decode: bool = False
-  cross: bool = False
+  impl: str = "xla"  # a key of ATTENTION_IMPLS
+  decode: bool = False  # keep keys and values in the "cache" collection; attend to all so far
+  cross: bool = False  # attend to `kv_BSD`, which decoding projects once, then reads cached
   dtype: jnp.dtype = jnp.float32
   param_dtype: jnp.dtype = jnp.float32
   q_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
@@ -207,16 +197,15 @@ class Attention(nn.Module):
   def _cross_cache(self, k_BSGK, v_BSGK, kv_segment_ids_BS):
     """Decoding cross-attention: the encoder's keys, values and segment ids are projected once,
     on the call that passes them, and read back from the cache on the calls that pass None."""
-    shapes = (None, None, None) if k_BSGK is None else (
-        k_BSGK.shape, v_BSGK.shape, kv_segment_ids_BS.shape)
     if k_BSGK is None and not self.has_variable("cache", "cross_key"):
       raise ValueError("cross-attention got no keys and has none cached: pass the encoder "
                        "output on the first decoding call")
-    cached = [self.variable("cache", name, jnp.zeros, shape, dtype) for name, shape, dtype in
-              zip(("cross_key", "cross_value", "cross_segment_ids"), shapes,
-                  (self.dtype, self.dtype, jnp.int32))]
+    new = (k_BSGK, v_BSGK, kv_segment_ids_BS)
+    cached = [self.variable("cache", name, jnp.zeros, getattr(x, "shape", None), dtype)
+              for name, x, dtype in zip(("cross_key", "cross_value", "cross_segment_ids"), new,
+                                        (self.dtype, self.dtype, jnp.int32))]
     if k_BSGK is not None:
-      for var, value in zip(cached, (k_BSGK, v_BSGK, kv_segment_ids_BS)):
+      for var, value in zip(cached, new):
         var.value = value.astype(var.value.dtype)
     return tuple(var.value for var in cached)
 
