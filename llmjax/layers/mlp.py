@@ -47,15 +47,12 @@ class Mlp(nn.Module):
   wi_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
   wo_init: nn.initializers.Initializer = nn.initializers.normal(0.02)
 
-  def _dense(self, x, features, axes, init, name):
-    return dense(features, axes, init, self.use_bias, dtype=self.dtype,
-                 param_dtype=self.param_dtype, name=name)(x)
-
   @nn.compact
   def __call__(self, x_BTD: jax.Array) -> jax.Array:
     act = activation(self.activation)
-    wi = lambda name: self._dense(x_BTD, self.d_ff, (sh.EMBED, sh.MLP), self.wi_init, name)
+    kw = dict(use_bias=self.use_bias, dtype=self.dtype, param_dtype=self.param_dtype)
+    wi = lambda name: dense(self.d_ff, (sh.EMBED, sh.MLP), self.wi_init, name=name, **kw)(x_BTD)
     h_BTF = act(wi("wi_0")) * wi("wi_1") if self.gated else act(wi("wi"))
     h_BTF = sh.constrain(h_BTF, (sh.BATCH, sh.LENGTH, sh.MLP))
     h_BTF = nn.Dropout(self.dropout_rate)(h_BTF, deterministic=self.deterministic)
-    return self._dense(h_BTF, x_BTD.shape[-1], (sh.MLP, sh.EMBED), self.wo_init, "wo")
+    return dense(x_BTD.shape[-1], (sh.MLP, sh.EMBED), self.wo_init, name="wo", **kw)(h_BTF)
