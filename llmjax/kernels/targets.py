@@ -6,14 +6,20 @@
 
 runs the target's whole compiler: XLA and Mosaic down to TPU code (libtpu, the version
 `jax[tpu]` pins), or XLA, Triton and ptxas down to GPU code (jax-cuda13-plugin with
-nvidia-cuda-nvcc). A TPU target is a topology libtpu knows; a GPU target is a description
-of the device written here from the vendor's published specifications (`GPUS`).
+nvidia-cuda-nvcc; with JAX_PLATFORMS=cpu, so that the plugin loads without CUDA's runtime
+libraries). A TPU target is a topology libtpu knows; a GPU target is a description of the
+device written here from the vendor's published specifications (`GPUS`).
 """
 
 from __future__ import annotations
 
 import functools
+import glob
+import importlib.util
 import os
+import re
+import subprocess
+import tempfile
 
 import jax
 from jax.experimental import topologies
@@ -85,7 +91,49 @@ def devices(name: str) -> tuple:
     topology, options = TPUS[name]
     return tuple(topologies.get_topology_desc(topology, platform="tpu", **options).devices)
   if name in GPUS:
-    return tuple(topologies.get_topology_desc(
-        platform="cuda", topology_name=name, target_config=gpu_target_config(name),
-        topology="1x1x1").devices)
+    try:
+      return tuple(topologies.get_topology_desc(
+          platform="cuda", topology_name=name, target_config=gpu_target_config(name),
+          topology="1x1x1").devices)
+    except NotImplementedError:  # the plugin is missing, or failed its check of CUDA's libraries
+      raise RuntimeError(f"no CUDA compiler for target {name!r}: install the `targets` extra and "
+                         f"run with JAX_PLATFORMS=cpu (then jax's CUDA plugin loads without "
+                         f"CUDA's runtime libraries, which compiling does not need)") from None
   raise ValueError(f"unknown target {name!r}; expected one of {', '.join(NAMES)}")
+
+
+def ptxas() -> str | None:
+  """The ptxas of the nvidia-cuda-nvcc package (what XLA compiles GPU code with), or None."""
+  spec = importlib.util.find_spec("nvidia")
+  for root in spec.submodule_search_locations if spec else ():
+    for path in glob.glob(os.path.join(root, "cu*", "bin", "ptxas")):
+      return path
+  return None
+
+
+def gpu_kernels(lowered, name: str, prefix: str = "flash_attention") -> dict[str, dict]:
+  """Compiles `lowered` for GPU target `name` and reads what each kernel named `prefix`...
+  uses: {kernel: {"smem": bytes of shared memory (XLA's launch), "registers" and
+  "spill_stores" (bytes; `ptxas -v` on its PTX), "async_copies" (cp.async in its PTX: the
+  loads software pipelining issues)}}."""
+  major, minor = GPUS[name]["capability"]
+  arch = f"sm_{major}{minor}{'a' if major >= 9 else ''}"
+  kernels = {}
+  with tempfile.TemporaryDirectory() as dump:
+    lowered.compile(compiler_options={"xla_dump_to": dump})
+    thunks = "".join(open(f).read() for f in glob.glob(f"{dump}/*thunk_sequence.txt"))
+    for path in glob.glob(f"{dump}/*.ptx"):
+      ptx = open(path).read()
+      entry = re.search(rf"\.entry ({prefix}\w*)", ptx)
+      if not entry:
+        continue
+      kernel = entry.group(1)
+      info = subprocess.run([ptxas(), "-v", f"--gpu-name={arch}", path, "-o", os.devnull],
+                            capture_output=True, text=True, check=True).stderr
+      spills = re.search(r"(\d+) bytes spill stores", info)
+      kernels[kernel] = dict(
+          smem=int(re.search(rf"{kernel} .*shared_memory: (\d+)", thunks).group(1)),
+          registers=int(re.search(r"Used (\d+) registers", info).group(1)),
+          spill_stores=int(spills.group(1)) if spills else 0,
+          async_copies=ptx.count("cp.async."))
+  return kernels

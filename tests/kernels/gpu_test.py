@@ -80,8 +80,8 @@ def test_gpu_rejects_blocks_that_are_not_powers_of_two():
 
 # Lowering for CUDA without a GPU: jax.export runs the Pallas -> Triton IR lowering (which
 # catches unsupported primitives and non-power-of-two tensors) but no Triton compilation, so
-# resource limits (shared memory, registers) are not checked here.
-@pytest.mark.parametrize("block", [128, 512])
+# resource limits (shared memory, registers) are not checked here (targets_test.py compiles).
+@pytest.mark.parametrize("block", [32, 64])
 @pytest.mark.parametrize("feature", ["segments", "t5_bias"])
 def test_gpu_forward_and_gradient_lower_for_cuda(block, feature):
   forward, gradient = export(2048, block, feature, backend="gpu")
@@ -93,5 +93,5 @@ def test_gpu_forward_and_gradient_lower_for_cuda(block, feature):
 @pytest.mark.parametrize("feature", ["segments", "t5_bias"])
 def test_gpu_no_sequence_by_sequence_buffer_at_4096(feature):
   """Outside the kernels, no tensor has two 4096-long dimensions."""
-  for module in export(4096, 128, feature, backend="gpu"):
+  for module in export(4096, 64, feature, backend="gpu"):
     assert not square_buffers(module, 4096)

@@ -13,13 +13,18 @@ NT = (((1,), (1,)), ((), ()))  # a @ b.T
 TN = (((0,), (0,)), ((), ()))  # a.T @ b
 
 
-def dot(a, b, dims=NN):
-  """The product of two blocks in float32. float32 blocks multiply at full precision (not one
-  bfloat16 pass, not TF32), so the kernel matches the reference on TPU and GPU as on CPU;
-  bfloat16 products are exact either way. Set here, whatever jax_default_matmul_precision
-  says (Mosaic refuses bfloat16 operands at HIGHEST)."""
-  p = jax.lax.Precision.HIGHEST if a.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
+def dot(a, b, dims=NN, exact: bool = True):
+  """The product of two blocks in float32. bfloat16 products are exact. float32 blocks
+  multiply at full precision when `exact` (not one bfloat16 pass, not TF32: TPU kernels
+  always, whatever jax_default_matmul_precision says, as Mosaic refuses bfloat16 operands at
+  HIGHEST), else at the platform's default (TF32 on GPU, as XLA's own float32 matmuls)."""
+  p = jax.lax.Precision.HIGHEST if exact and a.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
   return jax.lax.dot_general(a, b, dims, precision=(p, p), preferred_element_type=jnp.float32)
+
+
+def div(a, b: int):
+  """a // b for non-negative traced ints, lowered without floor division's sign handling."""
+  return jax.lax.div(a, b)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,11 +48,15 @@ class Static:
 
 
 def buckets(st: Static, qi, kj, bq: int, bk: int):
-  """T5's bucket of (key - query) for each [bq, bk] position: integer comparisons against
-  the per-direction thresholds (kernels/buckets.py), no transcendental in the kernel."""
+  """T5's bucket of (key - query) for each [bq, bk] position of block (qi, kj)."""
   row = qi * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
   col = kj * bk + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-  rel = col - row
+  return bucket_of(st, col - row)
+
+
+def bucket_of(st: Static, rel):
+  """T5's bucket of each distance key - query in `rel`: integer comparisons against the
+  per-direction thresholds (kernels/buckets.py), no transcendental in the kernel."""
   if st.bias_bidirectional:
     bucket = jnp.where(rel > 0, st.num_buckets // 2, 0)
     distance = jnp.maximum(rel, -rel)
@@ -79,6 +88,20 @@ def block_ranges(q_seg, kv_seg, bq: int, bk: int):
     hi = jnp.max(jnp.where(real, blocks, -1), axis=2)
     return lo.reshape(-1).astype(jnp.int32), hi.reshape(-1).astype(jnp.int32)
   return (*per_block(q_seg, bq), *per_block(kv_seg, bk))
+
+
+def blocks_visible(st: Static, q_first, k_first, bq: int, bk: int):
+  """Whether the causal diagonal and the window let some query of the bq rows from q_first
+  see some key of the bk from k_first (scalars or broadcasting arrays)."""
+  q_last, k_last = q_first + bq - 1, k_first + bk - 1
+  visible = True
+  if st.causal:
+    visible = visible & (k_first <= q_last)
+  if st.window is not None:
+    visible = visible & (q_first - k_last < st.window)
+    if not st.causal:
+      visible = visible & (k_first - q_last < st.window)
+  return visible
 
 
 def position_mask(st: Static, qi, kj, bq: int, bk: int):

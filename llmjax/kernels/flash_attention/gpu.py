@@ -2,13 +2,14 @@
 
 Triton keeps no scratch across grid steps, so each program owns one output block and loops
 over the blocks it reduces over inside the kernel, with the running state in registers: the
-forward and dq kernels run over (batch, head, query block) and loop over kv blocks; the dk/dv
-kernel runs over (batch, kv group, kv block) and loops over the group's query heads and their
-query blocks. The loops only span the blocks the causal diagonal and the window leave
-visible, and within them a block of a packed segment disjoint from the program's (from
-per-block segment ranges computed outside the kernel) is skipped by a `lax.cond`, not
-computed and zeroed. The T5 relative bias is computed per block from the bucket table, so no
-T x S bias exists, and its gradient is summed per bucket in the dq kernel.
+forward and dq kernels run over (query block, batch, head) and loop over kv blocks; the dk/dv
+kernel runs over (kv block, batch, kv group) and loops over the group's query heads and their
+query blocks. Neighbouring programs share their kv (or q) rows, so those stay in L2. The
+loops span only the blocks that the causal diagonal, the window and the packed segments
+(per-block spans computed outside the kernel) leave visible: a branch-free loop, whose loads
+Triton pipelines (cp.async). The T5 relative bias is gathered per logit from the bias of
+each distance (a [H, T + S - 1] vector, so no T x S bias exists), and its gradient summed per
+bucket in the dq kernel.
 
 Layouts are those of tpu.py (q [B, H, T, D], k and v [B, G, S, D], T and S padded to the
 blocks with segment id 0); per-row statistics (lse) are [B, H, T] float32. Triton needs every
@@ -24,58 +25,85 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from llmjax.kernels import targets
 from llmjax.kernels.flash_attention import common
-from llmjax.kernels.flash_attention.common import NEG, NT, TN, Static, dot
+from llmjax.kernels.flash_attention.common import NEG, NN, NT, TN, Static, div, dot
 
-PARAMS = plgpu.CompilerParams(num_warps=4, num_stages=2)
-BLOCKS = ("block_q", "block_kv", "block_q_dq", "block_kv_dq", "block_q_dkv", "block_kv_dkv")
+KERNELS = {  # kernel: the BlockSizes fields of its (program's block, looped-over block)
+    "fwd": ("block_q", "block_kv"), "dq": ("block_q_dq", "block_kv_dq"),
+    "dkv": ("block_kv_dkv", "block_q_dkv")}
+TILE = 128 * 256  # the largest [program block, loop block] float32 tile: half the registers
 
 
-def default_blocks(target: str | None, D: int, dtype, bias: bool) -> tuple[int, int]:
-  """(block_q, block_kv) when BlockSizes leaves them to the target."""
-  return 128, 128
+def default_blocks(target: str | None, D: int, dtype, bias: bool) -> tuple[int, ...]:
+  """The six BlockSizes: Triton's FlashAttention-2 tiles (forward 128 x 64, dq 128 x 32,
+  dk/dv 64 x 64), at 8 warps without register spills on A100 and H100 for rows of up to
+  256 bytes (D 128 bfloat16); halved, then halved again, for wider rows."""
+  row = D * jnp.dtype(dtype).itemsize
+  if row <= 256:
+    return 128, 64, 128, 32, 64, 64
+  return (64, 32, 64, 32, 32, 64) if row <= 512 else (32, 16, 32, 16, 16, 32)
+
+
+def _smem(st: Static, kernel: str, D: int, itemsize: int, stages: int) -> int:
+  """Bytes of shared memory Triton gives `kernel` (an upper bound of what it reports): its
+  program's q (and do) or k and v rows resident, `stages` buffers of the rows its loop loads
+  (with their int32/float32 row statistics) as it pipelines them, and float32 tiles staged
+  for the gathered T5 bias (one) and for float32 products' operands (two)."""
+  own, loop = (getattr(st, name) for name in KERNELS[kernel])
+  rows = {"fwd": (1, 2, 4), "dq": (2, 2, 4), "dkv": (2, 2, 12)}[kernel]
+  tiles = bool(st.num_buckets) + 2 * (itemsize == 4 and _ieee())
+  return (own * rows[0] * D * itemsize + stages * loop * (rows[1] * D * itemsize + rows[2])
+          + tiles * own * loop * 4)
+
+
+def _params(st: Static, kernel: str, D: int, itemsize: int) -> plgpu.CompilerParams:
+  """8 warps for tiles of 128 x 32 x 128 (rows x columns x D) or more, else 4; the most
+  pipeline stages (3, 2 or 1) whose buffers fit the target's shared memory."""
+  own, loop = (getattr(st, name) for name in KERNELS[kernel])
+  limit = targets.GPUS[st.target or "a100"]["smem_per_block"]
+  return plgpu.CompilerParams(
+      num_warps=8 if own * loop * D >= 128 * 32 * 128 else 4,
+      num_stages=next((n for n in (3, 2) if _smem(st, kernel, D, itemsize, n) <= limit), 1))
 
 
 def check(st: Static, D: int, dtype, R: int):
-  """Refuses, in one line, blocks that Triton cannot tile or that do not fit the target."""
-  for name in BLOCKS:
-    size = getattr(st, name)
-    if size & (size - 1):
-      raise ValueError(f"{name}={size} is not a power of two, which the Triton (GPU) flash "
-                       f"attention kernels need")
-    if size < 16 and not st.interpret:
-      raise ValueError(f"{name}={size}: Triton's matrix multiplies need blocks of 16 or more")
+  """Refuses, in one line, blocks that Triton cannot tile or that do not fit the target: a
+  logits tile beyond half the register file, or rows beyond shared memory unpipelined."""
+  target = st.target or "a100"
+  for kernel, names in KERNELS.items():
+    for name in names:
+      size = getattr(st, name)
+      if size & (size - 1):
+        raise ValueError(f"{name}={size} is not a power of two, which the Triton (GPU) flash "
+                         f"attention kernels need")
+      if size < 16 and not st.interpret:
+        raise ValueError(f"{name}={size}: Triton's matrix multiplies need blocks of 16 or more")
+    own, loop = (getattr(st, name) for name in names)
+    if st.interpret:
+      continue
+    smem = _smem(st, kernel, D, jnp.dtype(dtype).itemsize, 1)
+    blocks = f"{names[0]}={own} x {names[1]}={loop}"
+    if own * loop > TILE:
+      raise ValueError(f"BlockSizes {blocks}: a {own * loop}-logit tile is more than the "
+                       f"{TILE} a GPU's registers hold; use smaller blocks")
+    if smem > targets.GPUS[target]["smem_per_block"]:
+      raise ValueError(
+          f"BlockSizes {blocks} at head dim {D} {jnp.dtype(dtype).name}: the {kernel} kernel "
+          f"needs {smem} bytes of shared memory, more than {target}'s "
+          f"{targets.GPUS[target]['smem_per_block']}; use smaller blocks")
 
 
-def _div(a, b: int):
-  """a // b for non-negative traced ints, lowered without floor division's sign handling."""
-  return jax.lax.div(a, b)
+def _ieee() -> bool:
+  """Whether float32 blocks multiply in full float32 (Triton's IEEE dot: no tensor cores, so
+  slow to run and to compile, with larger tiles in shared memory), under
+  jax_default_matmul_precision "highest" or "float32"; else in TF32, as XLA's float32 matmuls
+  on GPU (about 1e-3 relative error)."""
+  return jax.config.jax_default_matmul_precision in ("highest", "float32")
 
 
-def _kv_blocks(st: Static, qi, bq: int, bk: int, nk: int):
-  """[lo, hi): the kv blocks the causal diagonal and the window leave visible to q block qi."""
-  first, last = qi * bq, qi * bq + bq - 1  # the block's first and last query
-  lo, hi = 0, nk
-  if st.causal:
-    hi = jnp.minimum(_div(last, bk) + 1, nk)
-  if st.window is not None:  # keys > query - window; non-causal also keys < query + window
-    lo = _div(jnp.maximum(first - st.window + 1, 0), bk)
-    if not st.causal:
-      hi = jnp.minimum(_div(last + st.window - 1, bk) + 1, nk)
-  return lo, hi
-
-
-def _q_blocks(st: Static, kj, bq: int, bk: int, nq: int):
-  """[lo, hi): the q blocks that may see kv block kj (the transpose of _kv_blocks)."""
-  first, last = kj * bk, kj * bk + bk - 1  # the block's first and last key
-  lo, hi = 0, nq
-  if st.causal:
-    lo = _div(first, bq)
-  if st.window is not None:  # queries < key + window; non-causal also queries > key - window
-    hi = jnp.minimum(_div(last + st.window - 1, bq) + 1, nq)
-    if not st.causal:
-      lo = _div(jnp.maximum(first - st.window + 1, 0), bq)
-  return lo, hi
+def _dot(a, b, dims=NN):
+  return dot(a, b, dims, exact=_ieee())
 
 
 def _mask(st: Static, qseg, kvseg, qi, kj, bq: int, bk: int):
@@ -102,24 +130,43 @@ def _masked(s, mask):
   return s * mask + (1.0 - mask) * NEG
 
 
-def _logits(st: Static, q, k, table_ref, h, qi, kj, bq: int, bk: int):
-  s = dot(q, k, NT) * st.scale
-  buckets = None
+def _relative(st: Static, table, T: int, S: int):
+  """[H, T + S - 1]: the T5 bias of each distance key - query from -(T - 1) to S - 1, so a
+  kernel adds a block's bias by one gathering load (from L1), bucketing nothing."""
+  return table[:, common.bucket_of(st, jnp.arange(1 - T, S, dtype=jnp.int32))]
+
+
+def _logits(st: Static, q, k, bias_ref, h, qi, kj, bq: int, bk: int, T: int):
+  """The block's scaled logits, with the T5 bias gathered by distance (+ T - 1)."""
+  s = _dot(q, k, NT) * st.scale
   if st.num_buckets:
-    buckets = common.buckets(st, qi, kj, bq, bk)
-    # A gathering load (one per logit, from L1) where common.bias selects once per bucket.
-    s = s + table_ref[h, buckets]
-  return s, buckets
+    s = s + bias_ref[h, T - 1 + kj * bk - qi * bq
+                     + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+                     - jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)]
+  return s
 
 
-def _overlap(lo_a, hi_a, lo_b, hi_b):
-  """Whether two blocks' segment ranges meet (an all-padding block's range is empty)."""
-  return (lo_a <= hi_b) & (lo_b <= hi_a)
+def _spans(st: Static, q_seg, kv_seg, bq: int, bk: int):
+  """Per q block the [first, end) of the kv blocks it may see (the causal diagonal, the
+  window, segments that meet), and per kv block the same of q blocks (each flattened
+  [B * blocks] int32; empty: first >= end). The kernels loop over these bounds: no invisible
+  block is read, and no branch stops Triton from pipelining the loops' loads. Packed
+  segments are contiguous, so a span holds only visible blocks; with other ids it may also
+  hold some that are not, which the mask zeroes."""
+  q_lo, q_hi, kv_lo, kv_hi = common.block_ranges(q_seg, kv_seg, bq, bk)
+  B = q_seg.shape[0]
+  q_lo, q_hi, kv_lo, kv_hi = (x.reshape(B, -1) for x in (q_lo, q_hi, kv_lo, kv_hi))
+  meet = (q_lo[:, :, None] <= kv_hi[:, None, :]) & (kv_lo[:, None, :] <= q_hi[:, :, None])
+  meet &= common.blocks_visible(st, bq * jnp.arange(q_lo.shape[1])[:, None],
+                                bk * jnp.arange(kv_lo.shape[1])[None, :], bq, bk)
 
-
-def _skip_unless(visible, step, carry):
-  """step(carry) if visible, else carry unchanged (an scf.if in Triton: the block is not read)."""
-  return jax.lax.cond(visible, step, lambda carry: carry, carry)
+  def span(meet):  # [B, n, m] -> first, end along m
+    m = meet.shape[-1]
+    index = jnp.arange(m, dtype=jnp.int32)
+    first = jnp.min(jnp.where(meet, index, m), axis=-1)
+    end = jnp.max(jnp.where(meet, index + 1, 0), axis=-1)
+    return first.reshape(-1), end.reshape(-1)
+  return (*span(meet), *span(meet.transpose(0, 2, 1)))
 
 
 def _block(index, size: int):
@@ -135,34 +182,29 @@ def _full():
 # ------------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(q_lo, q_hi, kv_lo, kv_hi, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, *rest,
-                st: Static, nq: int, nk: int):
+def _fwd_kernel(kv_first, kv_end, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, *rest, st: Static,
+                nq: int, nk: int):
   table_ref = rest[0] if st.num_buckets else None
   o_ref, lse_ref = rest[-2:]
-  b, h, qi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  qi, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   (bq, D), bk = q_ref.shape, st.block_kv
   q, qseg = q_ref[...], qseg_ref[...]
-  q_range = q_lo[b * nq + qi], q_hi[b * nq + qi]
 
   def step(kj, carry):
     acc, m_prev, l_prev = carry  # [bq, D], [bq], [bq]
     cols = _block(kj, bk)
-    s, _ = _logits(st, q, k_ref[cols, :], table_ref, h, qi, kj, bq, bk)
+    s = _logits(st, q, k_ref[cols, :], table_ref, h, qi, kj, bq, bk, nq * bq)
     mask = _mask(st, qseg, kvseg_ref[cols], qi, kj, bq, bk)
     s = _masked(s, mask)
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
     p = jnp.exp(s - m_next[:, None]) * mask
     alpha = jnp.exp(m_prev - m_next)
-    pv = dot(p.astype(v_ref.dtype), v_ref[cols, :])
+    pv = _dot(p.astype(v_ref.dtype), v_ref[cols, :])
     return acc * alpha[:, None] + pv, m_next, alpha * l_prev + jnp.sum(p, axis=1)
-
-  def body(kj, carry):
-    visible = _overlap(*q_range, kv_lo[b * nk + kj], kv_hi[b * nk + kj])
-    return _skip_unless(visible, functools.partial(step, kj), carry)
 
   init = (jnp.zeros((bq, D), jnp.float32), jnp.full((bq,), NEG, jnp.float32),
           jnp.zeros((bq,), jnp.float32))
-  acc, m, l = jax.lax.fori_loop(*_kv_blocks(st, qi, bq, bk, nk), body, init)
+  acc, m, l = jax.lax.fori_loop(kv_first[b * nq + qi], kv_end[b * nq + qi], step, init)
   empty = l == 0.0  # a row that may attend nothing: output 0
   inv = jnp.where(empty, 0.0, 1.0 / jnp.where(empty, 1.0, l))
   o_ref[...] = (acc * inv[:, None]).astype(o_ref.dtype)
@@ -175,105 +217,99 @@ def forward(st: Static, q, k, v, q_seg, kv_seg, table):
   G, S = k.shape[1], k.shape[2]
   bq, bk = st.block_q, st.block_kv
   nq, nk, R = T // bq, S // bk, H // G
-  in_specs = [_full()] * 4 + [
-      pl.BlockSpec((None, None, bq, D), lambda b, h, i: (b, h, i, 0)),
-      pl.BlockSpec((None, None, S, D), lambda b, h, i: (b, _div(h, R), 0, 0)),
-      pl.BlockSpec((None, None, S, D), lambda b, h, i: (b, _div(h, R), 0, 0)),
-      pl.BlockSpec((None, bq), lambda b, h, i: (b, i)),
-      pl.BlockSpec((None, S), lambda b, h, i: (b, 0)),
+  in_specs = [_full()] * 2 + [
+      pl.BlockSpec((None, None, bq, D), lambda i, b, h: (b, h, i, 0)),
+      pl.BlockSpec((None, None, S, D), lambda i, b, h: (b, div(h, R), 0, 0)),
+      pl.BlockSpec((None, None, S, D), lambda i, b, h: (b, div(h, R), 0, 0)),
+      pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
+      pl.BlockSpec((None, S), lambda i, b, h: (b, 0)),
   ]
-  args = [*common.block_ranges(q_seg, kv_seg, bq, bk), q, k, v, q_seg, kv_seg]
+  args = [*_spans(st, q_seg, kv_seg, bq, bk)[:2], q, k, v, q_seg, kv_seg]
   if st.num_buckets:
     in_specs.append(_full())
-    args.append(table)
+    args.append(_relative(st, table, T, S))
   return pl.pallas_call(
-      functools.partial(_fwd_kernel, st=st, nq=nq, nk=nk), grid=(B, H, nq),
+      functools.partial(_fwd_kernel, st=st, nq=nq, nk=nk), grid=(nq, B, H),
       in_specs=in_specs,
-      out_specs=[pl.BlockSpec((None, None, bq, D), lambda b, h, i: (b, h, i, 0)),
-                 pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))],
+      out_specs=[pl.BlockSpec((None, None, bq, D), lambda i, b, h: (b, h, i, 0)),
+                 pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((B, H, T), jnp.float32)],
-      compiler_params=PARAMS, interpret=st.interpret, name="flash_attention_fwd_gpu",
+      compiler_params=_params(st, "fwd", D, q.dtype.itemsize), interpret=st.interpret,
+      name="flash_attention_fwd_gpu",
   )(*args)
 
 
 # ------------------------------------------------------------------------------ backward
 
 
-def _probs_and_ds(st, q, k, v, do, lse, di, mask, table_ref, h, qi, kj, bq, bk):
+def _probs_and_ds(st, q, k, v, do, lse, di, mask, table_ref, h, qi, kj, bq, bk, T):
   """p = softmax probabilities and ds = d loss / d logits of one block."""
-  s, buckets = _logits(st, q, k, table_ref, h, qi, kj, bq, bk)
+  s = _logits(st, q, k, table_ref, h, qi, kj, bq, bk, T)
   p = jnp.exp(_masked(s, mask) - lse[:, None]) * mask  # masked first: no inf * 0
-  dp = dot(do, v, NT)
-  return p, p * (dp - di[:, None]), buckets
+  dp = _dot(do, v, NT)
+  return p, p * (dp - di[:, None])
 
 
-def _dq_kernel(q_lo, q_hi, kv_lo, kv_hi, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref,
-               qseg_ref, kvseg_ref, *rest, st: Static, nq: int, nk: int, nb_pad: int):
+def _dq_kernel(kv_first, kv_end, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref,
+               kvseg_ref, *rest, st: Static, nq: int, nk: int, nb_pad: int):
   if st.num_buckets:
     table_ref, dq_ref, dbias_ref = rest
   else:
     (dq_ref,), table_ref = rest, None
-  b, h, qi = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  qi, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   (bq, D), bk = q_ref.shape, st.block_kv_dq
   q, do, lse, di, qseg = q_ref[...], do_ref[...], lse_ref[...], di_ref[...], qseg_ref[...]
-  q_range = q_lo[b * nq + qi], q_hi[b * nq + qi]
   lane = jax.lax.broadcasted_iota(jnp.int32, (nb_pad,), 0)
 
   def step(kj, carry):
     cols = _block(kj, bk)
     k = k_ref[cols, :]
     mask = _mask(st, qseg, kvseg_ref[cols], qi, kj, bq, bk)
-    _, ds, buckets = _probs_and_ds(st, q, k, v_ref[cols, :], do, lse, di, mask, table_ref, h,
-                                   qi, kj, bq, bk)
-    dq = carry[0] + dot(ds.astype(k.dtype), k) * st.scale
+    _, ds = _probs_and_ds(st, q, k, v_ref[cols, :], do, lse, di, mask, table_ref, h, qi, kj,
+                          bq, bk, nq * bq)
+    dq = carry[0] + _dot(ds.astype(k.dtype), k) * st.scale
     if not st.num_buckets:
       return (dq,)
-    dbias = carry[1]  # d table[h, n] = sum of ds where the bucket is n
+    # d table[h, n]: ds summed over bucket n (computed: a gather of the buckets compiles
+    # many times slower)
+    dbias, buckets = carry[1], common.buckets(st, qi, kj, bq, bk)
     for n in range(st.num_buckets):
       dbias = dbias + jnp.where(lane == n, jnp.sum(jnp.where(buckets == n, ds, 0.0)), 0.0)
     return dq, dbias
 
-  def body(kj, carry):
-    visible = _overlap(*q_range, kv_lo[b * nk + kj], kv_hi[b * nk + kj])
-    return _skip_unless(visible, functools.partial(step, kj), carry)
-
   init = (jnp.zeros((bq, D), jnp.float32),)
   if st.num_buckets:
     init += (jnp.zeros((nb_pad,), jnp.float32),)
-  out = jax.lax.fori_loop(*_kv_blocks(st, qi, bq, bk, nk), body, init)
+  out = jax.lax.fori_loop(kv_first[b * nq + qi], kv_end[b * nq + qi], step, init)
   dq_ref[...] = out[0].astype(dq_ref.dtype)
   if st.num_buckets:
     dbias_ref[...] = out[1]
 
 
-def _dkv_kernel(q_lo, q_hi, kv_lo, kv_hi, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref,
-                qseg_ref, kvseg_ref, *rest, st: Static, nq: int, nk: int):
+def _dkv_kernel(q_first, q_end, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref,
+                kvseg_ref, *rest, st: Static, nq: int, nk: int):
   table_ref = rest[0] if st.num_buckets else None
   dk_ref, dv_ref = rest[-2:]
-  b, g, kj = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+  kj, b, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   (bk, D), bq, R = k_ref.shape, st.block_q_dkv, q_ref.shape[0]
   k, v, kvseg = k_ref[...], v_ref[...], kvseg_ref[...]
-  kv_range = kv_lo[b * nk + kj], kv_hi[b * nk + kj]
 
   def step(r, qi, carry):
     dk, dv = carry
     rows = _block(qi, bq)
     q, do = q_ref[r, rows, :], do_ref[r, rows, :]
     mask = _mask(st, qseg_ref[rows], kvseg, qi, kj, bq, bk)
-    p, ds, _ = _probs_and_ds(st, q, k, v, do, lse_ref[r, rows], di_ref[r, rows], mask,
-                             table_ref, g * R + r, qi, kj, bq, bk)
-    dv = dv + dot(p.astype(do.dtype), do, TN)
-    dk = dk + dot(ds.astype(q.dtype), q, TN) * st.scale
+    p, ds = _probs_and_ds(st, q, k, v, do, lse_ref[r, rows], di_ref[r, rows], mask,
+                         table_ref, g * R + r, qi, kj, bq, bk, nq * bq)
+    dv = dv + _dot(p.astype(do.dtype), do, TN)
+    dk = dk + _dot(ds.astype(q.dtype), q, TN) * st.scale
     return dk, dv
 
-  q_blocks = _q_blocks(st, kj, bq, bk, nq)
+  q_blocks = q_first[b * nk + kj], q_end[b * nk + kj]
 
   def head(r, carry):  # the group's query heads share this kv block
-    def body(qi, carry):
-      visible = _overlap(q_lo[b * nq + qi], q_hi[b * nq + qi], *kv_range)
-      return _skip_unless(visible, functools.partial(step, r, qi), carry)
-    return jax.lax.fori_loop(*q_blocks, body, carry)
+    return jax.lax.fori_loop(*q_blocks, functools.partial(step, r), carry)
 
   init = (jnp.zeros((bk, D), jnp.float32), jnp.zeros((bk, D), jnp.float32))
   dk, dv = jax.lax.fori_loop(0, R, head, init)
@@ -292,22 +328,23 @@ def backward(st: Static, q, k, v, q_seg, kv_seg, table, o, lse, do):
   # dq (and the bias table's gradient): a program per q block, looping over kv blocks.
   bq, bk = st.block_q_dq, st.block_kv_dq
   nq, nk = T // bq, S // bk
-  q_spec = pl.BlockSpec((None, None, bq, D), lambda b, h, i: (b, h, i, 0))
-  kv_spec = pl.BlockSpec((None, None, S, D), lambda b, h, i: (b, _div(h, R), 0, 0))
-  row_spec = pl.BlockSpec((None, None, bq), lambda b, h, i: (b, h, i))
-  in_specs = [_full()] * 4 + [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
-                              pl.BlockSpec((None, bq), lambda b, h, i: (b, i)),
-                              pl.BlockSpec((None, S), lambda b, h, i: (b, 0))]
-  args = [*common.block_ranges(q_seg, kv_seg, bq, bk), q, k, v, do, lse, di, q_seg, kv_seg]
+  q_spec = pl.BlockSpec((None, None, bq, D), lambda i, b, h: (b, h, i, 0))
+  kv_spec = pl.BlockSpec((None, None, S, D), lambda i, b, h: (b, div(h, R), 0, 0))
+  row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
+  in_specs = [_full()] * 2 + [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
+                              pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
+                              pl.BlockSpec((None, S), lambda i, b, h: (b, 0))]
+  args = [*_spans(st, q_seg, kv_seg, bq, bk)[:2], q, k, v, do, lse, di, q_seg, kv_seg]
   out_specs, out_shape = [q_spec], [jax.ShapeDtypeStruct(q.shape, q.dtype)]
   if st.num_buckets:
     in_specs.append(_full())
-    args.append(table)
-    out_specs.append(pl.BlockSpec((None, None, None, nb_pad), lambda b, h, i: (b, h, i, 0)))
+    args.append(_relative(st, table, T, S))
+    out_specs.append(pl.BlockSpec((None, None, None, nb_pad), lambda i, b, h: (b, h, i, 0)))
     out_shape.append(jax.ShapeDtypeStruct((B, H, nq, nb_pad), jnp.float32))
   outs = pl.pallas_call(
-      functools.partial(_dq_kernel, st=st, nq=nq, nk=nk, nb_pad=nb_pad), grid=(B, H, nq),
-      in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, compiler_params=PARAMS,
+      functools.partial(_dq_kernel, st=st, nq=nq, nk=nk, nb_pad=nb_pad), grid=(nq, B, H),
+      in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
+      compiler_params=_params(st, "dq", D, q.dtype.itemsize),
       interpret=st.interpret, name="flash_attention_dq_gpu",
   )(*args)
   dq = outs[0]
@@ -316,20 +353,21 @@ def backward(st: Static, q, k, v, q_seg, kv_seg, table, o, lse, do):
   # dk, dv: a program per kv block, looping over its group's R heads and their q blocks.
   bq, bk = st.block_q_dkv, st.block_kv_dkv
   nq, nk = T // bq, S // bk
-  heads_spec = pl.BlockSpec((None, R, T, D), lambda b, g, j: (b, g, 0, 0))
-  heads_row_spec = pl.BlockSpec((None, R, T), lambda b, g, j: (b, g, 0))
-  kv_spec = pl.BlockSpec((None, None, bk, D), lambda b, g, j: (b, g, j, 0))
-  in_specs = [_full()] * 4 + [heads_spec, kv_spec, kv_spec, heads_spec, heads_row_spec,
-                              heads_row_spec, pl.BlockSpec((None, T), lambda b, g, j: (b, 0)),
-                              pl.BlockSpec((None, bk), lambda b, g, j: (b, j))]
-  args = [*common.block_ranges(q_seg, kv_seg, bq, bk), q, k, v, do, lse, di, q_seg, kv_seg]
+  heads_spec = pl.BlockSpec((None, R, T, D), lambda j, b, g: (b, g, 0, 0))
+  heads_row_spec = pl.BlockSpec((None, R, T), lambda j, b, g: (b, g, 0))
+  kv_spec = pl.BlockSpec((None, None, bk, D), lambda j, b, g: (b, g, j, 0))
+  in_specs = [_full()] * 2 + [heads_spec, kv_spec, kv_spec, heads_spec, heads_row_spec,
+                              heads_row_spec, pl.BlockSpec((None, T), lambda j, b, g: (b, 0)),
+                              pl.BlockSpec((None, bk), lambda j, b, g: (b, j))]
+  args = [*_spans(st, q_seg, kv_seg, bq, bk)[2:], q, k, v, do, lse, di, q_seg, kv_seg]
   if st.num_buckets:
     in_specs.append(_full())
-    args.append(table)
+    args.append(_relative(st, table, T, S))
   dk, dv = pl.pallas_call(
-      functools.partial(_dkv_kernel, st=st, nq=nq, nk=nk), grid=(B, G, nk),
+      functools.partial(_dkv_kernel, st=st, nq=nq, nk=nk), grid=(nk, B, G),
       in_specs=in_specs, out_specs=[kv_spec, kv_spec],
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=PARAMS, interpret=st.interpret, name="flash_attention_dkv_gpu",
+      compiler_params=_params(st, "dkv", D, q.dtype.itemsize), interpret=st.interpret,
+      name="flash_attention_dkv_gpu",
   )(*args)
   return dq, dk, dv, dtable

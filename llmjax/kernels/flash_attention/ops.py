@@ -18,9 +18,9 @@ HEAD_DIMS = (64, 128, 256)
 class BlockSizes:
   """Query and key/value block lengths of the forward, dq and dk/dv kernels.
 
-  Each is a positive multiple of 8 up to 2048. A forward size left None is the target's
-  default (sized to its memory; `default_blocks` of tpu.py / gpu.py), a backward one takes
-  its forward one. On TPU the kv blocks must also be multiples of 128 (the lane width); on GPU
+  Each is a positive multiple of 8 up to 2048. A size left None is the target's default
+  (sized to its memory: `default_blocks` of tpu.py / gpu.py), except that a backward one
+  takes its forward one when that was given. On TPU the kv blocks must also be multiples of 128 (the lane width); on GPU
   every block must be a power of two (Triton). Blocks that do not fit the target's VMEM or
   shared memory are refused before compiling. Sequences shorter than a block use one smaller
   block; longer ones are padded to a whole number of blocks.
@@ -41,10 +41,12 @@ class BlockSizes:
         raise ValueError(f"BlockSizes.{field.name}={value!r}: a block must be a multiple of 8 "
                          f"between 8 and 2048")
 
-  def resolved(self, default: tuple[int, int]) -> tuple[int, int, int, int, int, int]:
-    q, kv = self.block_q or default[0], self.block_kv or default[1]
-    return (q, kv, self.block_q_dq or q, self.block_kv_dq or kv, self.block_q_dkv or q,
-            self.block_kv_dkv or kv)
+  def resolved(self, default: tuple[int, ...]) -> tuple[int, ...]:
+    """The six sizes, with the (six) defaults where None."""
+    given = [getattr(self, field.name) for field in dataclasses.fields(self)]
+    forward = [given[i] or default[i] for i in (0, 1)]
+    return (*forward, *(size or (forward[i % 2] if given[i % 2] else default[i])
+                        for i, size in enumerate(given) if i >= 2))
 
 
 def _round_up(n: int, m: int) -> int:
@@ -83,8 +85,10 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, kv_segme
       platform's, and "tpu" when interpreting on CPU.
     target: the accelerator compiled for, one of `llmjax.kernels.targets.NAMES` ("v5e",
       "h100", ...): it sizes the default blocks and the compiler's settings, and decides
-      which blocks fit. Default: the local accelerator's; None on CPU (the smallest of the
-      backend's targets is assumed).
+      which blocks fit. Default: that of the current mesh's devices (so a program for a mesh
+      of compile-only devices, targets.devices, gets their kernels), else the local
+      accelerator's; None on CPU (interpreted; the smallest of the backend's targets'
+      limits apply).
   """
   if backend not in (None, "tpu", "gpu"):
     raise ValueError(f"backend={backend!r}; expected 'tpu', 'gpu' or None")
@@ -96,8 +100,11 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, kv_segme
     raise ValueError(f"head dim {D} is not supported by the kernel; expected one of {HEAD_DIMS}")
   S = k.shape[1]
   platform = jax.default_backend()
-  target = targets.local() if target is None else target
-  if target is not None and target not in targets.NAMES:
+  if target is None:  # the mesh's devices (what a program is compiled for), else this host's
+    device = jax.sharding.get_abstract_mesh().abstract_device
+    target = targets.name_of(device) if device and device.platform in ("tpu", "gpu") else (
+        targets.local())
+  elif target not in targets.NAMES:
     raise ValueError(f"target={target!r}; expected one of {', '.join(targets.NAMES)}")
   backend = backend or ("gpu" if platform == "gpu" or target in targets.GPUS else "tpu")
   if target is not None and (target in targets.GPUS) != (backend == "gpu"):
@@ -107,12 +114,14 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, kv_segme
   blocks = (block_sizes or BlockSizes()).resolved(
       kernels.default_blocks(target, D, q.dtype, bias_table is not None))
   if interpret is None:
-    interpret = platform not in ("tpu", "gpu")
+    interpret = platform not in ("tpu", "gpu") and target is None
   if not interpret and platform in ("tpu", "gpu") and backend != platform:
     raise ValueError(f"backend={backend!r} kernels cannot run on this {platform}; use "
                      f"backend={platform!r} or interpret=True")
   bq = [_fit(b, T, 8, backend) for b in blocks[0::2]]
-  bk = [_fit(b, S, 8 if interpret else 128, backend) for b in blocks[1::2]]
+  # kv blocks past one lane width are whole lane widths (interpreted too: the TPU kernels'
+  # lane-replicated statistics tile them).
+  bk = [_fit(b, S, 8 if interpret and S <= 128 else 128, backend) for b in blocks[1::2]]
   if not interpret and backend == "tpu" and any(b % 128 for b in bk):
     raise ValueError(f"kv block sizes {bk} must be multiples of 128 on TPU")
   Tp, Sp = _round_up(T, math.lcm(*bq)), _round_up(S, math.lcm(*bk))

@@ -32,12 +32,10 @@ def validate_inputs(q_BTHK, k_BSGK, v_BSGK, *, segment_ids=None, kv_segment_ids=
                      f" and v.shape={v_BSGK.shape}")
   B, T, H, K = q_BTHK.shape
   S, G = k_BSGK.shape[1], k_BSGK.shape[2]
-  if k_BSGK.shape[0] != B:
-    raise ValueError(f"q and k must have the same batch size; got q.shape={q_BTHK.shape} and "
-                     f"k.shape={k_BSGK.shape}")
-  if k_BSGK.shape[3] != K:
-    raise ValueError(f"q and k must have the same head dim; got q.shape={q_BTHK.shape} and "
-                     f"k.shape={k_BSGK.shape}")
+  for what, axis in (("batch size", 0), ("head dim", 3)):
+    if k_BSGK.shape[axis] != q_BTHK.shape[axis]:
+      raise ValueError(f"q and k must have the same {what}; got q.shape={q_BTHK.shape} and "
+                       f"k.shape={k_BSGK.shape}")
   if H % G:
     raise ValueError(f"the number of query heads H={H} must be a multiple of the number of "
                      f"key/value heads G={G}")

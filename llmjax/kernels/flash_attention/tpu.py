@@ -30,7 +30,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from llmjax.kernels import targets
 from llmjax.kernels.flash_attention import common
-from llmjax.kernels.flash_attention.common import NEG, NT, TN, Static, dot
+from llmjax.kernels.flash_attention.common import NEG, NT, TN, Static, div, dot
 
 LANES, SUBLANES = 128, 8
 MiB = 1 << 20
@@ -76,18 +76,16 @@ def vmem_need(kernel: str, bq: int, bk: int, D: int, dtype, bias: bool) -> int:
   return int(2 * blocks + scratch + temps) + MiB // 4
 
 
-def needs(st: Static, D: int, dtype) -> dict[str, tuple[int, int, int]]:
-  """kernel: (bq, bk, VMEM bytes) of each kernel at st's blocks."""
-  bias = st.num_buckets > 0
-  return {name: (getattr(st, q), getattr(st, kv),
-                 vmem_need(name, getattr(st, q), getattr(st, kv), D, dtype, bias))
-          for name, (q, kv) in KERNELS.items()}
+def _need(st: Static, kernel: str, D: int, dtype) -> tuple[int, int, int]:
+  """(bq, bk, VMEM bytes) of `kernel` at st's blocks."""
+  bq, bk = (getattr(st, name) for name in KERNELS[kernel])
+  return bq, bk, vmem_need(kernel, bq, bk, D, dtype, st.num_buckets > 0)
 
 
-def compiler_params(st: Static, need: int):
+def compiler_params(st: Static, kernel: str, D: int, dtype):
   """Mosaic's settings: the grid's last axis sequential, and the scoped VMEM limit raised to
   what the kernel needs where that is above the target's default."""
-  default = DEFAULT_LIMIT.get(st.target, 16 * MiB)
+  need, default = _need(st, kernel, D, dtype)[2], DEFAULT_LIMIT.get(st.target, 16 * MiB)
   limit = None if need <= default else -(-need // MiB) * MiB
   return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel",
                                                    "arbitrary"), vmem_limit_bytes=limit)
@@ -105,7 +103,8 @@ def default_blocks(target: str | None, D: int, dtype, bias: bool) -> tuple[int, 
 def check(st: Static, D: int, dtype, R: int):
   """Refuses, in one line, blocks whose kernels would need more VMEM than `cap` allows."""
   limit = cap(st.target)
-  for name, (bq, bk, need) in needs(st, D, dtype).items():
+  for name in KERNELS:
+    bq, bk, need = _need(st, name, D, dtype)
     if need > limit:
       q, kv = KERNELS[name]
       where = st.target or "the smallest TPU (target None)"
@@ -115,11 +114,6 @@ def check(st: Static, D: int, dtype, R: int):
           f"), over {where}'s {limit / MiB:.0f} MiB; use smaller blocks")
 
 
-def _div(a, b: int):
-  """a // b for non-negative ints, lowered without the sign handling of floor division."""
-  return jax.lax.div(a, b)
-
-
 def _rem(a, b: int):
   return jax.lax.rem(a, b)
 
@@ -127,13 +121,13 @@ def _rem(a, b: int):
 def _kv_block(st: Static, i, j, bq: int, bk: int):
   """The kv block to fetch at grid step (q block i, kv block j): j, or under causal masking
   the last block block i can see, so the steps it skips re-use that block and copy nothing."""
-  return jnp.minimum(j, _div(i * bq + bq - 1, bk)) if st.causal else j
+  return jnp.minimum(j, div(i * bq + bq - 1, bk)) if st.causal else j
 
 
 def _q_block(st: Static, i, j, bq: int, bk: int, nq: int):
   """The q block to fetch at grid step (q block i, kv block j) of the dk/dv kernel: i, or
   under causal masking at least the first block that sees kv block j (within the nq)."""
-  return jnp.minimum(jnp.maximum(i, _div(j * bk, bq)), nq - 1) if st.causal else i
+  return jnp.minimum(jnp.maximum(i, div(j * bk, bq)), nq - 1) if st.causal else i
 
 
 def _lanes(x, n: int):
@@ -147,15 +141,7 @@ def _block_visible(st: Static, ranges, b, qi, kj, bq: int, bk: int):
   """Whether any query of block qi may attend any key of block kj (scalar, from SMEM)."""
   q_lo, q_hi, kv_lo, kv_hi, nq, nk = ranges
   visible = (q_lo[b * nq + qi] <= kv_hi[b * nk + kj]) & (kv_lo[b * nk + kj] <= q_hi[b * nq + qi])
-  q_first, q_last = qi * bq, qi * bq + bq - 1
-  k_first, k_last = kj * bk, kj * bk + bk - 1
-  if st.causal:
-    visible &= k_first <= q_last
-  if st.window is not None:
-    visible &= q_first - k_last < st.window
-    if not st.causal:
-      visible &= k_first - q_last < st.window
-  return visible
+  return visible & common.blocks_visible(st, qi * bq, kj * bk, bq, bk)
 
 
 def _mask(st: Static, qseg_ref, kvseg_ref, qi, kj, bq: int, bk: int):
@@ -238,9 +224,9 @@ def forward(st: Static, q, k, v, q_seg, kv_seg, table):
   in_specs = [
       pl.BlockSpec((None, None, bq, D), lambda b, h, i, j, *_: (b, h, i, 0)),
       pl.BlockSpec((None, None, bk, D),
-                   lambda b, h, i, j, *_: (b, _div(h, R), _kv_block(st, i, j, bq, bk), 0)),
+                   lambda b, h, i, j, *_: (b, div(h, R), _kv_block(st, i, j, bq, bk), 0)),
       pl.BlockSpec((None, None, bk, D),
-                   lambda b, h, i, j, *_: (b, _div(h, R), _kv_block(st, i, j, bq, bk), 0)),
+                   lambda b, h, i, j, *_: (b, div(h, R), _kv_block(st, i, j, bq, bk), 0)),
       pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, *_: (b, i, 0)),
       pl.BlockSpec((None, SUBLANES, bk), lambda b, h, i, j, *_: (b, 0, j)),
   ]
@@ -258,8 +244,7 @@ def forward(st: Static, q, k, v, q_seg, kv_seg, table):
       functools.partial(_fwd_kernel, st=st, nq=nq, nk=nk), grid_spec=grid_spec,
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((B, H, T, LANES), jnp.float32)],
-      compiler_params=compiler_params(
-          st, vmem_need("forward", bq, bk, D, q.dtype, st.num_buckets > 0)),
+      compiler_params=compiler_params(st, "forward", D, q.dtype),
       interpret=st.interpret, name="flash_attention_fwd",
   )(*common.block_ranges(q_seg, kv_seg, bq, bk), *args)
   return o, lse[..., 0]  # the residual kept for the backward: one lane
@@ -319,7 +304,7 @@ def _dkv_kernel(q_lo, q_hi, kv_lo, kv_hi, q_ref, k_ref, v_ref, do_ref, lse_ref, 
   table_ref = rest[0] if st.num_buckets else None
   dk_ref, dv_ref, dk_scr, dv_scr = rest[1:] if st.num_buckets else rest
   b, g, kj, t = (pl.program_id(i) for i in range(4))
-  h, qi = g * R + _div(t, nq), _rem(t, nq)  # the innermost axis: the group's heads x q blocks
+  h, qi = g * R + div(t, nq), _rem(t, nq)  # the innermost axis: the group's heads x q blocks
   bq, bk = q_ref.shape[0], k_ref.shape[0]
 
   @pl.when(t == 0)
@@ -352,7 +337,6 @@ def backward(st: Static, q, k, v, q_seg, kv_seg, table, o, lse, do):
   di = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, H, T]
   di = jnp.broadcast_to(di[..., None], (B, H, T, LANES))
   lse = jnp.broadcast_to(lse[..., None], (B, H, T, LANES))
-  bias = st.num_buckets > 0
   qseg_l, kvseg_l = _seg_layouts(q_seg, kv_seg)
   nb_lanes = max(LANES, -(-st.num_buckets // LANES) * LANES)
 
@@ -361,7 +345,7 @@ def backward(st: Static, q, k, v, q_seg, kv_seg, table, o, lse, do):
   nq, nk = T // bq, S // bk
   q_spec = pl.BlockSpec((None, None, bq, D), lambda b, h, i, j, *_: (b, h, i, 0))
   kv_spec = pl.BlockSpec((None, None, bk, D),
-                         lambda b, h, i, j, *_: (b, _div(h, R), _kv_block(st, i, j, bq, bk), 0))
+                         lambda b, h, i, j, *_: (b, div(h, R), _kv_block(st, i, j, bq, bk), 0))
   row_spec = pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j, *_: (b, h, i, 0))
   in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
               pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, *_: (b, i, 0)),
@@ -382,7 +366,7 @@ def backward(st: Static, q, k, v, q_seg, kv_seg, table, o, lse, do):
           num_scalar_prefetch=4, grid=(B, H, nq, nk), in_specs=in_specs, out_specs=out_specs,
           scratch_shapes=scratch),
       out_shape=out_shape, interpret=st.interpret, name="flash_attention_dq",
-      compiler_params=compiler_params(st, vmem_need("dq", bq, bk, D, q.dtype, bias)),
+      compiler_params=compiler_params(st, "dq", D, q.dtype),
   )(*common.block_ranges(q_seg, kv_seg, bq, bk), *args)
   dq = outs[0]
   dtable = None
@@ -393,7 +377,7 @@ def backward(st: Static, q, k, v, q_seg, kv_seg, table, o, lse, do):
   bq, bk = st.block_q_dkv, st.block_kv_dkv
   nq, nk = T // bq, S // bk
   def q_index(b, g, j, t, *_):
-    return (b, g * R + _div(t, nq), _q_block(st, _rem(t, nq), j, bq, bk, nq), 0)
+    return (b, g * R + div(t, nq), _q_block(st, _rem(t, nq), j, bq, bk, nq), 0)
 
   q_spec = pl.BlockSpec((None, None, bq, D), q_index)
   row_spec = pl.BlockSpec((None, None, bq, LANES), q_index)
@@ -413,7 +397,7 @@ def backward(st: Static, q, k, v, q_seg, kv_seg, table, o, lse, do):
           out_specs=[kv_spec, kv_spec],
           scratch_shapes=[pltpu.VMEM((bk, D), jnp.float32), pltpu.VMEM((bk, D), jnp.float32)]),
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
-      compiler_params=compiler_params(st, vmem_need("dk/dv", bq, bk, D, q.dtype, bias)),
+      compiler_params=compiler_params(st, "dk/dv", D, q.dtype),
       interpret=st.interpret, name="flash_attention_dkv",
   )(*common.block_ranges(q_seg, kv_seg, bq, bk), *args)
   return dq, dk, dv, dtable
