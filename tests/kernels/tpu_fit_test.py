@@ -13,7 +13,7 @@ import pytest
 from llmjax.kernels import flash_attention, targets
 from llmjax.kernels.flash_attention import BlockSizes, tpu
 from tests.kernels import targets_test
-from tests.kernels.targets_test import HAVE_LIBTPU, _uncached  # noqa: F401 (autouse)
+from tests.kernels.targets_test import HAVE_LIBTPU
 
 MiB = 1 << 20
 BF16, F32 = jnp.bfloat16, jnp.float32
