@@ -37,11 +37,11 @@ TILE = 128 * 256  # the largest [program block, loop block] float32 tile: half t
 
 def default_blocks(target: str | None, D: int, dtype, bias: bool) -> tuple[int, ...]:
   """The six BlockSizes: Triton's FlashAttention-2 tiles (forward 128 x 64, dq 128 x 32,
-  dk/dv 64 x 64), at 8 warps without register spills on A100 and H100 for rows of up to
-  256 bytes (D 128 bfloat16); halved, then halved again, for wider rows."""
+  dk/dv 64 x 64, 32 x 64 for rows of 256 bytes), which ptxas compiles without register
+  spills on A100 and H100 up to D 128 in bfloat16; halved, then halved again, for wider rows."""
   row = D * jnp.dtype(dtype).itemsize
   if row <= 256:
-    return 128, 64, 128, 32, 64, 64
+    return 128, 64, 128, 32, 64 if row <= 128 else 32, 64
   return (64, 32, 64, 32, 32, 64) if row <= 512 else (32, 16, 32, 16, 16, 32)
 
 
