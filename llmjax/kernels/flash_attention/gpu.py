@@ -67,7 +67,7 @@ def _params(st: Static, kernel: str, D: int, itemsize: int) -> plgpu.CompilerPar
       num_stages=next((n for n in (3, 2) if _smem(st, kernel, D, itemsize, n) <= limit), 1))
 
 
-def check(st: Static, D: int, dtype, R: int):
+def check(st: Static, D: int, dtype):
   """Refuses, in one line, blocks that Triton cannot tile or that do not fit the target: a
   logits tile beyond half the register file, or rows beyond shared memory unpipelined."""
   target = st.target or "a100"

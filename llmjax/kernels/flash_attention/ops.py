@@ -20,10 +20,11 @@ class BlockSizes:
 
   Each is a positive multiple of 8 up to 2048. A size left None is the target's default
   (sized to its memory: `default_blocks` of tpu.py / gpu.py), except that a backward one
-  takes its forward one when that was given. On TPU the kv blocks must also be multiples of 128 (the lane width); on GPU
-  every block must be a power of two (Triton). Blocks that do not fit the target's VMEM or
-  shared memory are refused before compiling. Sequences shorter than a block use one smaller
-  block; longer ones are padded to a whole number of blocks.
+  takes its forward one when that was given. On TPU the kv blocks must also be multiples of
+  128 (the lane width); on GPU every block must be a power of two (Triton). Blocks that do
+  not fit the target's VMEM or shared memory are refused before compiling. Sequences
+  shorter than a block use one smaller block; longer ones are padded to a whole number of
+  blocks.
   """
   block_q: int | None = None
   block_kv: int | None = None
@@ -134,7 +135,7 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, kv_segme
       bucket_thresholds=() if bias_table is None else buckets.distance_thresholds(
           bidirectional=bias_bidirectional, num_buckets=bias_table.shape[0],
           max_distance=bias_max_distance))
-  kernels.check(st, D, q.dtype, H // k.shape[2])
+  kernels.check(st, D, q.dtype)
   if segment_ids is None:
     q_seg, kv_seg = jnp.ones((B, T), jnp.int32), jnp.ones((B, S), jnp.int32)
   else:

@@ -100,7 +100,7 @@ def default_blocks(target: str | None, D: int, dtype, bias: bool) -> tuple[int, 
   return tuple(b for kernel in KERNELS for b in (fitting(kernel),) * 2)
 
 
-def check(st: Static, D: int, dtype, R: int):
+def check(st: Static, D: int, dtype):
   """Refuses, in one line, blocks whose kernels would need more VMEM than `cap` allows."""
   limit = cap(st.target)
   for name in KERNELS:
