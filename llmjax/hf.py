@@ -23,7 +23,6 @@ import numpy as np
 import safetensors.numpy
 from etils import epath
 from flax import linen as nn
-from safetensors import safe_open
 
 from llmjax import models, paths
 
@@ -53,21 +52,15 @@ def read_checkpoint(path: str) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
                      f"save the model with save_pretrained(..., safe_serialization=True)")
   tensors = {}
   for file in files:
-    if paths.is_url(file):
-      tensors.update(safetensors.numpy.load(file.read_bytes()))
-      continue
-    with safe_open(str(file), framework="np") as f:
-      for key in f.keys():
-        tensors[key] = f.get_tensor(key)
+    tensors.update(safetensors.numpy.load(file.read_bytes()) if paths.is_url(file) else
+                   safetensors.numpy.load_file(str(file)))
   return config, tensors
 
 
 def architecture(config: dict[str, Any], tensors: dict[str, np.ndarray]) -> str:
   """The checkpoint's architecture name, from config.json (or its model_type)."""
-  archs = config.get("architectures") or []
-  if archs:
-    arch = archs[0]
-  else:  # older configs: infer from model_type and the tensors present
+  arch = (config.get("architectures") or [None])[0]
+  if arch is None:  # older configs: infer from model_type and the tensors present
     arch = {"gpt2": "GPT2LMHeadModel", "t5": "T5ForConditionalGeneration",
             "bert": "BertForMaskedLM" if any(k.startswith("cls.predictions") for k in tensors)
             else "BertModel"}.get(config.get("model_type"), config.get("model_type"))
@@ -204,13 +197,11 @@ def _bert(config, t: _Tensors, arch, overrides):
   H, K, F = cfg.num_heads, cfg.k, cfg.mlp_dim
   ln = lambda n: {"scale": t(f"{n}.weight", (D,)), "bias": t(f"{n}.bias", (D,))}
   dense = lambda n, i, o: {"kernel": t.linear(f"{n}.weight", i, (o,)), "bias": t(f"{n}.bias", (o,))}
-  e = "embeddings"
-  params = {"token_embed": {"embedding": t(f"{e}.word_embeddings.weight", (cfg.vocab_size, D))},
-            "position_embed": {"embedding": t(f"{e}.position_embeddings.weight",
-                                              (cfg.max_seq_len, D))},
-            "type_embed": {"embedding": t(f"{e}.token_type_embeddings.weight",
-                                          (cfg.type_vocab_size, D))},
-            "embed_ln": ln(f"{e}.LayerNorm"), "encoder": {}}
+  embed = lambda n, rows: {"embedding": t(f"embeddings.{n}_embeddings.weight", (rows, D))}
+  params = {"token_embed": embed("word", cfg.vocab_size),
+            "position_embed": embed("position", cfg.max_seq_len),
+            "type_embed": embed("token_type", cfg.type_vocab_size),
+            "embed_ln": ln("embeddings.LayerNorm"), "encoder": {}}
   for i in range(cfg.num_layers):
     p = f"encoder.layer.{i}"
     attn = {}
@@ -226,7 +217,7 @@ def _bert(config, t: _Tensors, arch, overrides):
   if cfg.pooler:
     params["pooler_dense"] = dense("pooler.dense", D, D)
   if mlm:
-    if _untied(t, "cls.predictions.decoder.weight", f"{e}.word_embeddings.weight"):
+    if _untied(t, "cls.predictions.decoder.weight", "embeddings.word_embeddings.weight"):
       raise ValueError("unsupported BERT checkpoint: cls.predictions.decoder.weight differs "
                        "from the word embeddings (llmjax's MLM head is tied)")
     params["mlm_dense"] = dense("cls.predictions.transform.dense", D, D)

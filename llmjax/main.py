@@ -153,10 +153,8 @@ def main(argv):
 def _runlocal(config):
   """The experiment shrunk to a CPU smoke run, the command line's --config. flags set again."""
   from llmjax.train import config as config_lib
-  config = config_lib.shrink_for_cpu(config)
   kept = {k: v for k, v in _OVERRIDES.items() if k != "runlocal"}
-  for key, text in kept.items():
-    config_lib.override(config, key, text)
+  config = config_lib.with_overrides(config_lib.shrink_for_cpu(config), kept)
   print("runlocal: shrunk to a CPU smoke run of the same family, objective and optimizer"
         + (f"; kept {', '.join(f'{k}={v}' for k, v in kept.items())}" if kept else ""))
   return config
@@ -206,10 +204,9 @@ def summarize(result, workdir: str) -> None:
   if evals:
     print(f"\neval loss {evals[0]['eval/loss']:.3f} -> {evals[-1]['eval/loss']:.3f} "
           f"(step {evals[0]['step']} -> {evals[-1]['step']}); workdir {workdir}")
-  if run.train.sample_tokens:
-    text = sample(result.setup, result.params, run.train.sample_prompt, run.train.sample_tokens)
-    if text is not None:
-      print(f"\nsample:\n{text}")
+  text = sample(result.setup, result.params, run.train.sample_prompt, run.train.sample_tokens)
+  if text is not None:
+    print(f"\nsample:\n{text}")
 
 if __name__ == "__main__":
   app.run(main, flags_parser=parse_flags)

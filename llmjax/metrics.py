@@ -85,8 +85,7 @@ def peak_flops(configured: float | None = None) -> tuple[float, str]:
     return float(configured), "configured: train.peak_flops"
   device = jax.devices()[0]
   kind = device.device_kind
-  name = kind if kind in PEAK_FLOPS else max(
-      (n for n in PEAK_FLOPS if kind.startswith(n)), key=len, default=None)
+  name = max((n for n in PEAK_FLOPS if kind.startswith(n)), key=len, default=None)
   if name is not None:
     return PEAK_FLOPS[name] * jax.device_count(), f"{kind} data sheet, bf16"
   if device.platform == "cpu":
@@ -286,8 +285,6 @@ def read_metrics(workdir: str) -> list[dict]:
     return records
   with file.open() as f:
     for line in f:
-      try:
+      with contextlib.suppress(json.JSONDecodeError):
         records.append(json.loads(line))
-      except json.JSONDecodeError:
-        continue
   return records

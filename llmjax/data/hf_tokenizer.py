@@ -125,8 +125,7 @@ class HFTokenizer(_Specials):
     prefix = model["model"].get("continuing_subword_prefix") or "##"
     byte_level = "ByteLevel" in _types(model.get("pre_tokenizer")) | _types(model.get("decoder"))
     to_byte = _byte_decoder()
-    begins_V = np.zeros(self.vocab_size, bool)
-    ends_V = np.zeros(self.vocab_size, bool)
+    begins_V, ends_V = np.zeros(self.vocab_size, bool), np.zeros(self.vocab_size, bool)
     for piece, i in vocab.items():
       if i in special:
         begins_V[i] = ends_V[i] = True

@@ -84,11 +84,9 @@ class _FillBatch:
 
 def padding_batch(objective, batch_size: int) -> dict[str, np.ndarray]:
   """An all-padding batch of `objective` (segment ids 0, weights 0) with the real batches' keys."""
-  rows = {}
-  for key, length in objective.lengths.items():
-    for suffix in ("", "_segment_ids", "_positions"):
-      rows[key + suffix] = np.zeros((batch_size, length), np.int32)
-  return objective.batch(rows)
+  return objective.batch({key + suffix: np.zeros((batch_size, length), np.int32)
+                          for key, length in objective.lengths.items()
+                          for suffix in ("", "_segment_ids", "_positions")})
 
 
 def is_padding(batch: dict[str, Any]) -> bool:

@@ -39,10 +39,7 @@ class Progress:
 
   def _draw(self, end: str = "") -> None:
     self._last = time.perf_counter()
-    if self.tty:
-      self.stream.write("\r" + self._line() + end)
-    else:
-      self.stream.write(self._line() + "\n")
+    self.stream.write("\r" + self._line() + end if self.tty else self._line() + "\n")
     self.stream.flush()
 
   def close(self) -> None:

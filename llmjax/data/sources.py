@@ -69,11 +69,10 @@ def check_path(path: str, name: str = "data.path") -> None:
     raise ValueError(f"{name}={path!r} names no file")
   paths.check_buckets(patterns)
   for pattern in patterns:
-    if paths.is_dir(pattern) or any(paths.is_file(p) for p in paths.glob(pattern)):
-      continue
-    what = "matches no file" if glob.has_magic(pattern) else "does not exist"
-    where = f"{name}={path!r}" if pattern == path else f"{name}={path!r}: {pattern!r}"
-    raise FileNotFoundError(f"{where} {what}")
+    if not (paths.is_dir(pattern) or any(paths.is_file(p) for p in paths.glob(pattern))):
+      what = "matches no file" if glob.has_magic(pattern) else "does not exist"
+      where = f"{name}={path!r}" if pattern == path else f"{name}={path!r}: {pattern!r}"
+      raise FileNotFoundError(f"{where} {what}")
 
 
 TEXT_CHECK_BYTES = 1 << 16  # how much of each text file is looked at before it is indexed
@@ -367,7 +366,8 @@ class SubsetSource:
   def sizes(self) -> np.ndarray:
     sizes = np.asarray(self.source.sizes)[self.indices].copy()
     for i in {0, len(self) - 1} if (self.head, self.tail) != (None, None) else ():
-      sizes[i] = len(_encode(self[i]))  # only a cut document is read
+      doc = self[i]  # only a cut document is read
+      sizes[i] = len(doc.encode("utf-8") if isinstance(doc, str) else doc)
     return sizes
 
   def __getitem__(self, i: int):
@@ -378,10 +378,6 @@ class SubsetSource:
     if self.tail is not None and i == 0:
       return _cut(doc, self.tail)[1]
     return doc
-
-
-def _encode(doc):
-  return doc.encode("utf-8") if isinstance(doc, str) else doc
 
 
 def _cut(doc, at: int):

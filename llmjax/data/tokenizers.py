@@ -102,8 +102,7 @@ class ByteTokenizer(_Specials):
     b = np.asarray(ids) - self.offset
     space = np.isin(b, _WHITESPACE)
     continuation = (b >= 0x80) & (b < 0xC0)
-    prev_space = np.concatenate([[True], space[:-1]])
-    return (space | prev_space) & ~continuation
+    return (space | np.concatenate([[True], space[:-1]])) & ~continuation
 
 
 class SentencePieceTokenizer(_Specials):
@@ -119,9 +118,8 @@ class SentencePieceTokenizer(_Specials):
     import sentencepiece as spm
     self._proto = proto
     self.fingerprint = "spm:" + hashlib.sha256(proto).hexdigest()[:16]
-    self._sp = spm.SentencePieceProcessor()
-    self._sp.LoadFromSerializedProto(proto)
-    sp = self._sp
+    sp = self._sp = spm.SentencePieceProcessor()
+    sp.LoadFromSerializedProto(proto)
     self.vocab_size = sp.GetPieceSize()
     optional = lambda i: None if i < 0 else i
     self.pad_id, self.eos_id = optional(sp.pad_id()), optional(sp.eos_id())

@@ -117,13 +117,12 @@ def generate(model: nn.Module, params, prompts, max_new_tokens: int, *, temperat
   args = (params, tokens_BP, segment_ids_BP, np.int32(max_new_tokens), rng, divisors_N, special)
   static = (model.clone(decode=True, parent=None), N, int(num_beams), sampler, stream)
   if mesh is None:
+    return _generate(*static)(*args)[:, :max_new_tokens]
+  batch = NamedSharding(mesh, sh.fit_spec(P(*nn.logical_to_mesh_axes((sh.BATCH,), sh.RULES)),
+                                          (len(rows),), mesh))
+  args = (params, *(jax.device_put(a, batch) for a in args[1:3]), *args[3:])
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sh.RULES):
     out_BN = _generate(*static)(*args)
-  else:
-    batch = NamedSharding(mesh, sh.fit_spec(P(*nn.logical_to_mesh_axes((sh.BATCH,), sh.RULES)),
-                                            (len(rows),), mesh))
-    args = (params, *(jax.device_put(a, batch) for a in args[1:3]), *args[3:])
-    with jax.set_mesh(mesh), nn.logical_axis_rules(sh.RULES):
-      out_BN = _generate(*static)(*args)
   return out_BN[:, :max_new_tokens]
 
 
@@ -207,11 +206,6 @@ def _prefill_t5(model, params, tokens_BS, segment_ids_BS, cache_len: int, copies
   return logits_BV, cache, step
 
 
-def _reorder(model, cache, parent_X):
-  """Beam search: each new beam takes over the cache of the beam it extends."""
-  return _self_cache(model, cache, lambda x, batch, _: jnp.take(x, parent_X, axis=batch))
-
-
 def _stage_ends(N: int) -> list[int]:
   """Where a long loop (N >= 128) widens the cache it attends over: 64, 128, ... then N, so
   that early steps attend over the positions filled so far and the time per token stays flat."""
@@ -272,7 +266,9 @@ def _beam_loop(model, step, logits_XV, cache, n_new, N: int, W: int, eos_id, pad
   def advance(beams, logits_XV, cache, i):
     beams, token_BW, parent_X = beam.step(beams, logits_XV.reshape(B, W, -1), i,
                                           i == n_new - 1, eos_id, divisors_N)
-    return beams, token_BW.reshape(B * W), _reorder(model, cache, parent_X)
+    # Each new beam takes over the cache of the beam it extends.
+    cache = _self_cache(model, cache, lambda x, batch, _: jnp.take(x, parent_X, axis=batch))
+    return beams, token_BW.reshape(B * W), cache
 
   state = (jnp.int32(1), *advance(beam.init(B, W, N, pad_id), logits_XV, cache, 0))
 

@@ -144,7 +144,5 @@ def stack_layers(params: dict, num_layers: int, name: str = "layers") -> dict:
 
 def unstack_layers(params: dict, num_layers: int, name: str = "layers") -> dict:
   """Scanned params -> unrolled params; the inverse of `stack_layers`."""
-  out = {k: v for k, v in params.items() if k != name}
-  for i in range(num_layers):
-    out[f"{name}_{i}"] = jax.tree.map(lambda x: x[i], params[name])
-  return out
+  unrolled = {f"{name}_{i}": jax.tree.map(lambda x: x[i], params[name]) for i in range(num_layers)}
+  return {k: v for k, v in params.items() if k != name} | unrolled

@@ -133,6 +133,4 @@ def chunks(tokens: np.ndarray, size: int, overlap: int = 0) -> list[np.ndarray]:
   """Consecutive pieces of at most `size` tokens, each starting `size - overlap` after the last."""
   if size <= overlap:
     raise ValueError(f"chunk size {size} must exceed the overlap {overlap}")
-  step = size - overlap
-  n = max(len(tokens) - overlap, 1)
-  return [tokens[s:s + size] for s in range(0, n, step)]
+  return [tokens[s:s + size] for s in range(0, max(len(tokens) - overlap, 1), size - overlap)]

@@ -55,9 +55,7 @@ def mask_tokens(tokens, *, seed, vocab_size: int, mask_id: int, special_ids: Ite
     raise ValueError(f"mask_tokens takes a 1-D array of token ids, got shape {tokens.shape}")
   if not 0.0 < rate <= 1.0:
     raise ValueError(f"rate={rate} must be in (0, 1]")
-  special = np.asarray(sorted(set(int(s) for s in special_ids)), np.int64)
-  if mask_id not in set(special.tolist()):
-    special = np.append(special, mask_id)
+  special = np.asarray(sorted({*map(int, special_ids), int(mask_id)}), np.int64)
   if word_starts is not None and np.shape(word_starts) != tokens.shape:
     raise ValueError(f"word_starts has shape {np.shape(word_starts)}, tokens {tokens.shape}")
   rng = np.random.default_rng(seed)

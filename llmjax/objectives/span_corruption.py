@@ -47,12 +47,11 @@ def span_corruption_lengths(inputs_length: int, noise_density: float = 0.15,
   if inputs_length < 2:
     raise ValueError(f"inputs_length={inputs_length} is too short for span corruption: "
                      f"it needs at least one token and the EOS")
+  lengths_after = lambda n: _lengths_after(n, noise_density, mean_noise_span_length)
   tokens_length = inputs_length - 1
-  while (_lengths_after(tokens_length + 1, noise_density, mean_noise_span_length)[0]
-         <= inputs_length):
+  while lengths_after(tokens_length + 1)[0] <= inputs_length:
     tokens_length += 1
-  inputs_length, targets_length = _lengths_after(tokens_length, noise_density,
-                                                 mean_noise_span_length)
+  inputs_length, targets_length = lengths_after(tokens_length)
   if noise_density == 0.5 and targets_length > inputs_length:
     tokens_length -= 1
     targets_length -= 1
@@ -62,8 +61,7 @@ def span_corruption_lengths(inputs_length: int, noise_density: float = 0.15,
 def noise_counts(length: int, noise_density: float,
                  mean_noise_span_length: float) -> tuple[int, int]:
   """(noise tokens, noise spans) in a chunk of `length` >= 2 tokens: >= 1 of each, not all."""
-  num_noise = int(round(length * noise_density))
-  num_noise = min(max(num_noise, 1), length - 1)
+  num_noise = min(max(int(round(length * noise_density)), 1), length - 1)
   num_spans = max(int(round(num_noise / mean_noise_span_length)), 1)
   return num_noise, num_spans
 
@@ -73,8 +71,7 @@ def _random_segmentation(rng: np.random.Generator, num_items: int, num_segments:
   first_in_segment = np.zeros(num_items, bool)
   first_in_segment[1 + rng.choice(num_items - 1, num_segments - 1, replace=False)] = True
   first_in_segment[0] = True
-  starts = np.flatnonzero(first_in_segment)
-  return np.diff(np.append(starts, num_items))
+  return np.diff(np.append(np.flatnonzero(first_in_segment), num_items))
 
 
 def noise_mask(length: int, rng: np.random.Generator, noise_density: float = 0.15,
@@ -181,8 +178,7 @@ class SpanCorruption(Objective):
       targets = np.append(targets, self.eos_id).astype(np.int32)
       out.append({"encoder_tokens": np.append(inputs, self.eos_id).astype(np.int32),
                   "decoder_targets": targets,
-                  "decoder_tokens": np.concatenate([[self.start_id],
-                                                    targets[:-1]]).astype(np.int32)})
+                  "decoder_tokens": np.append(self.start_id, targets[:-1]).astype(np.int32)})
     return out
 
   def batch(self, rows: dict[str, np.ndarray]) -> dict[str, np.ndarray]:

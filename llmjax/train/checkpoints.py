@@ -185,8 +185,7 @@ class Checkpoints:
     try:
       owned = {rel: entry for rel, entry in _listing(step_dir).items()
                if _owner(rel, count) == index}
-      sums = _checksums(step_dir, owned)
-      text = json.dumps({"step": step, "crc32c": sums}, sort_keys=True)
+      text = json.dumps({"step": step, "crc32c": _checksums(step_dir, owned)}, sort_keys=True)
       manifest = step_dir / f"{MANIFEST}.process_{index}-of-{count}.json"
       if paths.is_url(step_dir):  # an object appears whole or not at all
         manifest.write_text(text)
@@ -214,8 +213,7 @@ class Checkpoints:
     found, count = self._manifests(step)
     if not found:
       return "any process"
-    missing = [i for i in range(count) if i not in found]
-    return ", ".join(f"process {i}" for i in missing)
+    return ", ".join(f"process {i}" for i in range(count) if i not in found)
 
   def _check(self, step: int) -> str | None:
     """What is wrong with this process's share of the step's manifests ('FILE: why'), or None."""
@@ -319,15 +317,13 @@ def _checksums(step_dir: epath.Path, entries: dict[str, list]) -> dict[str, list
   def one(rel):
     size, crc = entries[rel]
     return rel, [size, crc] if crc is not None else _crc32c(step_dir / rel)
-  todo = sorted(entries)
   with concurrent.futures.ThreadPoolExecutor(_READERS) as pool:
-    return dict(pool.map(one, todo))
+    return dict(pool.map(one, sorted(entries)))
 
 
 def _crc32c(path: epath.Path) -> list:
   crc, size = 0, 0
-  opener = path.open("rb") if paths.is_url(path) else open(path, "rb", buffering=0)
-  with opener as f:
+  with (path.open("rb") if paths.is_url(path) else open(path, "rb", buffering=0)) as f:
     while chunk := f.read(_BLOCK):
       crc = google_crc32c.extend(crc, chunk)
       size += len(chunk)

@@ -177,12 +177,9 @@ def _nearest_file(path: str) -> str:
 def leaf_paths(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
   """Every field's dotted path, e.g. "optimizer.learning_rate"."""
   out = []
-  for key in config.keys():
-    value = config[key]
-    if isinstance(value, ml_collections.ConfigDict):
-      out.extend(leaf_paths(value, f"{prefix}{key}."))
-    else:
-      out.append(f"{prefix}{key}")
+  for key, value in config.items():
+    is_section = isinstance(value, ml_collections.ConfigDict)
+    out += leaf_paths(value, f"{prefix}{key}.") if is_section else [f"{prefix}{key}"]
   return out
 
 
@@ -240,9 +237,6 @@ def with_overrides(config: ml_collections.ConfigDict,
   return config
 
 
-_int_at_least = optim.int_at_least
-
-
 def _optional(check):
   test, text = check
   return lambda v: v is None or test(v), f"None or {text}"
@@ -255,25 +249,25 @@ def _one_of(choices):
 # Every range the trainer relies on; the optimizer's are optim.check's, the model's its
 # config's, an objective's settings its own (objectives.from_config names the section).
 CHECKS = {
-    "seed": _int_at_least(0),
-    "batch_size": _int_at_least(1),
-    "objective.length": _int_at_least(1),
+    "seed": optim.int_at_least(0),
+    "batch_size": optim.int_at_least(1),
+    "objective.length": optim.int_at_least(1),
     "data.format": _one_of((None, "text", "jsonl", "array_record")),
     "data.split": _one_of(sources.SPLITS),
     "data.validation_fraction": optim.number(lambda v: 0 < v < 1, "in (0, 1)"),
     "data.split_method": _one_of(("tail", "hash")),
     "data.packing": _one_of(pipeline.PACKINGS),
-    "data.shuffle_window": _int_at_least(0),
-    "data.shards": _optional(_int_at_least(1)),
-    "data.worker_count": _int_at_least(0),
-    "data.prefetch": _int_at_least(0),
-    "train.steps": _int_at_least(0),  # 0: evaluate and sample without training
-    "train.log_every": _int_at_least(1),
-    "train.eval_every": _int_at_least(0),  # 0: never
-    "train.eval_batches": _int_at_least(1),
-    "train.checkpoint_every": _int_at_least(1),
-    "train.keep_checkpoints": _int_at_least(1),
-    "train.sample_tokens": _int_at_least(0),
+    "data.shuffle_window": optim.int_at_least(0),
+    "data.shards": _optional(optim.int_at_least(1)),
+    "data.worker_count": optim.int_at_least(0),
+    "data.prefetch": optim.int_at_least(0),
+    "train.steps": optim.int_at_least(0),  # 0: evaluate and sample without training
+    "train.log_every": optim.int_at_least(1),
+    "train.eval_every": optim.int_at_least(0),  # 0: never
+    "train.eval_batches": optim.int_at_least(1),
+    "train.checkpoint_every": optim.int_at_least(1),
+    "train.keep_checkpoints": optim.int_at_least(1),
+    "train.sample_tokens": optim.int_at_least(0),
 }
 
 

@@ -119,8 +119,5 @@ def make_pipeline(setup: Setup, split: str):
                               **kwargs) for i in range(per_process)]
   if per_process == 1:
     return parts[0]
-  return gx.ZipIterDataset(parts).map(_concat_rows)
-
-
-def _concat_rows(batches):
-  return {k: np.concatenate([b[k] for b in batches]) for k in batches[0]}
+  return gx.ZipIterDataset(parts).map(
+      lambda batches: {k: np.concatenate([b[k] for b in batches]) for k in batches[0]})

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 from typing import Any
 
 import jax
@@ -31,11 +32,7 @@ class Result:
   stopped: str | None = None
 
 
-def _print(line: str) -> None:
-  print(line, flush=True)
-
-
-def train(config, workdir_path: str, *, log=_print) -> Result:
+def train(config, workdir_path: str, *, log=functools.partial(print, flush=True)) -> Result:
   """Trains (or resumes) the experiment `config` in `workdir_path` (a local path or gs://)."""
   if config.runlocal:
     config = shrink_for_cpu(config)

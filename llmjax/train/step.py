@@ -66,13 +66,11 @@ def init_state(parts: Parts, key):
     return {"step": jnp.zeros((), jnp.int32), "params": params,
             "opt_state": parts.tx.init(params)}
 
-  with jax.set_mesh(parts.mesh), nn.logical_axis_rules(parts.rules):
-    boxed = jax.eval_shape(init, key)
+  boxed = in_mesh(parts, jax.eval_shape)(init, key)
   shardings = sh.logical_sharding(boxed, parts.mesh, parts.rules)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           nn.meta.unbox(boxed), shardings)
-  init_fn = jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)
-  return abstract, shardings, init_fn
+  return abstract, shardings, jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)
 
 
 def batch_shardings(parts: Parts, batch) -> dict[str, NamedSharding]:
@@ -89,9 +87,8 @@ def global_batch(shardings, local_batch):
 
 def loss_sums(parts: Parts, params, batch, dropout_key=None):
   """(summed loss, the objective's metric sums) of one (micro)batch."""
-  kwargs = {}
-  if parts.dropout and dropout_key is not None:
-    kwargs = {"deterministic": False, "rngs": {"dropout": dropout_key}}
+  kwargs = ({"deterministic": False, "rngs": {"dropout": dropout_key}}
+            if parts.dropout and dropout_key is not None else {})
   logits = parts.objective.logits(parts.model, {"params": params}, batch, **kwargs)
   _, sums = parts.objective.loss(logits, batch)
   return sums["loss"], sums

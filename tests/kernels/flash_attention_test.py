@@ -482,3 +482,60 @@ def test_kernel_rejects_bad_inputs(name):
   call, match = KERNEL_BAD_INPUTS[name]
   with pytest.raises(ValueError, match=f"(?i){match}"):
     call()
+
+
+SPAN_CASES = {  # flash_attention's options, block_q, block_kv; T = S = 256, two rows
+    "causal_segments": (dict(causal=True, segment_ids=True), 32, 64),
+    "window_bidirectional": (dict(window=40, segment_ids=True), 32, 32),
+    "causal_window_bias": (dict(causal=True, window=150, bias=(8, 16, False)), 16, 32),
+    "bias_bidirectional_segments": (dict(bias=(16, 32, True), segment_ids=True), 32, 16),
+    "scrambled_segments": (dict(causal=True, segment_ids="scrambled"), 32, 32),
+}
+
+
+@pytest.mark.parametrize("name", SPAN_CASES)
+def test_block_spans_hold_the_visible_blocks_and_the_first_run_of_fast_ones(name):
+  """common.spans against the mask and the buckets built position by position: each row of
+  blocks spans every block it may see (only those, for packed segments), and its fast run is
+  the first maximal run of blocks whose mask is all true and whose T5 bucket is one."""
+  from llmjax.kernels import buckets
+  from llmjax.kernels.flash_attention import common
+  options, bq, bk = SPAN_CASES[name]
+  options = dict(options)
+  T, bias = 256, options.pop("bias", None)
+  seg = options.pop("segment_ids", None)
+  ids = _packed_segment_ids(7, 2, T, max_segments=4) if seg else jnp.ones((2, T), jnp.int32)
+  if seg == "scrambled":
+    ids = jnp.asarray(np.random.default_rng(8).permuted(np.asarray(ids), axis=1))
+  st = common.Static(
+      causal=options.get("causal", False), window=options.get("window"), scale=1.0,
+      num_buckets=bias[0] if bias else 0, bias_bidirectional=bool(bias and bias[2]),
+      block_q=bq, block_kv=bk, block_q_dq=bq, block_kv_dq=bk, block_q_dkv=bq, block_kv_dkv=bk,
+      interpret=True, bucket_thresholds=buckets.distance_thresholds(
+          bidirectional=bias[2], num_buckets=bias[0], max_distance=bias[1]) if bias else ())
+  mask = np.asarray(make_mask(T, T, segment_ids=ids, **options))
+  mask = mask.reshape(2, T // bq, bq, T // bk, bk)
+  one_bucket = np.ones((T // bq, T // bk), bool)
+  if bias:
+    relative = jnp.arange(T)[None, :] - jnp.arange(T)[:, None]
+    bucket = np.asarray(buckets.relative_position_bucket(
+        relative, bidirectional=bias[2], num_buckets=bias[0], max_distance=bias[1]))
+    bucket = bucket.reshape(T // bq, bq, T // bk, bk)
+    one_bucket = bucket.min(axis=(1, 3)) == bucket.max(axis=(1, 3))
+  visible, whole = mask.any(axis=(2, 4)), mask.all(axis=(2, 4)) & one_bucket
+  spans = [np.asarray(x).reshape(2, -1) for x in common.spans(st, ids, ids, bq, bk)]
+  by_kv = visible.transpose(0, 2, 1), whole.transpose(0, 2, 1)
+  for (first, end, fast, fast_end), visible, whole in ((spans[:4], visible, whole),
+                                                       (spans[4:], *by_kv)):
+    for b, row in np.ndindex(first.shape):
+      seen = np.flatnonzero(visible[b, row])
+      if seg != "scrambled":
+        assert (first[b, row], end[b, row]) == ((seen[0], seen[-1] + 1) if len(seen) else (0, 0))
+      assert all(first[b, row] <= j < end[b, row] for j in seen)
+      run = np.flatnonzero(whole[b, row])
+      if not len(run):
+        assert fast[b, row] == fast_end[b, row] == end[b, row]
+        continue
+      n = whole.shape[2]
+      stop = next((j for j in range(run[0], n) if not whole[b, row, j]), n)
+      assert (fast[b, row], fast_end[b, row]) == (run[0], stop), (b, row)

@@ -206,7 +206,8 @@ def test_sharded_train_step_with_the_kernel_compiles_for_the_target(target, fami
   train_step = jax.jit(functools.partial(step.train_step, parts),
                        in_shardings=(state_shardings, batch_shardings),
                        out_shardings=(state_shardings, None))
-  with jax.set_mesh(mesh), nn.logical_axis_rules(parts.rules):
+  with (jax.set_mesh(mesh), nn.logical_axis_rules(parts.rules),
+        jax.default_matmul_precision("default")):  # float32 in TF32 on GPU, as users get it
     program = train_step.lower(state, batch).compile().as_text()
   attentions = 1 if family == "gpt" else 3  # T5: encoder, decoder and cross attention
   for kernel in ("fwd", "dq", "dkv"):

@@ -56,15 +56,16 @@ def buckets(st: Static, qi, kj, bq: int, bk: int):
 
 def bucket_of(st: Static, rel):
   """T5's bucket of each distance key - query in `rel`: integer comparisons against the
-  per-direction thresholds (kernels/buckets.py), no transcendental in the kernel."""
+  per-direction thresholds (kernels/buckets.py), no transcendental in the kernel, and no
+  select (Triton mislowers a broadcast scalar select)."""
+  def at_least(x, n):  # 1 where x >= n, else 0 (integers)
+    return jnp.clip(x - n + 1, 0, 1)
   if st.bias_bidirectional:
-    bucket = jnp.where(rel > 0, st.num_buckets // 2, 0)
-    distance = jnp.maximum(rel, -rel)
+    bucket, distance = st.num_buckets // 2 * at_least(rel, 1), jnp.abs(rel)
   else:
-    bucket = jnp.zeros_like(rel)
-    distance = jnp.maximum(-rel, 0)
+    bucket, distance = 0, jnp.maximum(-rel, 0)
   for threshold in st.bucket_thresholds:
-    bucket = bucket + (distance >= threshold).astype(jnp.int32)
+    bucket = bucket + at_least(distance, threshold)
   return bucket
 
 
@@ -76,24 +77,13 @@ def bias(st: Static, table_ref, h, buckets):
   return bias
 
 
-def block_ranges(q_seg, kv_seg, bq: int, bk: int):
-  """Per-block [lo, hi] of the non-padding segment ids (flattened [B * blocks] int32);
-  an all-padding block gets an empty range, so no block pair involving it is visible."""
-  def per_block(seg, size):
-    B, N = seg.shape
-    blocks = seg.reshape(B, N // size, size)
-    real = blocks != 0
-    big = jnp.iinfo(jnp.int32).max
-    lo = jnp.min(jnp.where(real, blocks, big), axis=2)
-    hi = jnp.max(jnp.where(real, blocks, -1), axis=2)
-    return lo.reshape(-1).astype(jnp.int32), hi.reshape(-1).astype(jnp.int32)
-  return (*per_block(q_seg, bq), *per_block(kv_seg, bk))
-
-
-def blocks_visible(st: Static, q_first, k_first, bq: int, bk: int):
+def blocks_visible(st: Static, q_first, k_first, bq: int, bk: int, whole: bool = False):
   """Whether the causal diagonal and the window let some query of the bq rows from q_first
-  see some key of the bk from k_first (scalars or broadcasting arrays)."""
+  see some key of the bk from k_first (scalars or broadcasting arrays); `whole`: let every
+  query see every key."""
   q_last, k_last = q_first + bq - 1, k_first + bk - 1
+  if whole:  # the nearest pair for the window, the farthest for the diagonal
+    q_first, q_last, k_first, k_last = q_last, q_first, k_last, k_first
   visible = True
   if st.causal:
     visible = visible & (k_first <= q_last)
@@ -102,6 +92,42 @@ def blocks_visible(st: Static, q_first, k_first, bq: int, bk: int):
     if not st.causal:
       visible = visible & (k_first - q_last < st.window)
   return visible
+
+
+def spans(st: Static, q_seg, kv_seg, bq: int, bk: int):
+  """Per q block the kv blocks it may see, [first, end), and within them the first run of
+  fast blocks, [fast, fast_end): one segment on both sides and no padding, every query
+  seeing every key, and with T5 bias a single bucket, so the kernels add no per-element
+  mask or bias there. Then per kv block the same four of q blocks (each [B * blocks] int32;
+  an empty span is [0, 0), no fast run is [end, end)). The kernels loop (GPU) or step (TPU)
+  within these bounds only. Packed segments are contiguous, so a span holds only visible
+  blocks; with other ids it may hold some that are not, which the mask zeroes."""
+  B = q_seg.shape[0]
+
+  def per_block(seg, size):  # lowest and highest non-padding id; one segment and no padding
+    blocks = seg.reshape(B, -1, size)
+    lo = jnp.min(jnp.where(blocks != 0, blocks, jnp.iinfo(jnp.int32).max), axis=2)
+    return lo, jnp.max(blocks, axis=2), jnp.all(blocks == lo[..., None], axis=2)
+  (q_lo, q_hi, q_one), (kv_lo, kv_hi, kv_one) = per_block(q_seg, bq), per_block(kv_seg, bk)
+  q_first = bq * jnp.arange(q_lo.shape[1])[None, :, None]
+  k_first = bk * jnp.arange(kv_lo.shape[1])[None, None, :]
+  meet = (q_lo[:, :, None] <= kv_hi[:, None, :]) & (kv_lo[:, None, :] <= q_hi[:, :, None])
+  meet &= blocks_visible(st, q_first, k_first, bq, bk)
+  fast = (q_one[:, :, None] & kv_one[:, None, :] & (q_lo[:, :, None] == kv_lo[:, None, :])
+          & blocks_visible(st, q_first, k_first, bq, bk, whole=True))
+  if st.num_buckets:  # the nearest and farthest distances in one bucket (monotonic)
+    fast &= bucket_of(st, k_first - q_first + bk - 1) == bucket_of(st, k_first - q_first - bq + 1)
+
+  def span(meet, fast):  # [B, n, m] -> the four along m
+    m = meet.shape[-1]
+    index = jnp.arange(m, dtype=jnp.int32)
+    end = jnp.max(jnp.where(meet, index + 1, 0), axis=-1)
+    first = jnp.where(end > 0, jnp.min(jnp.where(meet, index, m), axis=-1), 0)
+    start = jnp.min(jnp.where(fast, index, m), axis=-1)
+    stop = jnp.min(jnp.where((index > start[..., None]) & ~fast, index, m), axis=-1)
+    start, stop = jnp.where(start < m, start, end), jnp.where(start < m, stop, end)
+    return tuple(x.reshape(-1).astype(jnp.int32) for x in (first, end, start, stop))
+  return (*span(meet, fast), *span(meet.transpose(0, 2, 1), fast.transpose(0, 2, 1)))
 
 
 def position_mask(st: Static, qi, kj, bq: int, bk: int):

@@ -6,10 +6,11 @@ forward and dq kernels run over (query block, batch, head) and loop over kv bloc
 kernel runs over (kv block, batch, kv group) and loops over the group's query heads and their
 query blocks. Neighbouring programs share their kv (or q) rows, so those stay in L2. The
 loops span only the blocks that the causal diagonal, the window and the packed segments
-(per-block spans computed outside the kernel) leave visible: a branch-free loop, whose loads
-Triton pipelines (cp.async). The T5 relative bias is gathered per logit from the bias of
-each distance (a [H, T + S - 1] vector, so no T x S bias exists), and its gradient summed per
-bucket in the dq kernel.
+leave visible (common.spans, computed outside the kernel): one loop over the run of fast
+blocks (every query sees every key, one T5 bucket: no mask, a scalar bias), one over the
+rest; both branch-free, so Triton pipelines their loads (cp.async). The T5 relative bias is
+gathered per logit from the bias of each distance (a [H, T + S - 1] vector, so no T x S bias
+exists), and its gradient summed per bucket in the dq kernel.
 
 Layouts are those of tpu.py (q [B, H, T, D], k and v [B, G, S, D], T and S padded to the
 blocks with segment id 0); per-row statistics (lse) are [B, H, T] float32. Triton needs every
@@ -37,11 +38,11 @@ TILE = 128 * 256  # the largest [program block, loop block] float32 tile: half t
 
 def default_blocks(target: str | None, D: int, dtype, bias: bool) -> tuple[int, ...]:
   """The six BlockSizes: Triton's FlashAttention-2 tiles (forward 128 x 64, dq 128 x 32,
-  dk/dv 64 x 64, 32 x 64 for rows of 256 bytes), which ptxas compiles without register
+  dk/dv 64 x 32: its kv block, stepping 32 query rows), which ptxas compiles without register
   spills on A100 and H100 up to D 128 in bfloat16; halved, then halved again, for wider rows."""
   row = D * jnp.dtype(dtype).itemsize
   if row <= 256:
-    return 128, 64, 128, 32, 64 if row <= 128 else 32, 64
+    return 128, 64, 128, 32, 32, 64
   return (64, 32, 64, 32, 32, 64) if row <= 512 else (32, 16, 32, 16, 16, 32)
 
 
@@ -106,11 +107,15 @@ def _dot(a, b, dims=NN):
   return dot(a, b, dims, exact=_ieee())
 
 
-def _mask(st: Static, qseg, kvseg, qi, kj, bq: int, bk: int):
+def _mask(st: Static, qseg, kvseg, qi, kj, bq: int, bk: int, fast: bool):
   """[bq, bk] float32: 1 where the query may see the key (same non-padding segment, causal,
-  window), else 0. Built from integer arithmetic, never a boolean: Triton cannot stage
-  booleans in shared memory, which it does when it changes a tensor's layout (the dk/dv
-  kernel with the T5 bias did: 'ttg.local_alloc' op element type bit width ...)."""
+  window), else 0; None in a fast block (common.spans). Built from integer arithmetic,
+  never a boolean: Triton cannot stage booleans in shared memory, which it does when it
+  changes a tensor's layout (the dk/dv kernel with the T5 bias did: 'ttg.local_alloc' op
+  element type bit width ...)."""
+  if fast:
+    return None
+
   def at_least_one(x):  # 1 where x >= 1, 0 where x <= 0 (integers)
     return jnp.clip(x, 0, 1)
   keep = (1 - at_least_one(jnp.abs(qseg[:, None] - kvseg[None, :]))) * at_least_one(qseg)[:, None]
@@ -125,9 +130,11 @@ def _mask(st: Static, qseg, kvseg, qi, kj, bq: int, bk: int):
   return keep.astype(jnp.float32)
 
 
-def _masked(s, mask):
-  """The logits with NEG where the mask is 0 (a select without a boolean)."""
-  return s * mask + (1.0 - mask) * NEG
+def _masked(s, mask, other=NEG):
+  """s with `other` where the mask is 0 (a select without a boolean); s if no mask."""
+  if mask is None:
+    return s
+  return s * mask + (1.0 - mask) * other if other else s * mask
 
 
 def _relative(st: Static, table, T: int, S: int):
@@ -136,37 +143,31 @@ def _relative(st: Static, table, T: int, S: int):
   return table[:, common.bucket_of(st, jnp.arange(1 - T, S, dtype=jnp.int32))]
 
 
-def _logits(st: Static, q, k, bias_ref, h, qi, kj, bq: int, bk: int, T: int):
-  """The block's scaled logits, with the T5 bias gathered by distance (+ T - 1)."""
+def _logits(st: Static, q, k, bias_ref, h, qi, kj, bq: int, bk: int, T: int, fast: bool):
+  """The block's scaled logits, with the T5 bias gathered by distance (+ T - 1): one
+  scalar in a fast block."""
   s = _dot(q, k, NT) * st.scale
-  if st.num_buckets:
+  if st.num_buckets and fast:
+    s = s + bias_ref[h, T - 1 + kj * bk - qi * bq]
+  elif st.num_buckets:
     s = s + bias_ref[h, T - 1 + kj * bk - qi * bq
                      + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
                      - jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)]
   return s
 
 
-def _spans(st: Static, q_seg, kv_seg, bq: int, bk: int):
-  """Per q block the [first, end) of the kv blocks it may see (the causal diagonal, the
-  window, segments that meet), and per kv block the same of q blocks (each flattened
-  [B * blocks] int32; empty: first >= end). The kernels loop over these bounds: no invisible
-  block is read, and no branch stops Triton from pipelining the loops' loads. Packed
-  segments are contiguous, so a span holds only visible blocks; with other ids it may also
-  hold some that are not, which the mask zeroes."""
-  q_lo, q_hi, kv_lo, kv_hi = common.block_ranges(q_seg, kv_seg, bq, bk)
-  B = q_seg.shape[0]
-  q_lo, q_hi, kv_lo, kv_hi = (x.reshape(B, -1) for x in (q_lo, q_hi, kv_lo, kv_hi))
-  meet = (q_lo[:, :, None] <= kv_hi[:, None, :]) & (kv_lo[:, None, :] <= q_hi[:, :, None])
-  meet &= common.blocks_visible(st, bq * jnp.arange(q_lo.shape[1])[:, None],
-                                bk * jnp.arange(kv_lo.shape[1])[None, :], bq, bk)
+def _loop(spans, row, body, carry):
+  """body(j, carry, fast) over the blocks j of a row's span (common.spans): a loop over its
+  run of fast blocks, then one over the rest of the span on either side of it. Both are
+  branch-free, so Triton pipelines their loads (cp.async)."""
+  first, end, fast_first, fast_end = (x[row] for x in spans)
+  carry = jax.lax.fori_loop(fast_first, fast_end, functools.partial(body, fast=True), carry)
+  before = fast_first - first
 
-  def span(meet):  # [B, n, m] -> first, end along m
-    m = meet.shape[-1]
-    index = jnp.arange(m, dtype=jnp.int32)
-    first = jnp.min(jnp.where(meet, index, m), axis=-1)
-    end = jnp.max(jnp.where(meet, index + 1, 0), axis=-1)
-    return first.reshape(-1), end.reshape(-1)
-  return (*span(meet), *span(meet.transpose(0, 2, 1)))
+  def other(n, carry):  # past `before` blocks, jump the run (arithmetic: no select)
+    return body(first + n + jnp.clip(n - before + 1, 0, 1) * (fast_end - fast_first), carry,
+                fast=False)
+  return jax.lax.fori_loop(0, before + end - fast_end, other, carry)
 
 
 def _block(index, size: int):
@@ -182,29 +183,29 @@ def _full():
 # ------------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(kv_first, kv_end, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, *rest, st: Static,
-                nq: int, nk: int):
+def _fwd_kernel(*refs, st: Static, nq: int, nk: int):
+  spans, (q_ref, k_ref, v_ref, qseg_ref, kvseg_ref), rest = refs[:4], refs[4:9], refs[9:]
   table_ref = rest[0] if st.num_buckets else None
   o_ref, lse_ref = rest[-2:]
   qi, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   (bq, D), bk = q_ref.shape, st.block_kv
   q, qseg = q_ref[...], qseg_ref[...]
 
-  def step(kj, carry):
+  def step(kj, carry, fast):
     acc, m_prev, l_prev = carry  # [bq, D], [bq], [bq]
     cols = _block(kj, bk)
-    s = _logits(st, q, k_ref[cols, :], table_ref, h, qi, kj, bq, bk, nq * bq)
-    mask = _mask(st, qseg, kvseg_ref[cols], qi, kj, bq, bk)
+    s = _logits(st, q, k_ref[cols, :], table_ref, h, qi, kj, bq, bk, nq * bq, fast)
+    mask = _mask(st, qseg, kvseg_ref[cols], qi, kj, bq, bk, fast)
     s = _masked(s, mask)
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1))
-    p = jnp.exp(s - m_next[:, None]) * mask
+    p = _masked(jnp.exp(s - m_next[:, None]), mask, 0.0)
     alpha = jnp.exp(m_prev - m_next)
     pv = _dot(p.astype(v_ref.dtype), v_ref[cols, :])
     return acc * alpha[:, None] + pv, m_next, alpha * l_prev + jnp.sum(p, axis=1)
 
   init = (jnp.zeros((bq, D), jnp.float32), jnp.full((bq,), NEG, jnp.float32),
           jnp.zeros((bq,), jnp.float32))
-  acc, m, l = jax.lax.fori_loop(kv_first[b * nq + qi], kv_end[b * nq + qi], step, init)
+  acc, m, l = _loop(spans, b * nq + qi, step, init)
   empty = l == 0.0  # a row that may attend nothing: output 0
   inv = jnp.where(empty, 0.0, 1.0 / jnp.where(empty, 1.0, l))
   o_ref[...] = (acc * inv[:, None]).astype(o_ref.dtype)
@@ -217,14 +218,14 @@ def forward(st: Static, q, k, v, q_seg, kv_seg, table):
   G, S = k.shape[1], k.shape[2]
   bq, bk = st.block_q, st.block_kv
   nq, nk, R = T // bq, S // bk, H // G
-  in_specs = [_full()] * 2 + [
+  in_specs = [_full()] * 4 + [
       pl.BlockSpec((None, None, bq, D), lambda i, b, h: (b, h, i, 0)),
       pl.BlockSpec((None, None, S, D), lambda i, b, h: (b, div(h, R), 0, 0)),
       pl.BlockSpec((None, None, S, D), lambda i, b, h: (b, div(h, R), 0, 0)),
       pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
       pl.BlockSpec((None, S), lambda i, b, h: (b, 0)),
   ]
-  args = [*_spans(st, q_seg, kv_seg, bq, bk)[:2], q, k, v, q_seg, kv_seg]
+  args = [*common.spans(st, q_seg, kv_seg, bq, bk)[:4], q, k, v, q_seg, kv_seg]
   if st.num_buckets:
     in_specs.append(_full())
     args.append(_relative(st, table, T, S))
@@ -243,16 +244,17 @@ def forward(st: Static, q, k, v, q_seg, kv_seg, table):
 # ------------------------------------------------------------------------------ backward
 
 
-def _probs_and_ds(st, q, k, v, do, lse, di, mask, table_ref, h, qi, kj, bq, bk, T):
+def _probs_and_ds(st, q, k, v, do, lse, di, mask, table_ref, h, qi, kj, bq, bk, T, fast):
   """p = softmax probabilities and ds = d loss / d logits of one block."""
-  s = _logits(st, q, k, table_ref, h, qi, kj, bq, bk, T)
-  p = jnp.exp(_masked(s, mask) - lse[:, None]) * mask  # masked first: no inf * 0
+  s = _logits(st, q, k, table_ref, h, qi, kj, bq, bk, T, fast)
+  p = _masked(jnp.exp(_masked(s, mask) - lse[:, None]), mask, 0.0)  # masked first: no inf * 0
   dp = _dot(do, v, NT)
   return p, p * (dp - di[:, None])
 
 
-def _dq_kernel(kv_first, kv_end, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref,
-               kvseg_ref, *rest, st: Static, nq: int, nk: int, nb_pad: int):
+def _dq_kernel(*refs, st: Static, nq: int, nk: int, nb_pad: int):
+  spans, rest = refs[:4], refs[12:]
+  q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref, kvseg_ref = refs[4:12]
   if st.num_buckets:
     table_ref, dq_ref, dbias_ref = rest
   else:
@@ -262,15 +264,18 @@ def _dq_kernel(kv_first, kv_end, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, q
   q, do, lse, di, qseg = q_ref[...], do_ref[...], lse_ref[...], di_ref[...], qseg_ref[...]
   lane = jax.lax.broadcasted_iota(jnp.int32, (nb_pad,), 0)
 
-  def step(kj, carry):
+  def step(kj, carry, fast):
     cols = _block(kj, bk)
     k = k_ref[cols, :]
-    mask = _mask(st, qseg, kvseg_ref[cols], qi, kj, bq, bk)
+    mask = _mask(st, qseg, kvseg_ref[cols], qi, kj, bq, bk, fast)
     _, ds = _probs_and_ds(st, q, k, v_ref[cols, :], do, lse, di, mask, table_ref, h, qi, kj,
-                          bq, bk, nq * bq)
+                          bq, bk, nq * bq, fast)
     dq = carry[0] + _dot(ds.astype(k.dtype), k) * st.scale
     if not st.num_buckets:
       return (dq,)
+    if fast:  # one bucket
+      bucket = common.bucket_of(st, kj * bk - qi * bq)
+      return dq, carry[1] + jnp.where(lane == bucket, jnp.sum(ds), 0.0)
     # d table[h, n]: ds summed over bucket n (computed: a gather of the buckets compiles
     # many times slower)
     dbias, buckets = carry[1], common.buckets(st, qi, kj, bq, bk)
@@ -281,35 +286,34 @@ def _dq_kernel(kv_first, kv_end, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, q
   init = (jnp.zeros((bq, D), jnp.float32),)
   if st.num_buckets:
     init += (jnp.zeros((nb_pad,), jnp.float32),)
-  out = jax.lax.fori_loop(kv_first[b * nq + qi], kv_end[b * nq + qi], step, init)
+  out = _loop(spans, b * nq + qi, step, init)
   dq_ref[...] = out[0].astype(dq_ref.dtype)
   if st.num_buckets:
     dbias_ref[...] = out[1]
 
 
-def _dkv_kernel(q_first, q_end, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref,
-                kvseg_ref, *rest, st: Static, nq: int, nk: int):
+def _dkv_kernel(*refs, st: Static, nq: int, nk: int):
+  spans, rest = refs[:4], refs[12:]
+  q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref, kvseg_ref = refs[4:12]
   table_ref = rest[0] if st.num_buckets else None
   dk_ref, dv_ref = rest[-2:]
   kj, b, g = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   (bk, D), bq, R = k_ref.shape, st.block_q_dkv, q_ref.shape[0]
   k, v, kvseg = k_ref[...], v_ref[...], kvseg_ref[...]
 
-  def step(r, qi, carry):
+  def step(r, qi, carry, fast):
     dk, dv = carry
     rows = _block(qi, bq)
     q, do = q_ref[r, rows, :], do_ref[r, rows, :]
-    mask = _mask(st, qseg_ref[rows], kvseg, qi, kj, bq, bk)
+    mask = _mask(st, qseg_ref[rows], kvseg, qi, kj, bq, bk, fast)
     p, ds = _probs_and_ds(st, q, k, v, do, lse_ref[r, rows], di_ref[r, rows], mask,
-                         table_ref, g * R + r, qi, kj, bq, bk, nq * bq)
+                         table_ref, g * R + r, qi, kj, bq, bk, nq * bq, fast)
     dv = dv + _dot(p.astype(do.dtype), do, TN)
     dk = dk + _dot(ds.astype(q.dtype), q, TN) * st.scale
     return dk, dv
 
-  q_blocks = q_first[b * nk + kj], q_end[b * nk + kj]
-
   def head(r, carry):  # the group's query heads share this kv block
-    return jax.lax.fori_loop(*q_blocks, functools.partial(step, r), carry)
+    return _loop(spans, b * nk + kj, functools.partial(step, r), carry)
 
   init = (jnp.zeros((bk, D), jnp.float32), jnp.zeros((bk, D), jnp.float32))
   dk, dv = jax.lax.fori_loop(0, R, head, init)
@@ -331,10 +335,10 @@ def backward(st: Static, q, k, v, q_seg, kv_seg, table, o, lse, do):
   q_spec = pl.BlockSpec((None, None, bq, D), lambda i, b, h: (b, h, i, 0))
   kv_spec = pl.BlockSpec((None, None, S, D), lambda i, b, h: (b, div(h, R), 0, 0))
   row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
-  in_specs = [_full()] * 2 + [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
+  in_specs = [_full()] * 4 + [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
                               pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
                               pl.BlockSpec((None, S), lambda i, b, h: (b, 0))]
-  args = [*_spans(st, q_seg, kv_seg, bq, bk)[:2], q, k, v, do, lse, di, q_seg, kv_seg]
+  args = [*common.spans(st, q_seg, kv_seg, bq, bk)[:4], q, k, v, do, lse, di, q_seg, kv_seg]
   out_specs, out_shape = [q_spec], [jax.ShapeDtypeStruct(q.shape, q.dtype)]
   if st.num_buckets:
     in_specs.append(_full())
@@ -356,10 +360,10 @@ def backward(st: Static, q, k, v, q_seg, kv_seg, table, o, lse, do):
   heads_spec = pl.BlockSpec((None, R, T, D), lambda j, b, g: (b, g, 0, 0))
   heads_row_spec = pl.BlockSpec((None, R, T), lambda j, b, g: (b, g, 0))
   kv_spec = pl.BlockSpec((None, None, bk, D), lambda j, b, g: (b, g, j, 0))
-  in_specs = [_full()] * 2 + [heads_spec, kv_spec, kv_spec, heads_spec, heads_row_spec,
+  in_specs = [_full()] * 4 + [heads_spec, kv_spec, kv_spec, heads_spec, heads_row_spec,
                               heads_row_spec, pl.BlockSpec((None, T), lambda j, b, g: (b, 0)),
                               pl.BlockSpec((None, bk), lambda j, b, g: (b, j))]
-  args = [*_spans(st, q_seg, kv_seg, bq, bk)[2:], q, k, v, do, lse, di, q_seg, kv_seg]
+  args = [*common.spans(st, q_seg, kv_seg, bq, bk)[4:], q, k, v, do, lse, di, q_seg, kv_seg]
   if st.num_buckets:
     in_specs.append(_full())
     args.append(_relative(st, table, T, S))

@@ -2,13 +2,13 @@
 
 The grid runs over (batch, head, query block, kv block) with the kv block innermost: the
 online-softmax state (row max m, row sum l, output accumulator) lives in VMEM scratch across
-the kv steps of one query block (the FlashAttention-2 schedule). Blocks that no query of the
-block may attend (above the causal diagonal, outside the window, or of disjoint packed
-segments, from per-block segment ranges prefetched to SMEM) are skipped, not computed and
-zeroed; under causal masking their index maps also re-use the last visible block, so a
-skipped step copies nothing from HBM. The T5 relative bias is computed per block from the
-bucket table in SMEM, so no T x S bias exists anywhere, and its gradient is summed per
-bucket in the dq kernel.
+the kv steps of one query block (the FlashAttention-2 schedule). Each block row steps only
+through its span of visible blocks (common.spans: the causal diagonal, the window, packed
+segments; prefetched to SMEM): steps outside it compute nothing, and their index maps
+re-use the span's edge block, so they copy nothing from HBM either. Within the span, fast
+blocks (every query sees every key, one T5 bucket) build no mask and add a scalar bias. The
+T5 relative bias is computed per block from the bucket table in SMEM, so no T x S bias
+exists anywhere, and its gradient is summed per bucket in the dq kernel.
 
 Layouts inside: q [B, H, T, D], k and v [B, G, S, D]; T and S padded to the blocks, with
 padding marked by segment id 0. Per-row statistics are kept lane-replicated [rows, 128] and
@@ -118,16 +118,19 @@ def _rem(a, b: int):
   return jax.lax.rem(a, b)
 
 
-def _kv_block(st: Static, i, j, bq: int, bk: int):
-  """The kv block to fetch at grid step (q block i, kv block j): j, or under causal masking
-  the last block block i can see, so the steps it skips re-use that block and copy nothing."""
-  return jnp.minimum(j, div(i * bq + bq - 1, bk)) if st.causal else j
+def _fetched(spans, row, j):
+  """The block to fetch at step j of a row whose span is [first, end): j clamped into it, so
+  a step outside re-uses its neighbour's block and copies nothing."""
+  return jnp.minimum(jnp.maximum(j, spans[0][row]), jnp.maximum(spans[1][row] - 1, 0))
 
 
-def _q_block(st: Static, i, j, bq: int, bk: int, nq: int):
-  """The q block to fetch at grid step (q block i, kv block j) of the dk/dv kernel: i, or
-  under causal masking at least the first block that sees kv block j (within the nq)."""
-  return jnp.minimum(jnp.maximum(i, div(j * bk, bq)), nq - 1) if st.causal else i
+def _steps(spans, row, j, step):
+  """Runs step(fast) at step j of a row: step(True) in its run of fast blocks (no mask, one
+  bias bucket), step(False) at its other visible blocks (common.spans)."""
+  first, end, fast_first, fast_end = (x[row] for x in spans)
+  fast = (fast_first <= j) & (j < fast_end)
+  pl.when(fast)(functools.partial(step, True))
+  pl.when((first <= j) & (j < end) & jnp.logical_not(fast))(functools.partial(step, False))
 
 
 def _lanes(x, n: int):
@@ -137,15 +140,10 @@ def _lanes(x, n: int):
   return x[:, :n]
 
 
-def _block_visible(st: Static, ranges, b, qi, kj, bq: int, bk: int):
-  """Whether any query of block qi may attend any key of block kj (scalar, from SMEM)."""
-  q_lo, q_hi, kv_lo, kv_hi, nq, nk = ranges
-  visible = (q_lo[b * nq + qi] <= kv_hi[b * nk + kj]) & (kv_lo[b * nk + kj] <= q_hi[b * nq + qi])
-  return visible & common.blocks_visible(st, qi * bq, kj * bk, bq, bk)
-
-
-def _mask(st: Static, qseg_ref, kvseg_ref, qi, kj, bq: int, bk: int):
-  """Boolean [bq, bk]: same non-padding segment, causal and window."""
+def _mask(st: Static, qseg_ref, kvseg_ref, qi, kj, bq: int, bk: int, fast: bool):
+  """Boolean [bq, bk]: same non-padding segment, causal and window; None in a fast block."""
+  if fast:
+    return None
   qseg = _lanes(qseg_ref[...], bk)  # [bq, bk]
   kvseg = kvseg_ref[:1, :]  # [1, bk]
   mask = (qseg == kvseg) & (qseg != 0)
@@ -153,10 +151,18 @@ def _mask(st: Static, qseg_ref, kvseg_ref, qi, kj, bq: int, bk: int):
   return mask if position is None else mask & position
 
 
-def _logits(st: Static, q, k, table_ref, h, qi, kj, bq, bk):
+def _where(mask, x, other):
+  return x if mask is None else jnp.where(mask, x, other)
+
+
+def _logits(st: Static, q, k, table_ref, h, qi, kj, bq, bk, fast: bool):
+  """The block's scaled logits with the T5 bias, and its buckets (one scalar if fast)."""
   s = dot(q, k, NT) * st.scale
   buckets = None
-  if st.num_buckets:
+  if st.num_buckets and fast:
+    buckets = common.bucket_of(st, kj * bk - qi * bq)
+    s = s + table_ref[h, buckets]
+  elif st.num_buckets:
     buckets = common.buckets(st, qi, kj, bq, bk)
     s = s + common.bias(st, table_ref, h, buckets)
   return s, buckets
@@ -165,8 +171,8 @@ def _logits(st: Static, q, k, table_ref, h, qi, kj, bq, bk):
 # ------------------------------------------------------------------------------- forward
 
 
-def _fwd_kernel(q_lo, q_hi, kv_lo, kv_hi, q_ref, k_ref, v_ref, qseg_ref, kvseg_ref, *rest,
-                st: Static, nq: int, nk: int):
+def _fwd_kernel(*refs, st: Static, nq: int, nk: int):
+  spans, (q_ref, k_ref, v_ref, qseg_ref, kvseg_ref), rest = refs[:4], refs[4:9], refs[9:]
   table_ref = rest[0] if st.num_buckets else None
   o_ref, lse_ref, m_scr, l_scr, acc_scr = rest[1:] if st.num_buckets else rest
   b, h, qi, kj = (pl.program_id(i) for i in range(4))
@@ -178,21 +184,20 @@ def _fwd_kernel(q_lo, q_hi, kv_lo, kv_hi, q_ref, k_ref, v_ref, qseg_ref, kvseg_r
     l_scr[...] = jnp.zeros(l_scr.shape, jnp.float32)
     acc_scr[...] = jnp.zeros(acc_scr.shape, jnp.float32)
 
-  ranges = (q_lo, q_hi, kv_lo, kv_hi, nq, nk)
-
-  @pl.when(_block_visible(st, ranges, b, qi, kj, bq, bk))
-  def _step():
-    s, _ = _logits(st, q_ref[...], k_ref[...], table_ref, h, qi, kj, bq, bk)
-    mask = _mask(st, qseg_ref, kvseg_ref, qi, kj, bq, bk)
-    s = jnp.where(mask, s, NEG)
+  def step(fast):
+    s, _ = _logits(st, q_ref[...], k_ref[...], table_ref, h, qi, kj, bq, bk, fast)
+    mask = _mask(st, qseg_ref, kvseg_ref, qi, kj, bq, bk, fast)
+    s = _where(mask, s, NEG)
     m_prev, l_prev = m_scr[...], l_scr[...]  # [bq, 128]
     m_next = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-    p = jnp.where(mask, jnp.exp(s - _lanes(m_next, bk)), 0.0)
+    p = _where(mask, jnp.exp(s - _lanes(m_next, bk)), 0.0)
     alpha = jnp.exp(m_prev - m_next)
     l_scr[...] = alpha * l_prev + jnp.sum(p, axis=1, keepdims=True)
     m_scr[...] = m_next
     pv = dot(p.astype(v_ref.dtype), v_ref[...])
     acc_scr[...] = acc_scr[...] * _lanes(alpha, acc_scr.shape[1]) + pv
+
+  _steps(spans, b * nq + qi, kj, step)
 
   @pl.when(kj == nk - 1)
   def _store():
@@ -223,12 +228,12 @@ def forward(st: Static, q, k, v, q_seg, kv_seg, table):
   qseg_l, kvseg_l = _seg_layouts(q_seg, kv_seg)
   in_specs = [
       pl.BlockSpec((None, None, bq, D), lambda b, h, i, j, *_: (b, h, i, 0)),
-      pl.BlockSpec((None, None, bk, D),
-                   lambda b, h, i, j, *_: (b, div(h, R), _kv_block(st, i, j, bq, bk), 0)),
-      pl.BlockSpec((None, None, bk, D),
-                   lambda b, h, i, j, *_: (b, div(h, R), _kv_block(st, i, j, bq, bk), 0)),
+      kv_spec := pl.BlockSpec((None, None, bk, D), lambda b, h, i, j, *spans: (
+          b, div(h, R), _fetched(spans, b * nq + i, j), 0)),
+      kv_spec,
       pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, *_: (b, i, 0)),
-      pl.BlockSpec((None, SUBLANES, bk), lambda b, h, i, j, *_: (b, 0, j)),
+      pl.BlockSpec((None, SUBLANES, bk),
+                   lambda b, h, i, j, *spans: (b, 0, _fetched(spans, b * nq + i, j))),
   ]
   args = [q, k, v, qseg_l, kvseg_l]
   if st.num_buckets:
@@ -246,24 +251,25 @@ def forward(st: Static, q, k, v, q_seg, kv_seg, table):
                  jax.ShapeDtypeStruct((B, H, T, LANES), jnp.float32)],
       compiler_params=compiler_params(st, "forward", D, q.dtype),
       interpret=st.interpret, name="flash_attention_fwd",
-  )(*common.block_ranges(q_seg, kv_seg, bq, bk), *args)
+  )(*common.spans(st, q_seg, kv_seg, bq, bk)[:4], *args)
   return o, lse[..., 0]  # the residual kept for the backward: one lane
 
 
 # ------------------------------------------------------------------------------ backward
 
 
-def _probs_and_ds(st, q, k, v, do, lse, di, mask, table_ref, h, qi, kj, bq, bk):
+def _probs_and_ds(st, q, k, v, do, lse, di, mask, table_ref, h, qi, kj, bq, bk, fast):
   """p = softmax probabilities and ds = d loss / d logits of one block."""
-  s, buckets = _logits(st, q, k, table_ref, h, qi, kj, bq, bk)
-  p = jnp.where(mask, jnp.exp(s - _lanes(lse, bk)), 0.0)
+  s, buckets = _logits(st, q, k, table_ref, h, qi, kj, bq, bk, fast)
+  p = _where(mask, jnp.exp(s - _lanes(lse, bk)), 0.0)
   dp = dot(do, v, NT)
   ds = p * (dp - _lanes(di, bk))
   return p, ds, buckets
 
 
-def _dq_kernel(q_lo, q_hi, kv_lo, kv_hi, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref,
-               qseg_ref, kvseg_ref, *rest, st: Static, nq: int, nk: int):
+def _dq_kernel(*refs, st: Static, nq: int, nk: int):
+  spans, rest = refs[:4], refs[12:]
+  q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref, kvseg_ref = refs[4:12]
   if st.num_buckets:
     table_ref, dq_ref, dbias_ref, dq_scr, dbias_scr = rest
   else:
@@ -277,20 +283,20 @@ def _dq_kernel(q_lo, q_hi, kv_lo, kv_hi, q_ref, k_ref, v_ref, do_ref, lse_ref, d
     if st.num_buckets:
       dbias_scr[...] = jnp.zeros(dbias_scr.shape, jnp.float32)
 
-  ranges = (q_lo, q_hi, kv_lo, kv_hi, nq, nk)
-
-  @pl.when(_block_visible(st, ranges, b, qi, kj, bq, bk))
-  def _step():
-    mask = _mask(st, qseg_ref, kvseg_ref, qi, kj, bq, bk)
+  def step(fast):
+    mask = _mask(st, qseg_ref, kvseg_ref, qi, kj, bq, bk, fast)
     _, ds, buckets = _probs_and_ds(st, q_ref[...], k_ref[...], v_ref[...], do_ref[...],
-                                   lse_ref[...], di_ref[...], mask, table_ref, h, qi, kj, bq, bk)
+                                   lse_ref[...], di_ref[...], mask, table_ref, h, qi, kj, bq, bk,
+                                   fast)
     dq_scr[...] += dot(ds.astype(k_ref.dtype), k_ref[...]) * st.scale
     if st.num_buckets:  # d table[n, h] = sum of ds where the bucket is n
       lane = jax.lax.broadcasted_iota(jnp.int32, dbias_scr.shape, 1)
-      update = jnp.zeros(dbias_scr.shape, jnp.float32)
-      for n in range(st.num_buckets):
+      update = jnp.where(lane == buckets, jnp.sum(ds), 0.0) if fast else 0.0
+      for n in range(0 if fast else st.num_buckets):
         update = update + jnp.where(lane == n, jnp.sum(jnp.where(buckets == n, ds, 0.0)), 0.0)
       dbias_scr[...] += update
+
+  _steps(spans, b * nq + qi, kj, step)
 
   @pl.when(kj == nk - 1)
   def _store():
@@ -299,8 +305,9 @@ def _dq_kernel(q_lo, q_hi, kv_lo, kv_hi, q_ref, k_ref, v_ref, do_ref, lse_ref, d
       dbias_ref[...] = dbias_scr[...]
 
 
-def _dkv_kernel(q_lo, q_hi, kv_lo, kv_hi, q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref,
-                qseg_ref, kvseg_ref, *rest, st: Static, nq: int, nk: int, R: int):
+def _dkv_kernel(*refs, st: Static, nq: int, nk: int, R: int):
+  spans, rest = refs[:4], refs[12:]
+  q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref, kvseg_ref = refs[4:12]
   table_ref = rest[0] if st.num_buckets else None
   dk_ref, dv_ref, dk_scr, dv_scr = rest[1:] if st.num_buckets else rest
   b, g, kj, t = (pl.program_id(i) for i in range(4))
@@ -312,16 +319,15 @@ def _dkv_kernel(q_lo, q_hi, kv_lo, kv_hi, q_ref, k_ref, v_ref, do_ref, lse_ref, 
     dk_scr[...] = jnp.zeros(dk_scr.shape, jnp.float32)
     dv_scr[...] = jnp.zeros(dv_scr.shape, jnp.float32)
 
-  ranges = (q_lo, q_hi, kv_lo, kv_hi, nq, nk)
-
-  @pl.when(_block_visible(st, ranges, b, qi, kj, bq, bk))
-  def _step():
-    mask = _mask(st, qseg_ref, kvseg_ref, qi, kj, bq, bk)
+  def step(fast):
+    mask = _mask(st, qseg_ref, kvseg_ref, qi, kj, bq, bk, fast)
     q, do = q_ref[...], do_ref[...]
     p, ds, _ = _probs_and_ds(st, q, k_ref[...], v_ref[...], do, lse_ref[...], di_ref[...],
-                             mask, table_ref, h, qi, kj, bq, bk)
+                             mask, table_ref, h, qi, kj, bq, bk, fast)
     dv_scr[...] += dot(p.astype(do.dtype), do, TN)
     dk_scr[...] += dot(ds.astype(q.dtype), q, TN) * st.scale
+
+  _steps(spans, b * nk + kj, qi, step)
 
   @pl.when(t == R * nq - 1)
   def _store():
@@ -344,12 +350,13 @@ def backward(st: Static, q, k, v, q_seg, kv_seg, table, o, lse, do):
   bq, bk = st.block_q_dq, st.block_kv_dq
   nq, nk = T // bq, S // bk
   q_spec = pl.BlockSpec((None, None, bq, D), lambda b, h, i, j, *_: (b, h, i, 0))
-  kv_spec = pl.BlockSpec((None, None, bk, D),
-                         lambda b, h, i, j, *_: (b, div(h, R), _kv_block(st, i, j, bq, bk), 0))
+  kv_spec = pl.BlockSpec((None, None, bk, D), lambda b, h, i, j, *spans: (
+      b, div(h, R), _fetched(spans, b * nq + i, j), 0))
   row_spec = pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j, *_: (b, h, i, 0))
   in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
               pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, *_: (b, i, 0)),
-              pl.BlockSpec((None, SUBLANES, bk), lambda b, h, i, j, *_: (b, 0, j))]
+              pl.BlockSpec((None, SUBLANES, bk),
+                           lambda b, h, i, j, *spans: (b, 0, _fetched(spans, b * nq + i, j)))]
   args = [q, k, v, do, lse, di, qseg_l, kvseg_l]
   out_specs, out_shape = [q_spec], [jax.ShapeDtypeStruct(q.shape, q.dtype)]
   scratch = [pltpu.VMEM((bq, D), jnp.float32)]
@@ -367,7 +374,7 @@ def backward(st: Static, q, k, v, q_seg, kv_seg, table, o, lse, do):
           scratch_shapes=scratch),
       out_shape=out_shape, interpret=st.interpret, name="flash_attention_dq",
       compiler_params=compiler_params(st, "dq", D, q.dtype),
-  )(*common.block_ranges(q_seg, kv_seg, bq, bk), *args)
+  )(*common.spans(st, q_seg, kv_seg, bq, bk)[:4], *args)
   dq = outs[0]
   dtable = None
   if st.num_buckets:  # rows of a block's 8 sublanes are copies: take one, sum the rest
@@ -376,15 +383,15 @@ def backward(st: Static, q, k, v, q_seg, kv_seg, table, o, lse, do):
   # dk, dv: for each kv block, the innermost axis walks the R heads of its group x q blocks.
   bq, bk = st.block_q_dkv, st.block_kv_dkv
   nq, nk = T // bq, S // bk
-  def q_index(b, g, j, t, *_):
-    return (b, g * R + div(t, nq), _q_block(st, _rem(t, nq), j, bq, bk, nq), 0)
+  def q_index(b, g, j, t, *spans):
+    return (b, g * R + div(t, nq), _fetched(spans, b * nk + j, _rem(t, nq)), 0)
 
   q_spec = pl.BlockSpec((None, None, bq, D), q_index)
   row_spec = pl.BlockSpec((None, None, bq, LANES), q_index)
   kv_spec = pl.BlockSpec((None, None, bk, D), lambda b, g, j, t, *_: (b, g, j, 0))
   in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
-              pl.BlockSpec((None, bq, LANES),
-                           lambda b, g, j, t, *_: (b, _q_block(st, _rem(t, nq), j, bq, bk, nq), 0)),
+              pl.BlockSpec((None, bq, LANES), lambda b, g, j, t, *spans: (
+                  b, q_index(b, g, j, t, *spans)[2], 0)),
               pl.BlockSpec((None, SUBLANES, bk), lambda b, g, j, t, *_: (b, 0, j))]
   args = [q, k, v, do, lse, di, qseg_l, kvseg_l]
   if st.num_buckets:
@@ -399,5 +406,5 @@ def backward(st: Static, q, k, v, q_seg, kv_seg, table, o, lse, do):
       out_shape=[jax.ShapeDtypeStruct(k.shape, k.dtype), jax.ShapeDtypeStruct(v.shape, v.dtype)],
       compiler_params=compiler_params(st, "dk/dv", D, q.dtype),
       interpret=st.interpret, name="flash_attention_dkv",
-  )(*common.block_ranges(q_seg, kv_seg, bq, bk), *args)
+  )(*common.spans(st, q_seg, kv_seg, bq, bk)[4:], *args)
   return dq, dk, dv, dtable
