@@ -54,7 +54,7 @@ jax.config.update("jax_default_matmul_precision", "highest")
 LONG_FIRST = ("tests/train/robustness_test.py", "tests/train/train_test.py",
               "tests/train/gcs_test.py", "tests/train/integrity_test.py",
               "tests/tools_train_test.py", "tests/checkpoint_test.py",
-              "tests/kernels/targets_test.py", "tests/kernels/tpu_fit_test.py",
+              "tests/kernels/targets_test.py",
               "tests/kernels/models_test.py",
               "tests/tools_test.py", "tests/hf_test.py")
 

@@ -1,9 +1,10 @@
 """The kernels compiled for real accelerators without them (llmjax/kernels/targets.py): Mosaic
 to TPU code for v4 (megacore), v5e, v5p and v6e, Triton and ptxas to GPU code for A100 and
-H100; the forward and the gradient over head dims, features and dtypes (`matrix`) at the
-default blocks, the largest blocks accepted and the refusal of larger ones, ptxas's figures
-at the defaults, and whole sharded train steps. (The forward kernel is the one the
-gradient's program runs first.)
+H100; the forward and the gradient over head dims, features and dtypes at the default
+blocks (`matrix`) and at the largest blocks accepted (`largest_matrix`), the refusal of
+larger ones, ptxas's figures at the defaults, and whole sharded train steps. (The forward
+kernel is the one the gradient's program runs first.) LLMJAX_TARGET_MATRIX=full compiles
+the whole product both ways (17 CPU-minutes at the default blocks alone).
 
 Needs the `targets` extra (libtpu, the CUDA plugin and ptxas; part of the test extra).
 Without it the tests skip with a warning that says so in the summary.
@@ -63,11 +64,11 @@ def matrix():
 
 
 def compile_attention(device, backend: str, D: int, dtype, feature: str, block_sizes=None,
-                      lower_only: bool = False, precision: str = "default"):
-  """The jitted gradient of the kernel, compiled for `device` (or only lowered): its program
-  runs the forward kernel (with the statistics it saves), then the dq and dk/dv kernels.
-  `precision`: jax_default_matmul_precision ("default": float32 in TF32 on GPU, as users get
-  it; the test session's is "highest")."""
+                      lower_only: bool = False, precision: str = "default", T: int = T):
+  """The jitted gradient of the kernel at length T, compiled for `device` (or only lowered):
+  its program runs the forward kernel (with the statistics it saves), then the dq and dk/dv
+  kernels. `precision`: jax_default_matmul_precision ("default": float32 in TF32 on GPU, as
+  users get it; the test session's is "highest")."""
   G, kwargs = FEATURES[feature]
   target = targets.name_of(device)
   sharding = jax.sharding.SingleDeviceSharding(device)
@@ -94,22 +95,57 @@ def compile_attention(device, backend: str, D: int, dtype, feature: str, block_s
   return lowered if lower_only else lowered.compile()
 
 
+def largest(target: str, D: int, dtype, feature: str) -> int:
+  """The largest square blocks `BlockSizes` accepts for the configuration on `target` (TPU:
+  multiples of 128 up to 2048; GPU: powers of two up to 128), by flash_attention's own
+  checks: each refusal comes before anything is lowered."""
+  device, backend = targets.devices(target)[0], "tpu" if target in targets.TPUS else "gpu"
+  for b in range(2048, 127, -128) if backend == "tpu" else (128, 64, 32, 16):
+    try:
+      compile_attention(device, backend, D, dtype, feature, BlockSizes(b, b), lower_only=True,
+                        T=b)
+      return b
+    except ValueError as e:
+      assert str(e).startswith("BlockSizes"), e
+  raise AssertionError(f"{target} accepts no blocks for D {D} {feature} {dtype}")
+
+
+def largest_matrix(target: str):
+  """The configurations compiled at their largest blocks: all 36 with
+  LLMJAX_TARGET_MATRIX=full; else bfloat16 causal + segments at D 128 on TPU (float32 T5 bias
+  at D 64 too on v4, whose VMEM binds first: elsewhere the dq kernel's per-bucket selects at
+  blocks of 1024 and more take minutes to compile), GQA at D 128 and a float32 window at D 256
+  on GPU."""
+  if os.environ.get("LLMJAX_TARGET_MATRIX") == "full":
+    return list(matrix())
+  if target in targets.GPUS:
+    return [(128, "gqa", jnp.bfloat16), (256, "window", jnp.float32)]
+  return [(128, "causal_segments", jnp.bfloat16)] + [(64, "t5_bias_causal", jnp.float32)] * (
+      target == "v4")
+
+
 
 def _need_compiler(target: str):
   if not (HAVE_LIBTPU if target in targets.TPUS else HAVE_CUDA):
     pytest.skip(f"no compiler for {target} is installed")
 
 
+@pytest.mark.parametrize("blocks", ["default", "largest"])
 @pytest.mark.parametrize("target", targets.NAMES)
-def test_every_feature_compiles_at_the_default_blocks(target):
+def test_every_feature_compiles(target, blocks):
+  """Forward and gradient compile for the target over `matrix` at the default blocks, and
+  over `largest_matrix` at the largest square blocks accepted (with the sequence that long)."""
   _need_compiler(target)
   device, backend = targets.devices(target)[0], "tpu" if target in targets.TPUS else "gpu"
   failed = []
-  for D, feature, dtype in matrix():
+  for D, feature, dtype in matrix() if blocks == "default" else largest_matrix(target):
+    b = largest(target, D, dtype, feature) if blocks == "largest" else None
     try:
-      program = compile_attention(device, backend, D, dtype, feature).as_text()
+      program = compile_attention(device, backend, D, dtype, feature, b and BlockSizes(b, b),
+                                  T=b or T).as_text()
     except Exception as e:  # noqa: BLE001 - every failure is collected and reported
-      failed.append(f"D {D} {feature} {jnp.dtype(dtype).name}: {str(e).splitlines()[0]}")
+      failed.append(f"D {D} {feature} {jnp.dtype(dtype).name} blocks {b or 'default'}: "
+                    f"{str(e).splitlines()[0]}")
       continue
     assert all(f"flash_attention_{kernel}" in program for kernel in ("fwd", "dq", "dkv"))
   assert not failed, "\n".join(failed)
@@ -134,7 +170,7 @@ def test_default_gpu_kernels_keep_registers_and_pipeline_their_loads(target):
 
 @pytest.mark.skipif(not HAVE_CUDA, reason="the CUDA plugin or ptxas is not installed")
 @pytest.mark.parametrize("target", list(targets.GPUS))
-def test_gpu_refuses_blocks_that_do_not_fit_and_compiles_the_largest_it_accepts(target):
+def test_gpu_refuses_blocks_that_do_not_fit(target):
   device = targets.devices(target)[0]
 
   def lower(D, dtype, feature, block):
@@ -148,16 +184,8 @@ def test_gpu_refuses_blocks_that_do_not_fit_and_compiles_the_largest_it_accepts(
                                        rf"the fwd kernel needs \d+ bytes of shared memory, "
                                        rf"more than {target}'s"):
     lower(256, jnp.float32, "plain", 128)
-  for D, dtype, feature in ((128, jnp.bfloat16, "gqa"), (256, jnp.float32, "window")):
-    for block in (128, 64, 32, 16):  # the largest square blocks accepted, compiled
-      try:
-        lowered = lower(D, dtype, feature, block)
-      except ValueError:
-        continue
-      lowered.compile()
-      break
-    else:
-      pytest.fail(f"no blocks accepted for D {D} {feature}")
+  assert largest(target, 128, jnp.bfloat16, "gqa") == 128
+  assert largest(target, 256, jnp.float32, "plain") < 128
   # float32 at full precision (Triton's IEEE dot stages more in shared memory) at the defaults
   compile_attention(device, "gpu", 64, jnp.float32, "causal_segments", precision="highest")
 

@@ -1,9 +1,7 @@
 """What fits a TPU's VMEM (llmjax/kernels/flash_attention/tpu.py): the VMEM model bounds what
-Mosaic allocates, blocks one step past the largest that fit are refused before compiling,
-and the largest that fit compile (with the scoped VMEM limit raised where the model says so).
-
-The compile tests need libtpu (the `targets` extra); without it they skip, with the warning
-of targets_test.py.
+Mosaic allocates, and blocks one step past the largest that fit are refused before
+compiling. (targets_test.py compiles the largest that fit, with the scoped VMEM limit raised
+where the model says so.)
 """
 
 import jax
@@ -12,8 +10,6 @@ import pytest
 
 from llmjax.kernels import flash_attention, targets
 from llmjax.kernels.flash_attention import BlockSizes, tpu
-from tests.kernels import targets_test
-from tests.kernels.targets_test import HAVE_LIBTPU
 
 MiB = 1 << 20
 BF16, F32 = jnp.bfloat16, jnp.float32
@@ -104,20 +100,3 @@ def test_one_block_past_the_largest_is_refused_before_compiling(target):
     attend(BlockSizes(b + 128, b + 128))
   with pytest.raises(ValueError, match="^BlockSizes block_q_dq=2048, block_kv_dq=2048: the dq "):
     attend(BlockSizes(b, b, block_q_dq=2048, block_kv_dq=2048))
-
-
-@pytest.mark.skipif(not HAVE_LIBTPU, reason="libtpu is not installed")
-@pytest.mark.parametrize("target", list(targets.TPUS))
-def test_the_largest_blocks_that_fit_compile(target, monkeypatch):
-  """Forward and gradient at the largest square blocks the model accepts, raising the scoped
-  VMEM limit over the default where they need to: bfloat16 causal with segments, head dim
-  128 (2048 but on v4); and on v4, whose VMEM binds first, T5 bias in float32 at head dim
-  64 (elsewhere its large blocks take minutes to compile)."""
-  device = targets.devices(target)[0]
-  cases = [(128, BF16, "causal_segments")] + [(64, F32, "t5_bias_causal")] * (target == "v4")
-  for D, dtype, feature in cases:
-    b = largest(target, D, dtype, "bias" in feature)
-    monkeypatch.setattr(targets_test, "T", b)
-    gradient = targets_test.compile_attention(device, "tpu", D, dtype, feature,
-                                              BlockSizes(b, b))
-    assert gradient.as_text().count("custom_call_target=\"tpu_custom_call\"") == 3

@@ -59,12 +59,13 @@ def _smem(st: Static, kernel: str, D: int, itemsize: int, stages: int) -> int:
 
 
 def _params(st: Static, kernel: str, D: int, itemsize: int) -> plgpu.CompilerParams:
-  """8 warps for tiles of 128 x 32 x 128 (rows x columns x D) or more, else 4; the most
-  pipeline stages (3, 2 or 1) whose buffers fit the target's shared memory."""
+  """8 warps for tiles of 128 x 32 x 128 (rows x columns x D) or more (dk/dv, with two
+  accumulators, from 64 x 32 x 128), else 4; the most pipeline stages (3, 2 or 1) whose
+  buffers fit the target's shared memory."""
   own, loop = (getattr(st, name) for name in KERNELS[kernel])
   limit = targets.GPUS[st.target or "a100"]["smem_per_block"]
   return plgpu.CompilerParams(
-      num_warps=8 if own * loop * D >= 128 * 32 * 128 else 4,
+      num_warps=8 if own * loop * D >= (64 if kernel == "dkv" else 128) * 32 * 128 else 4,
       num_stages=next((n for n in (3, 2) if _smem(st, kernel, D, itemsize, n) <= limit), 1))
 
 
