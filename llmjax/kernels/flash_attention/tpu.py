@@ -42,9 +42,10 @@ KERNELS = {"forward": ("block_q", "block_kv"), "dq": ("block_q_dq", "block_kv_dq
 DEFAULT_LIMIT = {"v4": 16 * MiB, "v5e": 16 * MiB, "v5p": 16 * MiB, "v6e": 32 * MiB}
 # The [bq, bk] float32 temporaries of each kernel: a count without and with T5 bias, and
 # for float32 inputs a count more per 128 lanes of head dim (the full-precision products
-# split their operands in bfloat16 parts); with T5 bias and rows over 256 bytes, Mosaic keeps
-# the dq kernel's per-bucket selects live: WIDE_DQ_BIAS. Fitted to bound what it allocates
-# (libtpu 0.0.42.1, v4 to v6e; MEASURED in tests/kernels/tpu_fit_test.py).
+# split their operands in bfloat16 parts); with T5 bias and rows over 256 bytes, or blocks
+# over 768 x 768, Mosaic keeps the dq kernel's per-bucket selects live: WIDE_DQ_BIAS (v5e,
+# D 64 bfloat16: 17.8 tiles at 1024 x 1024, 23.7 at 2048 x 2048). Fitted to bound what it
+# allocates (libtpu 0.0.42.1, v4 to v6e; MEASURED in tests/kernels/tpu_fit_test.py).
 TEMPS = {"forward": (2.25, 2.25, 1.5), "dq": (1.25, 3.5, 2.5), "dk/dv": (1.75, 1.75, 2.0)}
 WIDE_DQ_BIAS = 24.0
 
@@ -71,7 +72,8 @@ def vmem_need(kernel: str, bq: int, bk: int, D: int, dtype, bias: bool) -> int:
   else:
     blocks, scratch = 2 * bq * d * n + 3 * rows + kv + 2 * bk * d * n, 2 * bk * d * 4
   plain, biased, per_lanes = TEMPS[kernel]
-  count = (WIDE_DQ_BIAS if kernel == "dq" and D * n > 256 else biased) if bias else plain
+  wide = kernel == "dq" and (D * n > 256 or bq * bk > 768 * 768)
+  count = (WIDE_DQ_BIAS if wide else biased) if bias else plain
   temps = (count + (per_lanes * d / LANES if n == 4 else 0)) * bq * bk * 4
   return int(2 * blocks + scratch + temps) + MiB // 4
 
