@@ -54,12 +54,16 @@ def buckets(st: Static, qi, kj, bq: int, bk: int):
   return bucket_of(st, col - row)
 
 
+def at_least(x, n: int = 1):
+  """1 where integer x >= n, else 0: a comparison without a boolean or a select (Triton can
+  neither stage booleans in shared memory nor lower a broadcast scalar select)."""
+  return jnp.clip(x - n + 1, 0, 1)
+
+
 def bucket_of(st: Static, rel):
   """T5's bucket of each distance key - query in `rel`: integer comparisons against the
   per-direction thresholds (kernels/buckets.py), no transcendental in the kernel, and no
   select (Triton mislowers a broadcast scalar select)."""
-  def at_least(x, n):  # 1 where x >= n, else 0 (integers)
-    return jnp.clip(x - n + 1, 0, 1)
   if st.bias_bidirectional:
     bucket, distance = st.num_buckets // 2 * at_least(rel, 1), jnp.abs(rel)
   else:

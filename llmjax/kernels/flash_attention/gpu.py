@@ -121,18 +121,16 @@ def _mask(st: Static, qseg, kvseg, qi, kj, bq: int, bk: int, fast: bool):
   element type bit width ...)."""
   if fast:
     return None
-
-  def at_least_one(x):  # 1 where x >= 1, 0 where x <= 0 (integers)
-    return jnp.clip(x, 0, 1)
-  keep = (1 - at_least_one(jnp.abs(qseg[:, None] - kvseg[None, :]))) * at_least_one(qseg)[:, None]
+  at_least = common.at_least
+  keep = (1 - at_least(jnp.abs(qseg[:, None] - kvseg[None, :]))) * at_least(qseg)[:, None]
   if st.causal or st.window is not None:
     row = qi * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
     col = kj * bk + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
     if st.causal:
-      keep = keep * at_least_one(row - col + 1)
+      keep = keep * at_least(row - col + 1)
     if st.window is not None:
       distance = row - col if st.causal else jnp.abs(row - col)
-      keep = keep * at_least_one(st.window - distance)
+      keep = keep * at_least(st.window - distance)
   return keep.astype(jnp.float32)
 
 
