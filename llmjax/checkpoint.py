@@ -1,18 +1,13 @@
 """Loading what training and conversion write: parameters, the model that uses them, the tokenizer.
 
-Two kinds of directory hold parameters:
+Two kinds of directory, local or gs://, hold parameters:
 
     model checkpoint   model.json (see `models.config_to_dict`) + params/ (an Orbax PyTree
                        checkpoint), optionally a tokenizer; what `save_model` and
                        tools/convert_hf.py write
     llmjax workdir     config.json (the run's config) + checkpoints/<step>/state (the train
                        state {"step", "params", "opt_state"}, see `train.train`)
-
-`load_model(path)` gives (model, params) of either (of a workdir, its latest checkpoint's
-parameters only). gs:// URLs work as local paths do.
 """
-
-from __future__ import annotations
 
 import contextlib
 import dataclasses
@@ -46,7 +41,6 @@ class _Found:
 
 
 def _run_config(root: epath.Path) -> dict:
-  """A workdir's config.json, checked to be an llmjax run's (it has a model section)."""
   config = _read_json(root / "config.json")
   if not isinstance(config, dict) or not isinstance(config.get("model"), dict):
     raise ValueError(f"{root}/config.json has no model section: not an llmjax workdir (a Hugging "
@@ -55,7 +49,6 @@ def _run_config(root: epath.Path) -> dict:
 
 
 def _locate(path) -> _Found:
-  """Finds the parameters of a model checkpoint or of a workdir's latest checkpoint."""
   root = paths.path(path)
   if not root.is_dir():
     problem = "is not a directory" if root.exists() else "does not exist"
@@ -112,11 +105,9 @@ def save_model(directory: str, model: nn.Module, params) -> None:
 
 
 def load_model(path: str, shardings=None) -> tuple[nn.Module, dict]:
-  """(model, params) of a model checkpoint or of a workdir's latest checkpoint.
-
-  The parameters are plain arrays in their stored dtypes, on one device unless `shardings`
-  (a tree matching them, or one sharding for all) places them.
-  """
+  """(model, params) of a model checkpoint or of a workdir's latest checkpoint: plain arrays
+  in their stored dtypes, on one device unless `shardings` (a tree matching them, or one
+  sharding for all) places them."""
   found = _locate(path)
   if found.model_dict is None:
     raise ValueError(f"workdir {found.root} has checkpoints but no config.json: its model is "
@@ -133,12 +124,8 @@ def load_model(path: str, shardings=None) -> tuple[nn.Module, dict]:
 
 
 def load_params(path: str, abstract_params) -> dict:
-  """Parameters to start fine-tuning from, placed as `abstract_params` (ShapeDtypeStructs
-  with shardings) says.
-
-  `path` is a model checkpoint or a workdir (its latest checkpoint's parameters). Parameters
-  that differ from `abstract_params` in names or shapes are an error naming them.
-  """
+  """The parameters of `path` (as in `load_model`) to fine-tune, placed as `abstract_params`
+  (ShapeDtypeStructs with shardings) says; a difference in names or shapes is an error naming it."""
   found = _locate(path)
   stored, wanted = _shapes(_stored(found)), _shapes(abstract_params)
   problems = [f"{k}: {stored[k]} there, {wanted[k]} here" for k in sorted(wanted)

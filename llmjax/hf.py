@@ -1,16 +1,10 @@
 """Hugging Face checkpoints (config.json + safetensors) -> llmjax models and parameters.
 
-    from llmjax import hf
-    model, params = hf.load("path/to/checkpoint_dir")   # or gs://bucket/checkpoint_dir
-
 Supported architectures: GPT2LMHeadModel (and GPT2Model), BertForMaskedLM, BertModel
 (returns final hidden states; the pooler, if present, is `model.apply(..., method="pooled")`)
-and T5ForConditionalGeneration v1.0 and v1.1. Reading needs safetensors and numpy only,
-never torch. Every tensor the conversion expects is checked for presence and shape, and
-errors name the tensor.
+and T5ForConditionalGeneration v1.0 and v1.1. Reading needs safetensors and numpy, never torch;
+every tensor the conversion expects is checked for presence and shape, and errors name it.
 """
-
-from __future__ import annotations
 
 import json
 import logging
@@ -128,7 +122,6 @@ def _reject(config: dict[str, Any], family: str, **expected) -> None:
 
 
 def _config(cls, derived: dict[str, Any], overrides: dict[str, Any]):
-  """cls(**derived) with `overrides` applied, allowing only the OVERRIDABLE fields."""
   bad = sorted(set(overrides) - set(OVERRIDABLE))
   if bad:
     raise ValueError(f"cannot override {bad} when loading a checkpoint (they are fixed by its "
@@ -289,12 +282,9 @@ def _t5(config, t: _Tensors, overrides):
 
 def convert(config: dict[str, Any], tensors: dict[str, np.ndarray], path: str = "<memory>",
             **overrides) -> tuple[Any, dict]:
-  """(llmjax config, numpy params) from a Hugging Face config dict and tensors.
-
-  `overrides` replace the llmjax config fields named in OVERRIDABLE. A tensor the model has no
-  place for is an error, except task heads llmjax does not build (BERT's next-sentence head),
-  which are logged.
-  """
+  """(llmjax config, numpy params) from a Hugging Face config dict and tensors; `overrides` replace
+  the llmjax config fields named in OVERRIDABLE. A tensor the model has no place for is an error;
+  task heads llmjax does not build (BERT's next-sentence head) are logged."""
   arch = architecture(config, tensors)
   if arch.startswith("GPT2"):
     t = _Tensors(tensors, ("transformer.", ""), path)
@@ -329,11 +319,8 @@ def _stack_all(params: dict) -> dict:
 
 
 def load(path: str, **overrides) -> tuple[nn.Module, dict]:
-  """(model, params) for a Hugging Face checkpoint directory, local or gs://.
-
-  `overrides` replace the run-time config fields in OVERRIDABLE, e.g.
-  `hf.load(p, dtype="bfloat16", scan_layers=True)`. Params are jax arrays in the config's `param_dtype`.
-  """
+  """(model, params) for a Hugging Face checkpoint directory, local or gs://; `overrides` as in
+  `convert` (e.g. dtype="bfloat16", scan_layers=True). Params are jax arrays in `param_dtype`."""
   config, tensors = read_checkpoint(path)
   cfg, params = convert(config, tensors, path, **overrides)
   params = jax.tree.map(lambda x: jnp.asarray(x, cfg.weight_dtype), params)

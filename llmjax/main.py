@@ -5,22 +5,14 @@
         --config.train.steps=500 --config.model.num_layers=2
 
 With no --config it trains the default tiny byte-level GPT (llmjax/train/config.py) on the
-built-in corpus for a few minutes, then prints a sample of what it learned. A workdir that
-holds checkpoints is resumed from the latest; everything lands in it (config.json,
-metrics.jsonl, TensorBoard events, checkpoints). A bad command line is refused in one line
-naming what is wrong, before anything is built.
-
-The log is our progress lines, warnings and errors; `--verbosity=0` adds the libraries' INFO
-lines (Orbax's checkpointing, Grain's pipelines), `--verbosity=1` their debug lines.
-`--config.runlocal=True` shrinks the experiment to a CPU smoke run; `--config.` flags given
-beside it still hold.
+built-in corpus, then prints a sample. A workdir holding checkpoints is resumed from the latest
+(its contents, `--config.runlocal` and `--verbosity`: README.md, Training). A bad command line
+is refused in one line, before anything is built.
 
 Exit status: 0 when the run finished; 1 with a one-line error (the last line of stderr);
 130 / 143 when SIGINT / SIGTERM stopped it (before training: at once; in training: after
 saving the step in flight, so the same command resumes it).
 """
-
-from __future__ import annotations
 
 if __name__ == "__main__":  # before anything heavy is imported: see llmjax/signals.py
   from llmjax import signals as _signals
@@ -93,9 +85,8 @@ def check_command_line(args: list[str]) -> dict[str, str]:
     if negated or (value is None and kind is bool):
       if kind is not bool:
         raise ValueError(f"{flag}: {key} is not a bool; give --config.{key}=VALUE")
-      overrides[key] = "false" if negated else "true"
-      continue
-    if value is None:  # --config.KEY VALUE
+      value = "false" if negated else "true"
+    elif value is None:  # --config.KEY VALUE
       if i == len(args):
         raise ValueError(f"{flag} has no value; give {flag}=VALUE")
       value, i = args[i], i + 1
@@ -136,8 +127,12 @@ def main(argv):
     jax.distributed.initialize()  # Cloud TPU: every worker runs this same command
   from llmjax import train
   config = _CONFIG.value
-  if config.runlocal:
-    config = _runlocal(config)
+  if config.runlocal:  # shrunk to a CPU smoke run, the command line's --config. flags set again
+    from llmjax.train import config as config_lib
+    kept = {k: v for k, v in _OVERRIDES.items() if k != "runlocal"}
+    config = config_lib.with_overrides(config_lib.shrink_for_cpu(config), kept)
+    print("runlocal: shrunk to a CPU smoke run of the same family, objective and optimizer"
+          + (f"; kept {', '.join(f'{k}={v}' for k, v in kept.items())}" if kept else ""))
   workdir = FLAGS.workdir or tempfile.mkdtemp(prefix="llmjax-")
   try:
     result = train.train(config, workdir)
@@ -148,16 +143,6 @@ def main(argv):
   if result.stopped:
     sys.stdout.flush()
     sys.exit(_signals.exit_status(result.stopped))
-
-
-def _runlocal(config):
-  """The experiment shrunk to a CPU smoke run, the command line's --config. flags set again."""
-  from llmjax.train import config as config_lib
-  kept = {k: v for k, v in _OVERRIDES.items() if k != "runlocal"}
-  config = config_lib.with_overrides(config_lib.shrink_for_cpu(config), kept)
-  print("runlocal: shrunk to a CPU smoke run of the same family, objective and optimizer"
-        + (f"; kept {', '.join(f'{k}={v}' for k, v in kept.items())}" if kept else ""))
-  return config
 
 
 def _fail(message: str):
@@ -173,16 +158,13 @@ def _fail(message: str):
 def _quiet_library_errors() -> None:
   """A library's logged errors without their tracebacks (each also reaches us as an exception);
   storage callbacks that find asyncio's loop closed after a failed save print nothing."""
-  import logging as pylogging
+  def one_line(record):
+    if record.exc_info and "site-packages" in record.pathname:
+      record.exc_info = record.exc_text = None
+      record.msg = str(record.msg).splitlines()[0] if str(record.msg) else record.msg
+    return True
 
-  class OneLine(pylogging.Filter):
-    def filter(self, record):
-      if record.exc_info and "site-packages" in record.pathname:
-        record.exc_info = record.exc_text = None
-        record.msg = str(record.msg).splitlines()[0] if str(record.msg) else record.msg
-      return True
-
-  logging.get_absl_handler().addFilter(OneLine())
+  logging.get_absl_handler().addFilter(one_line)
   unraisable = sys.unraisablehook
 
   def unraisablehook(u):  # tensorstore's callbacks, after an asyncio loop closed

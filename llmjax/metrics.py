@@ -1,13 +1,9 @@
 """Metrics: `metrics.jsonl` and TensorBoard event files in the workdir, and MFU.
 
 MFU convention (PaLM, appendix B): a trained token costs 6 * N FLOPs for the N non-embedding
-parameters it touches, plus 6 * L * T * D for attention scores and values (L layers, T
-context, D model width), forward and backward. MFU divides what the steps achieved by the
-peak of the devices: a table of bf16 peaks per accelerator kind, `train.peak_flops` if set,
-or on CPU a float32 matmul measured once per machine and cached (`PEAK_CACHE`).
+parameters it touches, plus 6 * L * T * D for attention scores and values (L layers, T context, D
+model width), forward and backward. MFU divides what the steps achieved by `peak_flops`.
 """
-
-from __future__ import annotations
 
 import contextlib
 import json
@@ -17,6 +13,7 @@ import shutil
 import sys
 import tempfile
 import time
+import timeit
 
 import jax
 import jax.numpy as jnp
@@ -40,27 +37,19 @@ def measured_cpu_flops(n: int = 1024, repeats: int = 20) -> float:
   a = jnp.ones((n, n), jnp.float32)
   matmul = jax.jit(lambda x: x @ x)
   matmul(a).block_until_ready()
-  best = float("inf")
-  for _ in range(repeats):
-    start = time.perf_counter()
-    matmul(a).block_until_ready()
-    best = min(best, time.perf_counter() - start)
-  return 2 * n**3 / best
+  times = timeit.repeat(lambda: matmul(a).block_until_ready(), number=1, repeat=repeats)
+  return 2 * n**3 / min(times)
 
 
-def _cpu_name() -> str:
+def _cached_cpu_peak() -> tuple[float, str]:
+  """This CPU's float32 matmul FLOP/s, measured once per CPU model and core count (PEAK_CACHE)."""
   try:
     with open("/proc/cpuinfo") as f:
       names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
   except OSError:
     names = []
-  return f"{names[0] if names else platform.processor() or platform.machine()} x{os.cpu_count()}"
-
-
-def _cached_cpu_peak() -> tuple[float, str]:
-  """This CPU's float32 matmul FLOP/s, measured once per CPU model and core count and kept in
-  PEAK_CACHE, so that MFU figures of runs on one machine compare."""
-  cache, key = os.path.expanduser(PEAK_CACHE), _cpu_name()
+  key = f"{names[0] if names else platform.processor() or platform.machine()} x{os.cpu_count()}"
+  cache = os.path.expanduser(PEAK_CACHE)
   try:
     with open(cache) as f:
       table = json.load(f)
@@ -105,8 +94,7 @@ class StepMetrics:
   `add(step, metrics)` takes a step's device metrics and fetches the previous step's (checked
   finite): the host runs at most one step ahead of the devices. A step's time is the wall time
   between consecutive `add`s less what ran under `excluded()`; the first `warmup` steps of a
-  run segment (the compile) are not timed.
-  """
+  run segment (the compile) are not timed."""
 
   def __init__(self, flops_per_token: float, peak: float, warmup: int = 2,
                window: dict | None = None):
@@ -117,7 +105,7 @@ class StepMetrics:
     self._last, self._excluded = None, 0.0
 
   def add(self, step: int, metrics: dict) -> None:
-    self._fetch()
+    self.check()
     now = time.perf_counter()
     if self._last is not None:
       if self._warmup > 0:
@@ -135,7 +123,8 @@ class StepMetrics:
     finally:
       self._excluded += time.perf_counter() - start
 
-  def _fetch(self) -> None:
+  def check(self) -> None:
+    """Fetches (and checks) every step so far: call before saving a checkpoint."""
     if self._pending is None:
       return
     step, metrics = self._pending
@@ -146,20 +135,15 @@ class StepMetrics:
                                f"norm {fetched['grad_norm']}")
     self._fetched.append(fetched)
 
-  def check(self) -> None:
-    """Fetches (and checks) every step so far: call before saving a checkpoint."""
-    self._fetch()
-
   def window(self) -> dict:
-    """The fetched metrics of the steps since the last summary (JSON), to save with a
-    checkpoint, so that a resumed run logs what an uninterrupted one does."""
-    self._fetch()
+    """The fetched metrics since the last summary (JSON), saved with a checkpoint for resuming."""
+    self.check()
     return {"steps": list(self._fetched)}
 
   def summary(self, keep: bool = False) -> dict[str, float]:
     """Mean loss, nll and accuracy since the last summary, the last gradient norm and learning
     rate, throughput and MFU (once timed). `keep`: the steps count toward the next one too."""
-    self._fetch()
+    self.check()
     steps = self._fetched
     if not keep:
       self._fetched = []
@@ -199,8 +183,7 @@ class MetricWriter:
   The lines are strict JSON: a value that is not finite is left out. Only process 0 writes.
   TensorBoard files come from tensorboardX, if installed. In a `gs://` workdir (no append)
   metrics.jsonl is rewritten whole at every record, and the TensorBoard events are written
-  locally and copied up at most every `sync_secs` and at close.
-  """
+  locally and copied up at most every `sync_secs` and at close."""
 
   def __init__(self, workdir, sync_secs: float = 30.0):
     self.enabled = jax.process_index() == 0
@@ -215,7 +198,11 @@ class MetricWriter:
         self._lines[-1] += "\n"
       self._local = tempfile.mkdtemp(prefix="llmjax-events-")
     else:
-      torn = self._file.exists() and self._file.stat().length and not _ends_with_newline(self._file)
+      torn = False
+      if self._file.exists() and self._file.stat().length:
+        with self._file.open("rb") as f:
+          f.seek(-1, os.SEEK_END)
+          torn = f.read(1) != b"\n"
       self._jsonl = self._file.open("a")
       if torn:  # a run killed mid-line: end that line so the next record stands alone
         self._jsonl.write("\n")
@@ -239,7 +226,6 @@ class MetricWriter:
         self._sync()
 
   def _sync(self) -> None:
-    """Copies the local TensorBoard event files up to the gs:// workdir."""
     self._tb.flush()
     for name in os.listdir(self._local):
       (self._dir / name).write_bytes(epath.Path(self._local, name).read_bytes())
@@ -269,12 +255,6 @@ def _tensorboard_writer(workdir: str):
     if hide_torch:
       del sys.modules["torch"]
   return SummaryWriter(workdir, flush_secs=30)
-
-
-def _ends_with_newline(file) -> bool:
-  with file.open("rb") as f:
-    f.seek(-1, os.SEEK_END)
-    return f.read(1) == b"\n"
 
 
 def read_metrics(workdir: str) -> list[dict]:

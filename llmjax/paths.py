@@ -1,11 +1,6 @@
 """The one path layer: local paths and URLs (`gs://bucket/...`) alike, through `etils.epath`
 (the library Orbax itself uses). Nothing under llmjax calls `os.path` on a workdir.
-
-    run_dir = paths.open_dir("gs://bucket/run")     # created, proven writable, or one line
-    (run_dir / "config.json").write_text(...)
 """
-
-from __future__ import annotations
 
 import atexit
 import hashlib
@@ -25,8 +20,7 @@ def error_text(e: BaseException, *, last: bool = False) -> str:
 
 def error_line(e: BaseException, limit: int = 200) -> str:
   """`e` in one line for a message: 'Type: first line of its message' (cut at `limit`)."""
-  text = str(e).strip()
-  return f"{type(e).__name__}: {text.splitlines()[0][:limit]}" if text else type(e).__name__
+  return f"{type(e).__name__}: {error_text(e)[:limit]}" if str(e).strip() else type(e).__name__
 
 
 def is_url(p) -> bool:
@@ -69,8 +63,7 @@ def check_bucket(url: str, timeout: float = 10.0) -> None:
 
 
 def open_dir(p, what: str = "workdir") -> epath.Path:
-  """Directory `p`, created if need be and proven writable (a probe file written and removed);
-  a one-line ValueError if it cannot be used."""
+  """Directory `p`, created if need be and proven writable, or a one-line ValueError."""
   check_bucket(str(p))
   directory = path(p)
   probe = directory / f".write_probe_{uuid.uuid4().hex}"

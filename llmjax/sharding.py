@@ -1,14 +1,11 @@
 """Logical axis names, the one table that maps them to mesh axes, and mesh helpers.
 
-Layers name the dimensions of their parameters and activations with the logical
-names below; they never name mesh axes. `RULES` maps logical names to the mesh axes
-of a (data, fsdp, tensor) mesh. Flax reads the rules in order and gives each mesh
-axis to at most one dimension of an array. Parameters and activations name the model
-width differently (`embed` vs `act_embed`) so that FSDP splits a parameter's D while
-an activation [B, T, D] is split over data and fsdp by batch and keeps D whole.
+Layers name the dimensions of their parameters and activations with the logical names below; they
+never name mesh axes. `RULES` maps logical names to the mesh axes of a (data, fsdp, tensor) mesh.
+Flax reads the rules in order and gives each mesh axis to at most one dimension of an array.
+Parameters and activations name the model width differently (`embed` vs `act_embed`) so that FSDP
+splits a parameter's D while an activation [B, T, D] keeps D whole (split by batch).
 """
-
-from __future__ import annotations
 
 import math
 from collections.abc import Sequence
@@ -81,11 +78,8 @@ def fit_spec(spec: P, shape: Sequence[int], mesh) -> P:
 
 
 def logical_sharding(boxed_tree, mesh: Mesh, rules: Rules = RULES):
-  """NamedShardings for a tree of `nn.LogicallyPartitioned` leaves (e.g. from `eval_shape(init)`).
-
-  Leaves without logical names are replicated. A mesh axis that does not divide a
-  dimension is dropped for that dimension rather than failing.
-  """
+  """NamedShardings for a tree of `nn.LogicallyPartitioned` leaves (e.g. from `eval_shape(init)`);
+  leaves without logical names are replicated, and `fit_spec` drops axes a dimension won't take."""
   specs = nn.get_partition_spec(boxed_tree)
   shapes = nn.meta.unbox(boxed_tree)
 

@@ -10,8 +10,6 @@ complete checkpoint is intact). Library users who never call `install()` keep Py
 KeyboardInterrupt; the loop then records signals only while it steps.
 """
 
-from __future__ import annotations
-
 import os
 import signal
 import sys

@@ -1,14 +1,10 @@
 """Hugging Face tokenizers: a checkpoint's tokenizer.json, read with the `tokenizers` library.
 
-    tok = load_tokenizer("path/to/checkpoint_dir")  # or ".../tokenizer.json", or gs://...
-
 The ids and text are those of transformers' `AutoTokenizer.from_pretrained(dir)`:
 `encode(text)` is `tok(text)["input_ids"]`, so it carries the post-processor's special tokens
 (BERT's [CLS] ... [SEP], T5's trailing </s>, none for GPT-2); `add_special_tokens=False` leaves
 them out. `decode(ids)` is `tok.decode(ids, skip_special_tokens=True)`.
 """
-
-from __future__ import annotations
 
 import hashlib
 import json
@@ -18,7 +14,7 @@ import numpy as np
 from etils import epath
 
 from llmjax import paths
-from llmjax.data.tokenizers import _Specials, sentinel_piece
+from llmjax.data.tokenizers import _Specials
 
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILES = ("tokenizer_config.json", "special_tokens_map.json")  # the later one wins, as in HF
@@ -48,19 +44,13 @@ def _types(node) -> set[str]:
   return set()
 
 
-def _content(value) -> str | None:
-  """A config's special token: a string, or a dict (an AddedToken) holding it as "content"."""
-  return value.get("content") if isinstance(value, dict) else value
-
-
 class HFTokenizer(_Specials):
   """A Hugging Face `tokenizer.json` (a file or a directory holding one) with llmjax's interface.
 
   Special ids come from tokenizer_config.json / special_tokens_map.json beside the file where
   they name them (a key set to null means none), else from FALLBACK_NAMES; sentinels are the
   `<extra_id_k>` pieces. The tokenizer.json pipeline is authoritative: transformers rebuilds
-  some classes from their own defaults, which agree with any checkpoint that they wrote.
-  """
+  some classes from their own defaults, which agree with any checkpoint that they wrote."""
 
   def __init__(self, path: str):
     is_dir = paths.is_dir(path)  # gs://: its bucket checked, one line in seconds
@@ -70,14 +60,12 @@ class HFTokenizer(_Specials):
                        f"directory or the path of a {TOKENIZER_FILE}")
     if not file.is_file():
       raise FileNotFoundError(f"Hugging Face tokenizer {str(file)!r} does not exist")
-    text = file.read_text(encoding="utf-8")
     config = {}
-    for name in CONFIG_FILES:
-      beside = file.parent / name
+    for beside in (file.parent / name for name in CONFIG_FILES):
       if beside.is_file():
         config.update(json.loads(beside.read_text(encoding="utf-8")))
     self.spec = path
-    self._load(text, config)
+    self._load(file.read_text(encoding="utf-8"), config)
 
   def _load(self, text: str, config: dict) -> None:
     from tokenizers import AddedToken, Tokenizer
@@ -94,29 +82,26 @@ class HFTokenizer(_Specials):
     self.vocab_size = max(vocab.values()) + 1
 
     def find(kind: str) -> int | None:
-      key = f"{kind}_token"
-      names = (_content(config[key]),) if key in config else FALLBACK_NAMES[kind]
-      return next((vocab[n] for n in names if n in vocab), None)
+      if f"{kind}_token" not in config:
+        return next((vocab[n] for n in FALLBACK_NAMES[kind] if n in vocab), None)
+      named = config[f"{kind}_token"]  # a string, or a dict (an AddedToken) holding it
+      return vocab.get(named.get("content") if isinstance(named, dict) else named)
 
     self.pad_id, self.eos_id, self.bos_id, self.unk_id, self.mask_id, self.cls_id, self.sep_id = (
         find(k) for k in ("pad", "eos", "bos", "unk", "mask", "cls", "sep"))
-    sentinels = []
-    while (i := vocab.get(sentinel_piece(len(sentinels)))) is not None:
-      sentinels.append(i)
-    self.sentinel_ids = tuple(sentinels)
+    self._find_sentinels(vocab.get)
     # transformers marks every named special token special in the backend, so decode drops it
     # and text that spells it encodes to its id; tokenizer.json files it did not write need this.
-    ids = {*self.special_ids, *((self.unk_id,) if self.unk_id is not None else ())}
+    ids = self.special_ids | ({self.unk_id} - {None})
     flagged = {i for i, t in tok.get_added_tokens_decoder().items() if t.special}
     missing = [tok.id_to_token(i) for i in sorted(ids - flagged)]
     if missing:
       tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in missing])
     self.fingerprint = "hf:" + hashlib.sha256(tok.to_str().encode()).hexdigest()[:16]
     # transformers 5 ignores clean_up_tokenization_spaces for BPE models unless forced.
-    bpe = model["model"].get("type") == "BPE"
+    forced = config.get("clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output")
     self._clean_up = bool(config.get("clean_up_tokenization_spaces")) and (
-        not bpe or bool(config.get(
-            "clean_up_tokenization_spaces_for_bpe_even_though_it_will_corrupt_output")))
+        model["model"].get("type") != "BPE" or bool(forced))
     self._word_tables(model, vocab, flagged | ids)
 
   def _word_tables(self, model: dict, vocab: dict[str, int], special: set[int]) -> None:
@@ -155,7 +140,6 @@ class HFTokenizer(_Specials):
     return f"HFTokenizer({self.spec!r}, vocab_size={self.vocab_size})"
 
   def encode(self, text: str, *, add_special_tokens: bool = True) -> np.ndarray:
-    """`text`'s ids, with the post-processor's special tokens unless `add_special_tokens=False`."""
     return np.asarray(self._tok.encode(text, add_special_tokens=add_special_tokens).ids, np.int32)
 
   def encode_batch(self, texts: Sequence[str], *,
@@ -164,7 +148,6 @@ class HFTokenizer(_Specials):
     return [np.asarray(e.ids, np.int32) for e in encodings]
 
   def decode(self, ids) -> str:
-    """Text of `ids`, special tokens dropped, spaces cleaned up where the config asks for it."""
     text = self._tok.decode(np.asarray(ids).reshape(-1).tolist(), skip_special_tokens=True)
     if self._clean_up:  # transformers' clean_up_tokenization, verbatim
       for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"),

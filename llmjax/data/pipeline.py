@@ -4,23 +4,18 @@
            ─▶ flatten ─▶ pack | concat | pad ─▶ batch ─▶ objective.batch ─▶ [worker prefetch]
 
 Everything random is keyed by the seed and the element's index, so the batches are a pure
-function of the source, the arguments of `make_pipeline` (worker_count included: workers
-split the documents among them) and the position: `iterator.get_state()` / `set_state()`
-(or Orbax via `grain.checkpoint.CheckpointSave(iterator)`) resume it exactly, mid-epoch and
-mid-document. A state saved under other arguments is refused, naming what differs.
+function of the source, the arguments of `make_pipeline` (worker_count included: workers split
+the documents among them) and the position: `iterator.get_state()` / `set_state()` (or Orbax
+via `grain.checkpoint.CheckpointSave(iterator)`) resume it exactly, mid-epoch and mid-document.
+A state saved under other arguments is refused, naming what differs.
 
 With several processes and a finite `num_epochs`, processes run out of data after different
-numbers of batches; a multi-host step would then hang. So by default each process then
-yields empty batches (`is_padding(batch)`) forever, and the trainer stops once every
-process's batch is padding.
-
-    it = iter(make_pipeline(source, tokenizer, CausalLM(tokenizer, 256), batch_size=8))
-    batch = next(it)      # dict of [8, 256] numpy arrays; keys in objectives/base.py
+numbers of batches, and a multi-host step would hang. So by default each process then yields
+empty batches (`is_padding(batch)`) forever; the trainer stops once every process's is padding.
 """
 
-from __future__ import annotations
-
 import atexit
+import functools
 import weakref
 from typing import Any
 
@@ -34,15 +29,10 @@ from llmjax.data.sources import check_readable
 PACKINGS = ("pack", "concat", "pad")
 
 
-class _DocumentToExamples:
-  """(document, rng) -> the objective's examples; a class so worker processes can pickle it."""
-
-  def __init__(self, tokenizer, objective):
-    self.tokenizer, self.objective = tokenizer, objective
-
-  def __call__(self, document, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
-    tokens = self.tokenizer.encode(document) if isinstance(document, str) else document
-    return self.objective.examples(np.asarray(tokens, np.int32), rng)
+def _to_examples(tokenizer, objective, document, rng: np.random.Generator) -> list[dict]:
+  """A document's examples under `objective` (bound with functools.partial: workers pickle it)."""
+  tokens = tokenizer.encode(document) if isinstance(document, str) else document
+  return objective.examples(np.asarray(tokens, np.int32), rng)
 
 
 class _Flatten(grain.experimental.FlatMapTransform):
@@ -52,34 +42,24 @@ class _Flatten(grain.experimental.FlatMapTransform):
     return examples
 
 
-class _Pad:
+def _pad(lengths: dict[str, int], example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """One example per row, padded to `lengths`, with the packer's segment ids and positions."""
-
-  def __init__(self, lengths: dict[str, int]):
-    self.lengths = lengths
-
-  def __call__(self, example: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    row = {}
-    for key, length in self.lengths.items():
-      real = np.arange(length) < len(example[key])
-      row[key] = np.pad(example[key], (0, length - len(example[key])))
-      row[key + "_segment_ids"] = real.astype(np.int32)
-      row[key + "_positions"] = np.where(real, np.arange(length), 0).astype(np.int32)
-    return row
+  row = {}
+  for key, length in lengths.items():
+    real = np.arange(length) < len(example[key])
+    row[key] = np.pad(example[key], (0, length - len(example[key])))
+    row[key + "_segment_ids"] = real.astype(np.int32)
+    row[key + "_positions"] = np.where(real, np.arange(length), 0).astype(np.int32)
+  return row
 
 
-class _FillBatch:
+def _fill_batch(batch_size: int, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   """Pads a short final batch with empty rows (segment 0, weight 0) so every batch has one shape."""
-
-  def __init__(self, batch_size: int):
-    self.batch_size = batch_size
-
-  def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    short = self.batch_size - len(next(iter(batch.values())))
-    if short == 0:
-      return batch
-    return {k: np.concatenate([v, np.zeros((short, *v.shape[1:]), v.dtype)])
-            for k, v in batch.items()}
+  short = batch_size - len(next(iter(batch.values())))
+  if short == 0:
+    return batch
+  return {k: np.concatenate([v, np.zeros((short, *v.shape[1:]), v.dtype)])
+          for k, v in batch.items()}
 
 
 def padding_batch(objective, batch_size: int) -> dict[str, np.ndarray]:
@@ -168,16 +148,13 @@ def make_pipeline(source, tokenizer, objective, *, batch_size: int, seed: int = 
     packing: "pack" (first-fit packing of whole examples, with segment ids), "concat"
       (examples concatenated and cut into rows; causal LM only) or "pad" (one example per row).
     num_packing_bins: rows the packer fills at once (more: fuller rows); default 4 * batch_size.
-    shard_index, shard_count: this process's share of the documents (default: jax's process
-      index and count), so each host of a pod reads different data.
-    worker_count: processes that run the pipeline ahead of the trainer; 0 runs it in a
-      background thread of this process.
+    shard_index, shard_count: the share of documents to read; default: jax's process index, count.
+    worker_count: processes that run the pipeline ahead of the trainer; 0: a thread of this one.
     prefetch: batches made ahead, per worker (0 with no workers: made on demand).
     shuffle_window: also shuffle examples within windows of this many (0: off), so the
       examples of a long document do not arrive in order.
     pad_after_end: after the last epoch, yield padding batches forever instead of stopping;
-      default: when several processes share a finite number of epochs (see above).
-  """
+      default: when several processes share a finite number of epochs (see above)."""
   import jax  # only for the process index: the pipeline itself never touches devices
   if packing not in PACKINGS:
     raise ValueError(f"packing={packing!r}; expected one of {PACKINGS}")
@@ -187,6 +164,7 @@ def make_pipeline(source, tokenizer, objective, *, batch_size: int, seed: int = 
     raise ValueError(f"packing='concat' cuts examples across rows, which {type(objective).__name__}"
                      f" examples do not survive; use packing='pack' or 'pad'")
   check_readable(source, tokenizer)
+  num_packing_bins = num_packing_bins or 4 * batch_size
   shard_index = jax.process_index() if shard_index is None else shard_index
   shard_count = jax.process_count() if shard_count is None else shard_count
   if not 0 <= shard_index < shard_count:
@@ -200,7 +178,7 @@ def make_pipeline(source, tokenizer, objective, *, batch_size: int, seed: int = 
     ds = ds.shuffle(seed=seed)
   ds = ds.repeat(num_epochs)
   example_seed = int(np.random.SeedSequence([seed, shard_index]).generate_state(1)[0])
-  ds = ds.random_map(_DocumentToExamples(tokenizer, objective), seed=example_seed)
+  ds = ds.random_map(functools.partial(_to_examples, tokenizer, objective), seed=example_seed)
   # One thread runs the whole pipeline ahead (below): faster than Grain's 16 reader threads
   # fighting over the GIL on a few cores.
   ds = ds.to_iter_dataset(grain.ReadOptions(num_threads=0, prefetch_buffer_size=0))
@@ -209,13 +187,14 @@ def make_pipeline(source, tokenizer, objective, *, batch_size: int, seed: int = 
     ds = gx.WindowShuffleIterDataset(ds, window_size=shuffle_window, seed=seed)
   if packing == "pack":
     ds = gx.FirstFitPackIterDataset(ds, length_struct=dict(objective.lengths),
-                                    num_packing_bins=num_packing_bins or 4 * batch_size,
-                                    seed=seed, shuffle_bins=shuffle)
+                                    num_packing_bins=num_packing_bins, seed=seed,
+                                    shuffle_bins=shuffle)
   elif packing == "concat":
     ds = gx.ConcatThenSplitIterDataset(ds, length_struct=dict(objective.lengths))
   else:
-    ds = ds.map(_Pad(dict(objective.lengths)))
-  ds = ds.batch(batch_size, drop_remainder=False).map(_FillBatch(batch_size)).map(objective.batch)
+    ds = ds.map(functools.partial(_pad, dict(objective.lengths)))
+  ds = ds.batch(batch_size, drop_remainder=False).map(functools.partial(_fill_batch, batch_size))
+  ds = ds.map(objective.batch)
   if worker_count:
     from absl import flags
     if not flags.FLAGS.is_parsed():  # Grain's workers read absl flags; a notebook has none
@@ -228,7 +207,7 @@ def make_pipeline(source, tokenizer, objective, *, batch_size: int, seed: int = 
     pad_after_end = shard_count > 1 and num_epochs is not None
   config = {"documents": len(source), "objective": repr(objective), "batch_size": batch_size,
             "seed": seed, "shuffle": shuffle, "num_epochs": num_epochs, "packing": packing,
-            "num_packing_bins": num_packing_bins or 4 * batch_size, "shard_index": shard_index,
+            "num_packing_bins": num_packing_bins, "shard_index": shard_index,
             "shard_count": shard_count, "worker_count": worker_count,
             "shuffle_window": shuffle_window}
   ds = _Guarded(ds, config, padding_batch(objective, batch_size) if pad_after_end else None)

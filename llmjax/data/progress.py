@@ -1,17 +1,12 @@
 """A one-line progress report on stderr, for tools that read a whole corpus."""
 
-from __future__ import annotations
-
 import sys
 import time
 
 
 class Progress:
-  """Counts items (and bytes) and redraws `desc: 1,234/5,000 docs 12.3 MB 45.6k docs/s` in place.
-
-  Redraws at most every `interval` seconds; on a non-terminal stream it writes a plain line
-  every `interval * 20` seconds instead, so logs stay readable.
-  """
+  """Counts items (and bytes) and redraws `desc: 1,234/5,000 docs 12.3 MB 45.6k docs/s` in place
+  at most every `interval` seconds (a non-terminal stream: a plain line, 20 times less often)."""
 
   def __init__(self, desc: str, total: int | None = None, unit: str = "docs",
                interval: float = 0.25, stream=None):
@@ -28,11 +23,10 @@ class Progress:
 
   def _line(self) -> str:
     elapsed = max(time.perf_counter() - self.start, 1e-9)
-    done = f"{self.count:,}" + (f"/{self.total:,}" if self.total else "")
-    bar = ""
+    bar, done = "", f"{self.count:,}"
     if self.total:
       filled = int(20 * min(self.count / self.total, 1.0))
-      bar = "[" + "#" * filled + "." * (20 - filled) + "] "
+      bar, done = "[" + "#" * filled + "." * (20 - filled) + "] ", f"{done}/{self.total:,}"
     size = f" {self.bytes / 1e6:.1f} MB" if self.bytes else ""
     return (f"{self.desc}: {bar}{done} {self.unit}{size} "
             f"{self.count / elapsed / 1e3:.1f}k {self.unit}/s {elapsed:.0f} s")

@@ -1,10 +1,5 @@
-"""Tokenize a corpus once into ArrayRecord shards that ArrayRecordSource reads by index.
-
-The shards live on local disk: array_record reads local files only (gs:// needs TensorFlow),
-so a gs:// output directory is refused in one line.
-"""
-
-from __future__ import annotations
+"""Tokenize a corpus once into ArrayRecord shards (on local disk: array_record reads local
+files only) that ArrayRecordSource reads by index."""
 
 import contextlib
 import json
@@ -34,8 +29,7 @@ def write_shards(source, tokenizer, output_dir: str, *, num_shards: int = 8,
 
   Document i goes to shard i * num_shards // len(source) (contiguous ranges, so a shard reads
   sequentially), as uint16 ids when the vocabulary fits, else int32, with `sizes.npy` (tokens
-  per document). Every document is written, empty ones too, so indices match the source's.
-  """
+  per document). Every document is written, empty ones too, so indices match the source's."""
   from array_record.python import array_record_module as ar
   check_output_dir(output_dir)
   if num_shards < 1:

@@ -5,19 +5,12 @@ ArrayRecord shards) and `sizes` (bytes or tokens per document, for splitting). T
 indexed once (document offsets only) and read through mmap, so a source costs a few bytes per
 document of memory, pickles cheaply into worker processes, and reads any document in O(1).
 
-    TextSource("data/*.txt", split="line")            # a document per line
-    TextSource("wiki.txt", split="paragraph")          # blank-line separated documents
-    JsonlSource("c4-*.jsonl", field="text")
-    ArrayRecordSource("shards/")                       # written by tools/tokenize_corpus.py
-    builtin_source()                                   # this Python's standard library
-    train, val = split_source(source, validation_fraction=0.05)
-
-Text and JSONL files may be gs:// URLs: each is copied once per process to local disk and
-read as a local file is. ArrayRecord shards must be local (array_record reads gs:// only
-through TensorFlow): copy them first, `gcloud storage cp -r gs://bucket/shards DIR`.
+`open_source` picks TextSource, JsonlSource or ArrayRecordSource (shards of
+tools/tokenize_corpus.py) by a path's extension, `builtin_source()` reads this Python's standard
+library, and `split_source` makes (train, validation) views. Text and JSONL files may be gs:// URLs,
+copied once per process to local disk; ArrayRecord shards must be local (array_record reads gs://
+only through TensorFlow): copy them first.
 """
-
-from __future__ import annotations
 
 import codecs
 import functools
@@ -33,7 +26,7 @@ from llmjax import paths
 
 SPLITS = ("line", "paragraph", "file", "chunk")
 CHUNK_BYTES = 1024  # split="chunk": documents are runs of whole lines of about this many bytes
-_SPACE_BYTES = np.frombuffer(b" \t\n\r\v\f", np.uint8)
+WHITESPACE = b" \t\n\r\v\f"  # the bytes of a blank line or document
 # Modules whose .py sources every CPython 3.10+ ships: the corpus that needs no download.
 STDLIB_FILES = ("argparse.py", "ast.py", "collections/__init__.py", "dataclasses.py", "difflib.py",
                 "enum.py", "functools.py", "inspect.py", "os.py", "shutil.py", "subprocess.py",
@@ -60,8 +53,7 @@ def expand_paths(patterns: str | list[str] | tuple[str, ...]) -> list[str]:
 
 
 def check_path(path: str, name: str = "data.path") -> None:
-  """Raises FileNotFoundError `data.path='x.txt' does not exist` (or `matches no file`) unless
-  each comma-separated part of `path` is a file, a directory (of shards) or a matching glob."""
+  """Raises FileNotFoundError naming a comma-separated part of `path` that matches nothing."""
   if path == "builtin":
     return
   patterns = [p for p in str(path).split(",") if p]
@@ -76,6 +68,18 @@ def check_path(path: str, name: str = "data.path") -> None:
 
 
 TEXT_CHECK_BYTES = 1 << 16  # how much of each text file is looked at before it is indexed
+_BLOCK = 1 << 24  # bytes per step when scanning a file, so memory stays bounded
+_HAS_TEXT = ~np.isin(np.arange(256), list(WHITESPACE))
+
+
+def _invalid_utf8(data, final: bool = True) -> int:
+  """How many invalid UTF-8 sequences `data` holds (real U+FFFD characters are not errors)."""
+  decoder, bad = codecs.getincrementaldecoder("utf-8")(errors="replace"), 0
+  for start in range(0, len(data), _BLOCK):
+    block = data[start:start + _BLOCK]
+    bad += decoder.decode(block, final=final and start + _BLOCK >= len(data)).count("\ufffd")
+    bad -= block.count("\ufffd".encode())
+  return bad
 
 
 def check_text(data, path: str) -> None:
@@ -83,23 +87,22 @@ def check_text(data, path: str) -> None:
   (over 1 in 1000, so a stray one passes) or over 30% invalid UTF-8 (random or compressed
   bytes are ~40%; Latin-1 prose a few %). An executable or an archive is refused, not learned."""
   head = bytes(data[:TEXT_CHECK_BYTES])
-  if not head:
-    return
   nuls = head.count(0)
   if nuls * 1000 > len(head):
     raise ValueError(f"{path} is not a text file: {nuls:,} of its first {len(head):,} bytes are "
                      f"NUL (a binary, or UTF-16 text?); expected UTF-8 text")
-  decoded = codecs.getincrementaldecoder("utf-8")(errors="replace").decode(head, final=False)
-  bad = decoded.count("\ufffd") - head.count("\ufffd".encode())
+  bad = _invalid_utf8(head, final=False)
   if bad > 0.3 * len(head):
     raise ValueError(f"{path} is not a text file: {bad / len(head):.0%} of its first "
                      f"{len(head):,} bytes are invalid UTF-8 (a binary or compressed file?); "
                      f"expected UTF-8 text")
 
 
-_BLOCK = 1 << 24  # bytes per step when scanning a file, so memory stays bounded
-_HAS_TEXT = np.ones(256, bool)
-_HAS_TEXT[_SPACE_BYTES] = False
+def _check_file(data, path: str) -> None:
+  check_text(data, path)
+  bad = _invalid_utf8(data)
+  if bad > 0:
+    logging.warning("%s: %d invalid UTF-8 sequence(s); each is read as U+FFFD", path, bad)
 
 
 def _map_file(path: str):
@@ -108,18 +111,6 @@ def _map_file(path: str):
     if os.fstat(fh.fileno()).st_size == 0:
       return b""
     return mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
-
-
-def _count_bad_utf8(data, path: str) -> None:
-  """Logs how many invalid UTF-8 sequences `path` has; reading replaces each by U+FFFD."""
-  decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-  bad = 0
-  for start in range(0, len(data), _BLOCK):
-    block = data[start:start + _BLOCK]
-    bad += decoder.decode(block, final=start + _BLOCK >= len(data)).count("\ufffd")
-    bad -= block.count("\ufffd".encode())  # real U+FFFD characters are not errors
-  if bad > 0:
-    logging.warning("%s: %d invalid UTF-8 sequence(s); each is read as U+FFFD", path, bad)
 
 
 def _document_spans(data, split: str) -> tuple[np.ndarray, np.ndarray]:
@@ -152,71 +143,63 @@ def _document_spans(data, split: str) -> tuple[np.ndarray, np.ndarray]:
   return starts[first], ends[last]
 
 
-class _MappedFiles:
-  """Read-only mmaps of files, opened on first use; pickles without them (workers reopen)."""
+class _SpanSource:
+  """Documents at byte spans `_spans[i] = (file, start, end)` of (local copies of) files, read
+  through mmaps opened on first use; pickles without them (worker processes reopen)."""
 
-  def __init__(self, paths: list[str]):
-    self.paths, self._maps = paths, {}
+  def __init__(self, patterns):
+    self.paths = expand_paths(patterns)
+    self._local, self._maps = [paths.local_copy(p) for p in self.paths], {}
 
-  def read(self, f: int, start: int, end: int) -> bytes:
+  def __len__(self) -> int:
+    return len(self._spans)
+
+  def __getitem__(self, i: int) -> str:
+    f, start, end = (int(x) for x in self._spans[int(i)])
     if f not in self._maps:
-      self._maps[f] = _map_file(self.paths[f])
-    return self._maps[f][start:end]
+      self._maps[f] = _map_file(self._local[f])
+    return self._maps[f][start:end].decode("utf-8", errors="replace")
 
   def __getstate__(self):
-    return {"paths": self.paths, "_maps": {}}
+    return {**self.__dict__, "_maps": {}}
 
 
-class TextSource:
+class TextSource(_SpanSource):
   """Documents of UTF-8 text files: one per line, paragraph, file, or chunk of whole lines of
   about CHUNK_BYTES (one long text made shufflable); blank ones skipped."""
 
   def __init__(self, patterns, split: str = "line"):
     if split not in SPLITS:
       raise ValueError(f"split={split!r}; expected one of {SPLITS}")
-    self.paths, self.split = expand_paths(patterns), split
-    local = [paths.local_copy(p) for p in self.paths]
-    starts, ends, files = [], [], []
+    super().__init__(patterns)
+    self.split, spans = split, []
     for f, path in enumerate(self.paths):
-      data = _map_file(local[f])
-      check_text(data, path)
-      _count_bad_utf8(data, path)
-      s, e = _document_spans(data, split)
-      starts.append(s), ends.append(e), files.append(np.full(len(s), f, np.int32))
+      data = _map_file(self._local[f])
+      _check_file(data, path)
+      starts, ends = _document_spans(data, split)
+      spans.append(np.stack([np.full(len(starts), f), starts, ends], axis=1))
       del data  # the index keeps offsets only
-    self._starts, self._ends = np.concatenate(starts), np.concatenate(ends)
-    self._files = np.concatenate(files)
-    self.sizes = self._ends - self._starts
+    self._spans = np.concatenate(spans).astype(np.int64)
+    self.sizes = self._spans[:, 2] - self._spans[:, 1]
     if len(self) == 0:
       raise ValueError(f"no text in {self.paths}: every file is empty or blank")
-    self._files_map = _MappedFiles(local)
-
-  def __len__(self) -> int:
-    return len(self._starts)
-
-  def __getitem__(self, i: int) -> str:
-    i = int(i)
-    data = self._files_map.read(int(self._files[i]), self._starts[i], self._ends[i])
-    return data.decode("utf-8", errors="replace")
 
   def __repr__(self):
     return f"TextSource({len(self.paths)} files, {len(self)} documents by {self.split})"
 
 
-class JsonlSource:
+class JsonlSource(_SpanSource):
   """Documents from one string field of JSON-lines files; lines without it are reported."""
 
   MAX_REPORTED = 5
 
   def __init__(self, patterns, field: str = "text"):
-    self.paths, self.field = expand_paths(patterns), field
-    local = [paths.local_copy(p) for p in self.paths]
-    records, sizes, problems = [], [], []
+    super().__init__(patterns)
+    self.field, records, sizes, problems = field, [], [], []
     for f, path in enumerate(self.paths):
-      with open(local[f], "rb") as fh:
+      with open(self._local[f], "rb") as fh:
         data = fh.read()
-      check_text(data, path)
-      _count_bad_utf8(data, path)
+      _check_file(data, path)
       offset = 0
       for line_no, line in enumerate(data.split(b"\n"), 1):
         start, offset = offset, offset + len(line) + 1
@@ -249,25 +232,17 @@ class JsonlSource:
     if not records:
       raise ValueError(f"no line of {self.paths} has a string field {field!r}"
                        + (f"; first problem: {problems[0]}" if problems else ""))
-    self._records = np.asarray(records, np.int64)
-    self.sizes = np.asarray(sizes)
-    self._files_map = _MappedFiles(local)
-
-  def __len__(self) -> int:
-    return len(self._records)
+    self._spans, self.sizes = np.asarray(records, np.int64), np.asarray(sizes)
 
   def __getitem__(self, i: int) -> str:
-    f, start, end = self._records[int(i)]
-    line = self._files_map.read(int(f), int(start), int(end))
-    return json.loads(line.decode("utf-8", errors="replace"))[self.field]
+    return json.loads(super().__getitem__(i))[self.field]
 
   def __repr__(self):
     return f"JsonlSource({len(self.paths)} files, {len(self)} documents, field={self.field!r})"
 
 
 class ArrayRecordSource:
-  """ArrayRecord shards: token arrays when a `meta.json` (from tools/tokenize_corpus.py) is
-  beside them, else UTF-8 text."""
+  """ArrayRecord shards: token arrays given a `meta.json` (tools/tokenize_corpus.py), else text."""
 
   def __init__(self, patterns):
     import grain
@@ -288,6 +263,9 @@ class ArrayRecordSource:
       raise ValueError(f"the shards {sorted(metas)} were written by different tokenizers "
                        f"(or some as text): {sorted(map(str, kinds))}; read them separately")
     self.meta = next(iter(metas.values()))
+    # The shards' tokenizer and its fingerprint (the pipeline's must equal it); None for text.
+    self.tokenizer = self.meta["tokenizer"] if self.meta else None
+    self.tokenizer_fingerprint = self.meta.get("fingerprint", self.tokenizer) if self.meta else None
     self._dtype = np.dtype(self.meta["dtype"]) if self.meta else None
     self._source = grain.sources.ArrayRecordDataSource(self.paths)
     if len(self._source) == 0:
@@ -299,16 +277,6 @@ class ArrayRecordSource:
                               for d, m in metas.items())
     self._sizes = (np.concatenate([np.load(os.path.join(d, "sizes.npy")) for d in sorted(metas)])
                    if every else None)
-
-  @property
-  def tokenizer(self) -> str | None:
-    """The tokenizer spec the shards were made with, or None for text shards."""
-    return self.meta["tokenizer"] if self.meta else None
-
-  @property
-  def tokenizer_fingerprint(self) -> str | None:
-    """The fingerprint of that tokenizer: the pipeline's must be equal."""
-    return self.meta.get("fingerprint", self.meta["tokenizer"]) if self.meta else None
 
   @property
   def sizes(self) -> np.ndarray:
@@ -342,22 +310,17 @@ def builtin_source(split: str = "paragraph") -> TextSource:
 
 
 class SubsetSource:
-  """A view of some documents of a source, the last one possibly cut at `cut` bytes or tokens."""
+  """A view of some documents of a source, the last one possibly cut to its first `head` bytes
+  or tokens, the first to those from `tail` on."""
 
   def __init__(self, source, indices: np.ndarray, head: int | None = None, tail: int | None = None):
     self.source, self.indices = source, np.asarray(indices, np.int64)
-    self.head, self.tail = head, tail  # keep only [:head] of the last / [tail:] of the first
+    self.head, self.tail = head, tail
+    self.tokenizer = getattr(source, "tokenizer", None)
+    self.tokenizer_fingerprint = getattr(source, "tokenizer_fingerprint", None)
 
   def __len__(self) -> int:
     return len(self.indices)
-
-  @property
-  def tokenizer(self) -> str | None:
-    return getattr(self.source, "tokenizer", None)
-
-  @property
-  def tokenizer_fingerprint(self) -> str | None:
-    return getattr(self.source, "tokenizer_fingerprint", None)
 
   def __repr__(self):
     return f"{self.source!r}[{len(self)} of {len(self.source)} documents]"
@@ -396,8 +359,7 @@ def split_source(source, validation_fraction: float = 0.05, *, method: str = "ta
 
   "tail": validation is the last `validation_fraction` of the corpus by size, cutting the
   boundary document in two (nanoGPT's split of one text file). "hash": each document goes to
-  validation with probability `validation_fraction`, decided by `seed` and its index alone.
-  """
+  validation with probability `validation_fraction`, decided by `seed` and its index alone."""
   if not 0.0 < validation_fraction < 1.0:
     raise ValueError(f"validation_fraction={validation_fraction} must be in (0, 1)")
   n = len(source)
@@ -425,10 +387,8 @@ def split_source(source, validation_fraction: float = 0.05, *, method: str = "ta
 
 def open_source(path: str, *, format: str | None = None, split: str = "line",
                 field: str = "text"):
-  """The source `path` names: "builtin", text files, JSONL (.jsonl/.json) or ArrayRecord shards.
-
-  `format` ("text", "jsonl", "array_record") overrides the guess from the file extension.
-  """
+  """The source `path` names: "builtin", text files, JSONL (.jsonl/.json) or ArrayRecord shards;
+  `format` ("text", "jsonl", "array_record") overrides the guess from the file extension."""
   if path == "builtin":
     return builtin_source(split)
   if format is None:

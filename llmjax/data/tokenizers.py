@@ -1,18 +1,13 @@
-"""Tokenizers: bytes (no training, the default), SentencePiece, characters and Hugging Face
-tokenizer.json (llmjax/data/hf_tokenizer.py), with one interface.
+"""Tokenizers with one interface: bytes (no training, the default), SentencePiece, characters
+and Hugging Face tokenizer.json (llmjax/data/hf_tokenizer.py).
 
-All expose `encode(text) -> int32 array`, `encode_batch`, `decode`, `decode_batch`,
-`vocab_size`, `spec` (what load_tokenizer takes), `fingerprint` (equal iff two
-tokenizers give the same ids), the special ids (`pad_id`, `eos_id`, `bos_id`, `unk_id`,
-`mask_id`, `cls_id`, `sep_id`, `sentinel_ids`, any of them None where the vocabulary lacks
-it), `special_ids` (the ids an objective must never corrupt) and `word_starts(ids)` for
-whole-word masking.
-`load_tokenizer("byte")`, `load_tokenizer("path/to/spm.model")` or
-`load_tokenizer("path/to/hf_checkpoint")` picks one by name. Every path may be a gs:// URL
-(read through llmjax.paths).
+All expose `encode(text) -> int32 array`, `encode_batch`, `decode`, `decode_batch`, `vocab_size`,
+`spec` (what load_tokenizer takes), `fingerprint` (equal iff two tokenizers give the same ids),
+the special ids (`pad_id`, `eos_id`, `bos_id`, `unk_id`, `mask_id`, `cls_id`, `sep_id`,
+`sentinel_ids`, any of them None where the vocabulary lacks it), `special_ids` (the ids an
+objective must never corrupt) and `word_starts(ids)` for whole-word masking. `load_tokenizer`
+picks one by its spec; every path may be a gs:// URL (read through llmjax.paths).
 """
-
-from __future__ import annotations
 
 import glob
 import hashlib
@@ -24,10 +19,9 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from llmjax import paths
-from llmjax.data.sources import check_text
+from llmjax.data.sources import WHITESPACE, check_text
 
 SPECIALS = ("[PAD]", "[EOS]", "[BOS]", "[UNK]", "[MASK]", "[CLS]", "[SEP]")
-_WHITESPACE = np.frombuffer(b" \t\n\r\v\f", np.uint8)
 
 
 def sentinel_piece(k: int) -> str:
@@ -36,20 +30,21 @@ def sentinel_piece(k: int) -> str:
 
 
 class _Specials:
-  """Derived views of the special ids, shared by both tokenizers."""
-  pad_id: int | None
-  eos_id: int | None
-  bos_id: int | None
-  mask_id: int | None
-  cls_id: int | None
-  sep_id: int | None
-  sentinel_ids: tuple[int, ...]
+  """Derived views of the special ids, shared by all tokenizers (which have none by default)."""
+  pad_id = eos_id = bos_id = unk_id = mask_id = cls_id = sep_id = None
+  sentinel_ids: tuple[int, ...] = ()
 
   @property
   def special_ids(self) -> frozenset[int]:
     """Ids that are never text: padding, EOS/BOS, [MASK]/[CLS]/[SEP] and the sentinels."""
     ids = (self.pad_id, self.eos_id, self.bos_id, self.mask_id, self.cls_id, self.sep_id)
     return frozenset(i for i in ids if i is not None) | frozenset(self.sentinel_ids)
+
+  def _find_sentinels(self, piece_id) -> None:
+    """`sentinel_ids`: `<extra_id_0>`, `<extra_id_1>`, ... up to the first `piece_id` lacks."""
+    self.sentinel_ids = ()
+    while (i := piece_id(sentinel_piece(len(self.sentinel_ids)))) is not None:
+      self.sentinel_ids += (i,)
 
   def encode_batch(self, texts: Sequence[str]) -> list[np.ndarray]:
     return [self.encode(t) for t in texts]
@@ -100,7 +95,7 @@ class ByteTokenizer(_Specials):
   def word_starts(self, ids) -> np.ndarray:
     """True where a word begins: after whitespace, at whitespace, never inside a UTF-8 character."""
     b = np.asarray(ids) - self.offset
-    space = np.isin(b, _WHITESPACE)
+    space = np.isin(b, list(WHITESPACE))
     continuation = (b >= 0x80) & (b < 0xC0)
     return (space | np.concatenate([[True], space[:-1]])) & ~continuation
 
@@ -126,13 +121,9 @@ class SentencePieceTokenizer(_Specials):
     self.bos_id, self.unk_id = optional(sp.bos_id()), optional(sp.unk_id())
     self.mask_id, self.cls_id, self.sep_id = (self._piece_id(p)
                                               for p in ("[MASK]", "[CLS]", "[SEP]"))
-    sentinels = []
-    while (i := self._piece_id(sentinel_piece(len(sentinels)))) is not None:
-      sentinels.append(i)
-    self.sentinel_ids = tuple(sentinels)
-    pieces = [sp.IdToPiece(i) for i in range(self.vocab_size)]
-    self._starts_V = np.array([p.startswith("\u2581") or sp.IsControl(i) or sp.IsUnknown(i)
-                               for i, p in enumerate(pieces)])
+    self._find_sentinels(self._piece_id)
+    self._starts_V = np.array([sp.IdToPiece(i).startswith("\u2581") or sp.IsControl(i)
+                               or sp.IsUnknown(i) for i in range(self.vocab_size)])
 
   def _piece_id(self, piece: str) -> int | None:
     i = self._sp.PieceToId(piece)
@@ -164,10 +155,8 @@ class SentencePieceTokenizer(_Specials):
 
 class CharTokenizer(_Specials):
   """One id per character of a corpus (nanoGPT's shakespeare_char): ids in sorted-character order.
-
-  It has no special ids, so it suits causal LM without BOS/EOS (`add_bos=False,
-  add_eos=False`). Text with a character outside the vocabulary is an error naming it.
-  """
+  No special ids: causal LM uses it with `add_bos=False, add_eos=False`. Text with a character
+  outside the vocabulary is an error naming it."""
 
   def __init__(self, path: str):
     if not paths.is_file(path):
@@ -186,9 +175,6 @@ class CharTokenizer(_Specials):
     self._space = np.array([c.isspace() for c in self.chars])
     self.vocab_size, self.spec = len(self.chars), f"char:{path}"
     self.fingerprint = "char:" + hashlib.sha256(self.chars.encode()).hexdigest()[:16]
-    self.pad_id = self.eos_id = self.bos_id = self.unk_id = None
-    self.mask_id = self.cls_id = self.sep_id = None
-    self.sentinel_ids = ()
 
   def __repr__(self):
     return f"CharTokenizer({len(self.chars)} characters)"
@@ -209,9 +195,8 @@ class CharTokenizer(_Specials):
 
 
 def load_tokenizer(spec: str):
-  """"byte" (100 sentinels), "byte:N" (N sentinels), "char:PATH" (the characters of a file), the
-  path of a SentencePiece .model file, or a Hugging Face tokenizer: a directory holding
-  tokenizer.json (a Hugging Face or converted checkpoint) or the path of a .json file."""
+  """"byte" (100 sentinels), "byte:N" (N sentinels), "char:PATH" (the characters of a file), a
+  SentencePiece .model path, or a Hugging Face tokenizer.json (or a checkpoint dir holding one)."""
   if spec.startswith("char:"):
     return CharTokenizer(spec[len("char:"):])
   if spec == "byte" or spec.startswith("byte:"):
@@ -246,13 +231,11 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, *, vocab_size: 
 
   Ids 0-3 are pad, eos, bos, unk; then [MASK] [CLS] [SEP] if `bert_specials`, then the
   sentinels `<extra_id_0>`... They are control symbols: text that spells "[MASK]" or
-  "<extra_id_0>" is encoded as ordinary text, never as the special id (as in T5, whose
-  sentinels live outside the SentencePiece model), and decode drops them.
-  Writes `model_prefix`.model and .vocab (a gs:// prefix: trained locally, then copied). The
-  model is lossless by default (decode(encode(text)) == text: no normalization, whitespace
-  kept, unseen characters as UTF-8 bytes); pass e.g. normalization_rule_name="nmt_nfkc" for
-  T5's behaviour.
-  """
+  "<extra_id_0>" encodes as ordinary text, never as the special id (as in T5, whose sentinels
+  live outside the SentencePiece model), and decode drops them. Writes `model_prefix`.model and
+  .vocab (a gs:// prefix: trained locally, then copied). The model is lossless by default
+  (decode(encode(text)) == text: no normalization, whitespace kept, unseen characters as UTF-8
+  bytes); pass e.g. normalization_rule_name="nmt_nfkc" for T5's behaviour."""
   options = {"normalization_rule_name": "identity", "remove_extra_whitespaces": False,
              "allow_whitespace_only_pieces": True, "max_sentence_length": 1 << 14,
              **trainer_options}

@@ -110,20 +110,26 @@ def generate(model: nn.Module, params, prompts, max_new_tokens: int, *, temperat
     at = slice(P_ - len(row), P_) if is_gpt else slice(0, len(row))
     tokens_BP[b, at], segment_ids_BP[b, at] = row, 1
   rng = jax.random.key(0) if rng is None else rng
-  mesh = _mesh_of(params)
   N = bucket(int(max_new_tokens))
   divisors_N = beam.length_divisors(N, length_penalty)
   special = np.array([-1 if eos_id is None else eos_id, pad_id], np.int32)  # -1: no EOS
-  args = (params, tokens_BP, segment_ids_BP, np.int32(max_new_tokens), rng, divisors_N, special)
-  static = (model.clone(decode=True, parent=None), N, int(num_beams), sampler, stream)
-  if mesh is None:
-    return _generate(*static)(*args)[:, :max_new_tokens]
-  batch = NamedSharding(mesh, sh.fit_spec(P(*nn.logical_to_mesh_axes((sh.BATCH,), sh.RULES)),
-                                          (len(rows),), mesh))
-  args = (params, *(jax.device_put(a, batch) for a in args[1:3]), *args[3:])
-  with jax.set_mesh(mesh), nn.logical_axis_rules(sh.RULES):
-    out_BN = _generate(*static)(*args)
+  fn = _generate(model.clone(decode=True, parent=None), N, int(num_beams), sampler, stream)
+  out_BN = run_on_mesh_of(fn, params, (tokens_BP, segment_ids_BP), np.int32(max_new_tokens),
+                          rng, divisors_N, special)
   return out_BN[:, :max_new_tokens]
+
+
+def run_on_mesh_of(fn, params, batch: tuple, *rest):
+  """fn(params, *batch, *rest), on the mesh the parameters are placed on (if any) with the
+  numpy `batch` arrays split over its batch axes; on one device as it is."""
+  mesh = _mesh_of(params)
+  if mesh is None:
+    return fn(params, *batch, *rest)
+  spec = P(*nn.logical_to_mesh_axes((sh.BATCH,), sh.RULES))
+  batch = tuple(jax.device_put(a, NamedSharding(mesh, sh.fit_spec(spec, a.shape[:1], mesh)))
+                for a in batch)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(sh.RULES):
+    return fn(params, *batch, *rest)
 
 
 def _mesh_of(params):

@@ -1,9 +1,8 @@
 """T5's relative position buckets, shared by the attention layers and the flash kernel.
 
-A distance's bucket is found by integer comparisons against per-bucket thresholds computed
-once on the host, never by a log on the device: the XLA path and the kernels then bucket
-identically on every platform, boundaries included (T5's distances 16, 32 and 64 land
-exactly on bucket edges, where a one-ulp difference in `log` would flip them).
+Buckets come from integer comparisons against thresholds computed once on the host, never a
+log on the device, so the XLA path and the kernels agree on every platform, even where T5's
+distances 16, 32 and 64 land exactly on bucket edges (a one-ulp `log` error would flip them).
 """
 
 from __future__ import annotations
@@ -19,10 +18,9 @@ import numpy as np
 @functools.cache
 def distance_thresholds(*, bidirectional: bool, num_buckets: int,
                         max_distance: int) -> tuple[int, ...]:
-  """For one direction, the smallest distance of each bucket after the first: a distance's
-  bucket is the number of thresholds it reaches. Half of a direction's buckets hold exact
-  small distances, the rest grow logarithmically up to `max_distance`, computed in float32
-  as T5 and its Hugging Face port compute them."""
+  """For one direction, the smallest distance of each bucket after the first (a distance's
+  bucket is the number it reaches): half the buckets hold exact small distances, the rest
+  grow logarithmically up to `max_distance`, in float32 as T5 and Hugging Face compute it."""
   n = num_buckets // 2 if bidirectional else num_buckets
   max_exact = n // 2
   distance = np.arange(2 * max_distance + n, dtype=np.int64)
@@ -35,11 +33,8 @@ def distance_thresholds(*, bidirectional: bool, num_buckets: int,
 
 def relative_position_bucket(relative_position: jax.Array, *, bidirectional: bool,
                              num_buckets: int, max_distance: int) -> jax.Array:
-  """Bucket of `key_pos - query_pos`, exactly as T5 (and its Hugging Face port) computes it.
-
-  Bidirectional: separate halves of the buckets for keys before and after the query.
-  Causal: only keys at or before the query get distinct buckets.
-  """
+  """Bucket of `key_pos - query_pos`, exactly as T5 (and Hugging Face's port) computes it:
+  bidirectional, half the buckets for keys after the query; causal, later keys in bucket 0."""
   if bidirectional:
     bucket = jnp.where(relative_position > 0, num_buckets // 2, 0)
     distance = jnp.abs(relative_position)

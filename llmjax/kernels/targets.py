@@ -4,11 +4,10 @@
     sharding = jax.sharding.SingleDeviceSharding(devices[0])
     jax.jit(f).lower(jax.ShapeDtypeStruct(shape, dtype, sharding=sharding)).compile()
 
-runs the target's whole compiler: XLA and Mosaic down to TPU code (libtpu, the version
-`jax[tpu]` pins), or XLA, Triton and ptxas down to GPU code (jax-cuda13-plugin with
-nvidia-cuda-nvcc; with JAX_PLATFORMS=cpu, so that the plugin loads without CUDA's runtime
-libraries). A TPU target is a topology libtpu knows; a GPU target is a description of the
-device written here from the vendor's published specifications (`GPUS`).
+runs the target's whole compiler: XLA and Mosaic to TPU code (the libtpu `jax[tpu]` pins),
+or XLA, Triton and ptxas to GPU code (jax-cuda13-plugin and nvidia-cuda-nvcc, under
+JAX_PLATFORMS=cpu so the plugin loads without CUDA's runtime libraries). A TPU target is a
+topology libtpu knows; a GPU target, a description from the vendor's specifications (`GPUS`).
 """
 
 from __future__ import annotations
@@ -50,10 +49,8 @@ KINDS = {"TPU v4": "v4", "TPU v5 lite": "v5e", "TPU v5e": "v5e", "TPU v5": "v5p"
 def name_of(device) -> str | None:
   """The target a device is (or is sized like: an H200 has an H100's SMs), or None."""
   kind = device.device_kind
-  if kind in KINDS:
-    return KINDS[kind]
-  return next((name for prefix, name in KINDS.items() if kind.startswith(prefix + " ")
-               or kind.startswith(prefix + "-")), None)
+  return KINDS.get(kind) or next((name for prefix, name in KINDS.items()
+                                  if kind.startswith((prefix + " ", prefix + "-"))), None)
 
 
 def local() -> str | None:
@@ -112,10 +109,9 @@ def ptxas() -> str | None:
 
 
 def gpu_kernels(lowered, name: str, prefix: str = "flash_attention") -> dict[str, dict]:
-  """Compiles `lowered` for GPU target `name` and reads what each kernel named `prefix`...
-  uses: {kernel: {"smem": bytes of shared memory (XLA's launch), "registers" and
-  "spill_stores" (bytes; `ptxas -v` on its PTX), "async_copies" (cp.async in its PTX: the
-  loads software pipelining issues)}}."""
+  """Compiles `lowered` for GPU target `name`; per kernel named `prefix`...: {"smem": bytes
+  of shared memory (XLA's launch), "registers" and "spill_stores" (bytes; `ptxas -v`),
+  "async_copies" (cp.async in its PTX: the loads software pipelining issues)}."""
   major, minor = GPUS[name]["capability"]
   arch = f"sm_{major}{minor}{'a' if major >= 9 else ''}"
   kernels = {}

@@ -7,8 +7,6 @@ optional additive bias [1 or B, H, T, S] (or T5's `RelativeBias` table, which th
 applies blockwise), the logit `scale` and `q_offset`, the first query's index (decoding).
 """
 
-from __future__ import annotations
-
 import functools
 
 import jax
@@ -26,11 +24,9 @@ from llmjax.layers.relative_bias import RelativeBias
 def attention_mask(q_segment_ids_BT: jax.Array, kv_segment_ids_BS: jax.Array, *,
                    causal: bool, q_offset: jax.Array | int = 0,
                    prefix_mask: jax.Array | None = None) -> jax.Array:
-  """Boolean [B, 1, T, S]: same segment and, if causal, key index <= query index.
-
-  `prefix_mask` [B, T] (causal self-attention only) marks a prefix-LM's prefix: queries in
-  it also see the later prefix keys of their segment, so the prefix is bidirectional.
-  """
+  """Boolean [B, 1, T, S]: same segment and, if causal, key index <= query index. `prefix_mask`
+  [B, T] (causal self-attention only) marks a prefix-LM's prefix: queries in it also see the
+  later prefix keys of their segment, so the prefix is bidirectional."""
   mask_BTS = q_segment_ids_BT[:, :, None] == kv_segment_ids_BS[:, None, :]
   if causal:
     T, S = q_segment_ids_BT.shape[1], kv_segment_ids_BS.shape[1]
@@ -71,12 +67,8 @@ def xla_attention(q_BTHK, k_BSGK, v_BSGK, *, q_segment_ids, kv_segment_ids, caus
 def pallas_attention(q_BTHK, k_BSGK, v_BSGK, *, q_segment_ids, kv_segment_ids, causal,
                      bias=None, scale, q_offset=0, dropout_rate=0.0, dropout_rng=None,
                      prefix_mask=None):
-  """The Pallas flash-attention kernel (llmjax/kernels), run per shard under a mesh.
-
-  What the kernel does not do falls back to `xla_attention`, with a warning: dropout on
-  the attention probabilities, a dense bias (T5's relative bias comes as a table and is
-  fused), a prefix-LM mask, decoding from a cache, and head dims other than 64/128/256.
-  """
+  """The Pallas flash-attention kernel (llmjax/kernels), run per shard under a mesh, T5's relative
+  bias fused from its table; what the kernel cannot do (`why`) falls back to `xla_attention`."""
   why = ("attention dropout" if dropout_rate > 0.0 and dropout_rng is not None
          else "a dense bias" if bias is not None and not isinstance(bias, RelativeBias)
          else "a prefix mask" if prefix_mask is not None
@@ -95,8 +87,7 @@ def pallas_attention(q_BTHK, k_BSGK, v_BSGK, *, q_segment_ids, kv_segment_ids, c
 
   def attend(q, k, v, q_seg, kv_seg, table):
     return kernels.flash_attention(q, k, v, causal=causal, segment_ids=q_seg,
-                                   kv_segment_ids=kv_seg, bias_table=table, scale=scale,
-                                   **settings)
+                                   kv_segment_ids=kv_seg, bias_table=table, scale=scale, **settings)
 
   mesh = jax.sharding.get_abstract_mesh()
   if mesh.empty:
@@ -124,11 +115,7 @@ def auto_attention(q_BTHK, k_BSGK, v_BSGK, **kwargs):
   return (pallas_attention if fast else xla_attention)(q_BTHK, k_BSGK, v_BSGK, **kwargs)
 
 
-@functools.cache
-def _warn_once(message: str) -> None:
-  logging.warning(message)
-
-
+_warn_once = functools.cache(logging.warning)  # each fallback reason is logged once
 # Attention implementations by name (the config's `attention_impl`).
 ATTENTION_IMPLS = {"xla": xla_attention, "pallas": pallas_attention, "auto": auto_attention}
 
@@ -171,10 +158,8 @@ class Attention(nn.Module):
 
     The cache is as long as the input it was initialized with; keys keep the segment ids they
     were written with, so left padding and unwritten slots (id 0) are never attended. An
-    overflowing step cannot raise inside jit: its outputs are NaN, never silently wrong.
-    Keys are stored heads-first, [B, G, S, K], the layout the matmuls read, so a step copies
-    only its own keys, never the whole cache.
-    """
+    overflowing step cannot raise inside jit: its outputs are NaN. Keys are stored heads-first,
+    [B, G, S, K], the layout the matmuls read, so a step copies only its own keys."""
     is_initialized = self.has_variable("cache", "cached_key")
     B, T, G, K = k_BSGK.shape
     cached_k = self.variable("cache", "cached_key", jnp.zeros, (B, G, T, K), k_BSGK.dtype)

@@ -1,7 +1,5 @@
 """Token embedding that can also un-embed (a tied output head)."""
 
-from __future__ import annotations
-
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -10,11 +8,9 @@ from llmjax import sharding as sh
 
 
 def lookup(table_ND: jax.Array, ids_BT: jax.Array, axes: tuple[str, str]) -> jax.Array:
-  """Rows of a table named `axes`, gathered with the table split over its rows only.
-
-  XLA's partitioner cannot gather from a table also split on D into activations split
-  over batch without replicating the whole table first; gathering D-whole avoids that.
-  """
+  """Rows of a table named `axes`, gathered with the table split over its rows only: XLA's
+  partitioner cannot gather from a table also split on D into activations split over batch
+  without replicating the whole table first."""
   table_ND = sh.constrain(table_ND, (axes[0], None))
   return sh.constrain(jnp.take(table_ND, ids_BT, axis=0), (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
 
@@ -35,7 +31,6 @@ class Embed(nn.Module):
         (self.num_embeddings, self.features), self.param_dtype)
 
   def __call__(self, ids_BT: jax.Array) -> jax.Array:
-    """Rows of the table for integer ids, in `dtype`."""
     if not jnp.issubdtype(ids_BT.dtype, jnp.integer):
       raise ValueError(f"Embed expects integer token ids, got dtype {ids_BT.dtype}")
     return lookup(self.embedding, ids_BT, self.axes).astype(self.dtype)

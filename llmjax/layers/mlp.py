@@ -1,7 +1,5 @@
 """Position-wise feed-forward block: plain (gelu, relu) or gated (GeGLU, SwiGLU)."""
 
-from __future__ import annotations
-
 import functools
 
 import jax

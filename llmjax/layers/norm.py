@@ -1,7 +1,5 @@
 """LayerNorm and RMSNorm, normalizing in float32 whatever the compute dtype."""
 
-from __future__ import annotations
-
 import jax
 import jax.numpy as jnp
 from flax import linen as nn

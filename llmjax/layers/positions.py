@@ -1,7 +1,5 @@
 """Absolute positions (learned, sinusoidal), rotary embeddings, and positions of packed rows."""
 
-from __future__ import annotations
-
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -14,9 +12,8 @@ def segment_positions(segment_ids_BT: jax.Array) -> jax.Array:
   """Position of each token within its packed segment: 0, 1, ... restarting at every new id."""
   T = segment_ids_BT.shape[-1]
   idx_BT = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), segment_ids_BT.shape)
-  starts_BT = jnp.concatenate(
-      [jnp.ones_like(segment_ids_BT[..., :1], dtype=bool),
-       segment_ids_BT[..., 1:] != segment_ids_BT[..., :-1]], axis=-1)
+  starts_BT = jnp.concatenate([jnp.ones_like(segment_ids_BT[..., :1], dtype=bool),
+                               segment_ids_BT[..., 1:] != segment_ids_BT[..., :-1]], axis=-1)
   start_idx_BT = jax.lax.cummax(jnp.where(starts_BT, idx_BT, 0), axis=segment_ids_BT.ndim - 1)
   return idx_BT - start_idx_BT
 

@@ -1,7 +1,5 @@
 """T5's relative position bias: log-spaced buckets of key-minus-query distance."""
 
-from __future__ import annotations
-
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
@@ -22,10 +20,9 @@ class RelativeBias:
   def dense(self, query_length: int, key_length: int, query_offset: jax.Array | int = 0):
     q_pos_T = jnp.arange(query_length, dtype=jnp.int32) + query_offset
     k_pos_S = jnp.arange(key_length, dtype=jnp.int32)
-    bucket_TS = relative_position_bucket(k_pos_S[None, :] - q_pos_T[:, None],
-                                         bidirectional=self.bidirectional,
-                                         num_buckets=self.table_NH.shape[0],
-                                         max_distance=self.max_distance)
+    bucket_TS = relative_position_bucket(
+        k_pos_S[None, :] - q_pos_T[:, None], bidirectional=self.bidirectional,
+        num_buckets=self.table_NH.shape[0], max_distance=self.max_distance)
     bias_TSH = jnp.take(self.table_NH.astype(jnp.float32), bucket_TS, axis=0)
     return jnp.transpose(bias_TSH, (2, 0, 1))[None]
 

@@ -67,11 +67,9 @@ class BertBlock(nn.Module):
 
 class Bert(nn.Module):
   """Bidirectional encoder: tokens [B, T] -> MLM logits [B, T, V] (float32) or hidden [B, T, D].
-
   `segment_ids` [B, T]: 0 marks padding, equal non-zero ids mark one packed sequence;
   `token_types` [B, T]: BERT's sentence A/B ids (default 0); `positions` default to each
-  token's index within its segment.
-  """
+  token's index within its segment."""
 
   ARCHITECTURE = "encoder"  # which objectives train it: see objectives.Objective.check_model
 

@@ -23,7 +23,6 @@ REMAT_POLICIES = {
 
 
 def check(ok: bool, message: str) -> None:
-  """Raises ValueError(message) unless ok."""
   if not ok:
     raise ValueError(message)
 

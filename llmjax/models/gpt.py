@@ -87,15 +87,13 @@ class GPTBlock(nn.Module):
 
 class GPT(nn.Module):
   """Decoder-only language model: tokens [B, T] -> next-token logits [B, T, V] in float32.
-
   `segment_ids` [B, T]: 0 marks padding, equal non-zero ids one packed sequence (default:
   one per row). `positions` default to each token's index in its segment. `prefix_mask`
   [B, T] (prefix LM) marks positions that attend bidirectionally within their segment.
   `last_only` returns the last position's logits only, [B, 1, V]. With `decode=True` the
   attention layers keep a KV cache: initialize with a [B, max_length] input, then feed
   tokens with mutable=["cache"] (a step past max_length gives NaN); segment id 0 marks left
-  padding and rows of different lengths pass their own `positions` (as llmjax.decode does).
-  """
+  padding and rows of different lengths pass their own `positions` (as llmjax.decode does)."""
 
   ARCHITECTURE = "decoder"  # which objectives train it: see objectives.Objective.check_model
 
@@ -111,9 +109,8 @@ class GPT(nn.Module):
                         prefix_mask=prefix_mask)
     T = tokens.shape[1]
     if cfg.positions == "learned" and not self.decode:  # a decoding cache may be longer
-      common.check(T <= cfg.max_seq_len,
-                   f"GPT: sequence length {T} exceeds GPTConfig.max_seq_len={cfg.max_seq_len} "
-                   f"(the learned position table)")
+      common.check(T <= cfg.max_seq_len, f"GPT: sequence length {T} exceeds "
+                   f"GPTConfig.max_seq_len={cfg.max_seq_len} (the learned position table)")
     common.check(not (self.decode and prefix_mask is not None),
                  "GPT(decode=True) has no prefix_mask: run the prefix without decode")
     segment_ids_BT = jnp.ones_like(tokens) if segment_ids is None else segment_ids

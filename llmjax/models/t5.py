@@ -119,24 +119,21 @@ class T5Stack(nn.Module):
     args = (segment_ids_BT, relative_bias) + ((encoded_BSD, enc_segment_ids_BS)
                                           if self.is_decoder else ())
     num_layers = cfg.decoder_layers if self.is_decoder else cfg.num_layers
-    x_BTD = common.run_layers(T5Block, cfg, num_layers, x_BTD, *args,
-                              deterministic=deterministic, is_decoder=self.is_decoder,
-                              decode=self.decode)
+    x_BTD = common.run_layers(T5Block, cfg, num_layers, x_BTD, *args, deterministic=deterministic,
+                              is_decoder=self.is_decoder, decode=self.decode)
     x_BTD = layers.RMSNorm(cfg.norm_eps, name="final_norm", **cfg.dtypes)(x_BTD)
     return nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=deterministic)
 
 
 class T5(nn.Module):
   """Encoder-decoder model: (encoder tokens [B, S], decoder tokens [B, T]) -> logits [B, T, V].
-
   Decoder tokens are the decoder's inputs (targets shifted right). Segment ids: 0 marks
   padding, equal non-zero ids one packed sequence, matched between encoder and decoder
   (decoder segment k attends to encoder segment k). Logits are float32.
 
   `decode=True` caches the decoder's self-attention keys and values and, projected once,
   the encoder output's: initialize with a [B, max_length] decoder input, then pass the
-  encoder output to `decoder_logits` first and `encoded_BSD=None` after (llmjax.decode).
-  """
+  encoder output to `decoder_logits` first and `encoded_BSD=None` after (llmjax.decode)."""
 
   ARCHITECTURE = "encoder_decoder"  # which objectives train it: see objectives.Objective.check_model
 

@@ -21,13 +21,13 @@ import numpy as np
 
 
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.Array, *,
-                  label_smoothing: float = 0.0, z_loss: float = 0.0) -> dict[str, jax.Array]:
-  """Weighted sums, in float32: `loss` (what is minimized), `nll`, `correct` and `weight`.
-
+                  label_smoothing: float = 0.0, z_loss: float = 0.0,
+                  axis=None) -> dict[str, jax.Array]:
+  """Weighted sums (over `axis`: default all), in float32: `loss` (what is minimized), `nll`,
+  `correct` and `weight`.
   `loss` adds label smoothing (the target's probability mass spread uniformly over the
   vocabulary by `label_smoothing`) and PaLM's z-loss `z_loss * log(Z)**2` to the negative log
-  likelihood `nll`. Divide a sum by `weight` for the mean over the tokens that count.
-  """
+  likelihood `nll`. Divide a sum by `weight` for the mean over the tokens that count."""
   logits_BTV = logits_BTV.astype(jnp.float32)
   weights_BT = weights_BT.astype(jnp.float32)
   log_z_BT = jax.nn.logsumexp(logits_BTV, axis=-1)
@@ -41,17 +41,15 @@ def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array, weights_BT: jax.
   if z_loss:
     loss_BT = loss_BT + z_loss * jnp.square(log_z_BT)
   correct_BT = jnp.argmax(logits_BTV, axis=-1) == targets_BT
-  return {"loss": jnp.sum(loss_BT * weights_BT), "nll": jnp.sum(nll_BT * weights_BT),
-          "correct": jnp.sum(correct_BT * weights_BT), "weight": jnp.sum(weights_BT)}
+  return {"loss": jnp.sum(loss_BT * weights_BT, axis), "nll": jnp.sum(nll_BT * weights_BT, axis),
+          "correct": jnp.sum(correct_BT * weights_BT, axis), "weight": jnp.sum(weights_BT, axis)}
 
 
 class Objective:
   """Base class: subclasses set `lengths`, `examples`, `model_args`; `batch`, the loss shared.
-
   The keyword-only arguments of a subclass's `__init__` (and these two of the loss) are its
   settings: the config's `objective` section holds one field per setting (see
-  `objectives.from_config`), so a new objective is one class here and one registry entry.
-  """
+  `objectives.from_config`), so a new objective is one class here and one registry entry."""
 
   def __init__(self, tokenizer, *, z_loss: float = 0.0, label_smoothing: float = 0.0):
     if z_loss < 0 or not 0.0 <= label_smoothing < 1.0:
@@ -73,6 +71,10 @@ class Objective:
     settings = {k: v for k, v in sorted(vars(self).items())
                 if not k.startswith("_") and isinstance(v, (int, float, bool, str, type(None)))}
     return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in settings.items())})"
+
+  def for_eval(self) -> "Objective":
+    """The objective the eval split is read with: this one, less training-only randomness."""
+    return self
 
   def check_model(self, model) -> None:
     """Raises ValueError if the model is of an architecture the objective does not train (a

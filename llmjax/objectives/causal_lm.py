@@ -2,7 +2,9 @@
 
 A document becomes BOS + tokens + EOS, cut into windows of `seq_len + 1` tokens that overlap
 by one (tokens w[:-1], targets w[1:]), so every token after BOS is a target exactly once and
-no target crosses into the next packed document.
+no target crosses into the next packed document. A short last window reaches back to full
+length, its re-read targets weighted 0 (lm-evaluation-harness's rolling windows): its targets
+see as much context as the others, and eval/loss is evaluation.perplexity's.
 
 Prefix LM splits each window at a random point: the prefix is seen bidirectionally
 (`prefix_mask`, over input positions) and only the suffix is predicted. The position whose
@@ -11,6 +13,8 @@ positions whose targets lie inside the prefix have weight 0.
 """
 
 from __future__ import annotations
+
+import copy
 
 import numpy as np
 
@@ -35,7 +39,7 @@ class CausalLM(Objective):
     self.seq_len, self.random_offset = seq_len, random_offset
     self.bos = [tokenizer.bos_id] if add_bos else []
     self.eos = [tokenizer.eos_id] if add_eos else []
-    self.lengths = {"tokens": seq_len, "targets": seq_len}
+    self.lengths = {"tokens": seq_len, "targets": seq_len, "weights": seq_len}
 
   def windows(self, tokens: np.ndarray, offset: int = 0) -> list[np.ndarray]:
     """Windows of seq_len + 1 tokens that overlap by one, the first `offset` + 1 long."""
@@ -46,7 +50,24 @@ class CausalLM(Objective):
 
   def examples(self, tokens: np.ndarray, rng: np.random.Generator) -> list[dict[str, np.ndarray]]:
     offset = int(rng.integers(self.seq_len)) if self.random_offset else 0
-    return [{"tokens": w[:-1], "targets": w[1:]} for w in self.windows(tokens, offset)]
+    windows = self.windows(tokens, offset)
+    out = [{"tokens": w[:-1], "targets": w[1:], "weights": np.ones(len(w) - 1, np.float32)}
+           for w in windows]
+    full = np.concatenate([self.bos, tokens, self.eos]).astype(np.int32)
+    scored = len(windows[-1]) - 1 if windows else 0
+    if len(windows) > 1 and scored < self.seq_len:
+      w = full[-(self.seq_len + 1):]
+      out[-1] = {"tokens": w[:-1], "targets": w[1:],
+                 "weights": (np.arange(len(w) - 1) >= len(w) - 1 - scored).astype(np.float32)}
+    return out
+
+  def for_eval(self) -> CausalLM:
+    """Eval reads each document in windows from its start (no random offset)."""
+    if not self.random_offset:
+      return self
+    evaluated = copy.copy(self)
+    evaluated.random_offset = False
+    return evaluated
 
   def model_args(self, batch):
     return (batch["tokens"], batch["segment_ids"], batch["positions"]), {}

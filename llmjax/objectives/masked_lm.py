@@ -20,16 +20,6 @@ from llmjax.objectives.base import Objective, chunks
 MASK_PROB, RANDOM_PROB = 0.8, 0.1  # of the chosen tokens; the remaining 10% stay unchanged
 
 
-def _word_groups(candidates: np.ndarray, word_starts) -> list[np.ndarray]:
-  """The candidate positions grouped into whole words."""
-  starts = np.asarray(word_starts, bool)[candidates]
-  # A new word begins at a word start or after a gap (a special token in between).
-  starts[1:] |= np.diff(candidates) > 1
-  if len(starts):
-    starts[0] = True
-  return np.split(candidates, np.flatnonzero(starts)[1:])
-
-
 def random_non_special(rng: np.random.Generator, n: int, vocab_size: int,
                        special_ids: np.ndarray) -> np.ndarray:
   """n ids drawn uniformly from [0, vocab_size) without the special ids."""
@@ -43,13 +33,10 @@ def mask_tokens(tokens, *, seed, vocab_size: int, mask_id: int, special_ids: Ite
                 rate: float = 0.15, max_predictions: int | None = None,
                 word_starts=None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
   """(inputs, targets, weights) of one sequence under BERT's rule; `seed` is an int or tuple
-  of ints.
-
-  `targets` are the original tokens; `weights` (float32) is 1 at the chosen positions and 0
-  elsewhere. `round(rate * maskable)` tokens are chosen (at least 1 if any token is maskable),
-  capped at `max_predictions`. `word_starts` (bool per token) turns on whole-word masking:
-  whole words are chosen until the budget is met, skipping a word that would overshoot it.
-  """
+  of ints. `targets` are the original tokens; `weights` (float32) is 1 at the chosen positions
+  and 0 elsewhere. `round(rate * maskable)` tokens are chosen (at least 1 if any token is
+  maskable), capped at `max_predictions`. `word_starts` (bool per token) turns on whole-word
+  masking: whole words are chosen until the budget is met, skipping any that would overshoot."""
   tokens = np.asarray(tokens)
   if tokens.ndim != 1:
     raise ValueError(f"mask_tokens takes a 1-D array of token ids, got shape {tokens.shape}")
@@ -66,12 +53,13 @@ def mask_tokens(tokens, *, seed, vocab_size: int, mask_id: int, special_ids: Ite
     budget = min(budget, max_predictions)
   if word_starts is None:
     positions = rng.choice(candidates, budget, replace=False)
-  else:
-    words = _word_groups(candidates, word_starts)
+  else:  # whole words: a new one begins at a word start or after a gap (a special token)
+    starts = np.asarray(word_starts, bool)[candidates]
+    starts[1:] |= np.diff(candidates) > 1
+    starts[:1] = True
+    words = np.split(candidates, np.flatnonzero(starts)[1:])
     chosen, num_chosen = [], 0
     for i in rng.permutation(len(words)):
-      if num_chosen >= budget:
-        break
       if num_chosen + len(words[i]) <= budget:  # BERT skips a word that would overshoot
         chosen.append(words[i])
         num_chosen += len(words[i])

@@ -29,25 +29,19 @@ def _check_args(noise_density: float, mean_noise_span_length: float) -> None:
     raise ValueError(f"mean_noise_span_length={mean_noise_span_length} must be at least 1")
 
 
-def _lengths_after(tokens_length: int, noise_density: float,
-                   mean_noise_span_length: float) -> tuple[int, int]:
-  """(inputs, targets) lengths, EOS included, made from `tokens_length` raw tokens (T5's rule)."""
-  num_noise = int(round(tokens_length * noise_density))
-  num_spans = int(round(num_noise / mean_noise_span_length))
-  return tokens_length - num_noise + num_spans + 1, num_noise + num_spans + 1
-
-
 def span_corruption_lengths(inputs_length: int, noise_density: float = 0.15,
                             mean_noise_span_length: float = 3.0) -> tuple[int, int]:
   """(tokens_length, targets_length), as T5's random_spans_helper: the longest raw chunk whose
-  corrupted inputs plus EOS fit in `inputs_length`, and its targets' length plus EOS. At
-  density 0.5 the chunk is shortened by one when that keeps the targets no longer than the
-  inputs, as T5 does."""
+  corrupted inputs plus EOS fit in `inputs_length`, and its targets' length plus EOS (at
+  density 0.5, one token shorter when that keeps the targets no longer than the inputs)."""
   _check_args(noise_density, mean_noise_span_length)
   if inputs_length < 2:
     raise ValueError(f"inputs_length={inputs_length} is too short for span corruption: "
                      f"it needs at least one token and the EOS")
-  lengths_after = lambda n: _lengths_after(n, noise_density, mean_noise_span_length)
+  def lengths_after(n: int) -> tuple[int, int]:  # (inputs, targets), EOS included: T5's rule
+    num_noise = int(round(n * noise_density))
+    num_spans = int(round(num_noise / mean_noise_span_length))
+    return n - num_noise + num_spans + 1, num_noise + num_spans + 1
   tokens_length = inputs_length - 1
   while lengths_after(tokens_length + 1)[0] <= inputs_length:
     tokens_length += 1
@@ -90,11 +84,9 @@ def noise_mask(length: int, rng: np.random.Generator, noise_density: float = 0.1
 
 def span_corrupt(tokens, *, seed, noise_density: float = 0.15, mean_noise_span_length: float = 3.0,
                  sentinel_ids: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-  """(inputs, targets) int32 of one chunk, no EOS; `seed` is an int or a tuple of ints.
-
-  The same tokens and seed always give the same corruption. `sentinel_ids[k]` replaces the
-  k-th noise span; there must be at least as many sentinels as spans.
-  """
+  """(inputs, targets) int32 of one chunk, no EOS; `seed` is an int or a tuple of ints. The
+  same tokens and seed always give the same corruption. `sentinel_ids[k]` replaces the k-th
+  noise span; there must be at least as many sentinels as spans."""
   _check_args(noise_density, mean_noise_span_length)
   tokens = np.asarray(tokens)
   if tokens.ndim != 1:
@@ -124,12 +116,10 @@ def corrupt_with_mask(tokens: np.ndarray, mask: np.ndarray,
 
 
 class SpanCorruption(Objective):
-  """T5 pre-training for encoder-decoder models: chunks of `tokens_length` raw tokens corrupted.
-
-  Each document is cut into chunks of the raw length that fills `inputs_length` (568 for 512);
-  a document's last, shorter chunk is corrupted the same way and packed beside others. The
-  decoder reads the targets shifted right behind `decoder_start_id` (T5: the pad id, 0).
-  """
+  """T5 pre-training for encoder-decoder models: each document is cut into chunks of the raw
+  length that fills `inputs_length` (568 for 512), each corrupted (a document's last, shorter
+  chunk too, packed beside others). The decoder reads the targets shifted right behind
+  `decoder_start_id` (T5: the pad id, 0)."""
 
   targets_key, weights_key = "decoder_targets", "decoder_weights"
   architectures = ("encoder_decoder",)
@@ -161,8 +151,7 @@ class SpanCorruption(Objective):
     if len(tokenizer.sentinel_ids) < max_spans:
       raise ValueError(f"{tokenizer} has {len(tokenizer.sentinel_ids)} sentinel ids but chunks of "
                        f"{self.tokens_length} tokens make up to {max_spans} noise spans")
-    self.sentinel_ids, self.eos_id = tokenizer.sentinel_ids, tokenizer.eos_id
-    self.start_id = start
+    self.sentinel_ids, self.eos_id, self.start_id = tokenizer.sentinel_ids, tokenizer.eos_id, start
     self.lengths = {"encoder_tokens": inputs_length, "decoder_targets": self.targets_length,
                     "decoder_tokens": self.targets_length}
 

@@ -5,26 +5,19 @@
     if ckpts.should_save(step): ckpts.save(step, state, it, window)   # asynchronous
     ckpts.close(step)                             # waits for the last save
 
-Orbax writes them (through tensorstore, local or gs://); a save that fails, possibly in the
-background, surfaces as a CheckpointError naming the step of the last complete checkpoint.
+Orbax writes them (local or gs://); a failed save, possibly in the background, surfaces as a
+CheckpointError naming the step of the last complete checkpoint.
 
-Integrity. Orbax 0.12 keeps no checksums of array data (OCDBT's CRC32C covers its b-tree
-nodes, not the chunks), so once Orbax has committed step N (known at the next `save`, at
-`wait` and at `close`) every process writes N/_CHECKSUMS.process_<i>-of-<n>.json, the size
-and CRC32C of each file it wrote. Locally the files are read back, on a background thread
-unless keep=1; on gs:// Cloud Storage's own CRC32C comes with one listing. `restore` checks
-the newest checkpoint first (each process a share of the manifests, the verdict agreed by
-all), then restores it. One that fails, or cannot be restored, is reported in one line naming
-the file, moved aside to <step>.corrupt (never deleted), and the next newest is tried; with
-none left, training starts from step 0.
-
-A committed checkpoint without some manifest (saved by an older llmjax, or stopped between
-Orbax's commit and its manifest) is restored unverified, with a warning, and moved aside only
-if restoring it fails. A restore that fails on a checkpoint whose every byte checks out is
-not corruption: its error is raised.
+Integrity: Orbax 0.12 keeps no checksums of array data (OCDBT's CRC32C covers its b-tree only), so
+once step N is committed (known at the next `save`, `wait` or `close`) each process writes
+N/_CHECKSUMS.process_<i>-of-<n>.json, the size and CRC32C of each file it wrote (read back locally,
+on a thread unless keep=1; from one listing on gs://). `restore` checks the newest checkpoint (the
+processes share the manifests and agree on the verdict), then restores it; one that fails the check
+or the restore is reported in one line naming the file, moved aside to <step>.corrupt (never
+deleted), and the next newest is tried; with none left, training starts from step 0. One lacking a
+manifest (an older llmjax's, or stopped before writing it) is restored unverified, with a warning; a
+failed restore of one whose every byte checks out is no corruption: its error is raised.
 """
-
-from __future__ import annotations
 
 import base64
 import concurrent.futures
@@ -69,9 +62,8 @@ class Checkpoints:
     self._keep, self._log, self._verify = keep, log or logging.warning, verify
     self._owed = None  # the last step saved, whose checksums this process still owes
     self._writer = None  # the thread writing the previous step's checksums
-    self._manager = ocp.CheckpointManager(
-        directory, options=ocp.CheckpointManagerOptions(
-            save_decision_policy=policy, max_to_keep=keep, enable_async_checkpointing=True))
+    self._manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
+        save_decision_policy=policy, max_to_keep=keep, enable_async_checkpointing=True))
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -83,9 +75,8 @@ class Checkpoints:
             f"the last complete checkpoint (step {step}) is intact")
 
   def restore(self, abstract, it):
-    """(state, step, log window) of the newest intact checkpoint, `it` set to its data
-    position; (None, None, None) without one. The log window is what `save` got as `window`.
-    Corrupt checkpoints on the way are reported, moved aside and skipped."""
+    """(state, step, log window: what `save` got as `window`) of the newest intact checkpoint,
+    `it` set to its data position; (None, None, None) without one."""
     fresh = it.get_state()
     steps = sorted(self._manager.all_steps(), reverse=True)
     for i, step in enumerate(steps):
@@ -98,7 +89,11 @@ class Checkpoints:
           self._log(f"checkpoint {step} has no checksums from {unchecked} (saved before they "
                     f"were kept, or stopped before writing them): restoring it unverified")
         try:
-          restored = self._manager.restore(step, args=self._restore_args(step, abstract, it))
+          args = {"state": ocp.args.StandardRestore(abstract),
+                  "data": grain.checkpoint.CheckpointRestore(it)}
+          if (self._step_dir(step) / "metrics").exists():
+            args["metrics"] = ocp.args.JsonRestore()
+          restored = self._manager.restore(step, args=ocp.args.Composite(**args))
         except Exception as e:  # unreadable: truncated, emptied or missing files
           if not unchecked:  # every byte is as written: not corruption, a real error
             raise
@@ -147,21 +142,11 @@ class Checkpoints:
       yield
     except Exception as e:  # Orbax reraises a background write's error at the next call
       self._owed = None
-      raise CheckpointError(
-          f"writing a checkpoint in {self.directory} failed by step {step}: "
-          f"{paths.error_text(e, last=True)}; {self.intact()}") from e
+      raise CheckpointError(f"writing a checkpoint in {self.directory} failed by step {step}: "
+                            f"{paths.error_text(e, last=True)}; {self.intact()}") from e
 
   def _step_dir(self, step: int) -> epath.Path:
     return epath.Path(self.directory) / str(step)
-
-  def _restore_args(self, step, abstract, it):
-    args = {"state": ocp.args.StandardRestore(abstract),
-            "data": grain.checkpoint.CheckpointRestore(it)}
-    if (self._step_dir(step) / "metrics").exists():
-      args["metrics"] = ocp.args.JsonRestore()
-    return ocp.args.Composite(**args)
-
-  # Writing checksums.
 
   def _settle(self, background: bool) -> None:
     """Writes this process's checksums of the last step saved, on a thread or here."""
@@ -197,8 +182,6 @@ class Checkpoints:
       logging.warning("checkpoint %d: writing its checksums failed (%s); it will be restored "
                       "unverified", step, paths.error_line(e))
 
-  # Checking them.
-
   def _manifests(self, step: int) -> tuple[dict[int, epath.Path], int]:
     """({process: its manifest}, the number of processes that saved the step; 0: unknown)."""
     found, count = {}, 0
@@ -211,9 +194,8 @@ class Checkpoints:
   def _unchecked(self, step: int) -> str:
     """Whose checksums the step lacks, in words ('' when it has all of them)."""
     found, count = self._manifests(step)
-    if not found:
-      return "any process"
-    return ", ".join(f"process {i}" for i in range(count) if i not in found)
+    missing = ", ".join(f"process {i}" for i in range(count) if i not in found)
+    return missing if found else "any process"
 
   def _check(self, step: int) -> str | None:
     """What is wrong with this process's share of the step's manifests ('FILE: why'), or None."""
@@ -243,8 +225,6 @@ class Checkpoints:
     except OSError as e:  # a file that cannot be read at all
       return f"unreadable: {paths.error_line(e)}"
     return None
-
-  # Moving a corrupt step aside.
 
   def _aside_name(self, step: int) -> epath.Path:
     """<step>.corrupt, or .corrupt-2, -3, ... if taken (no '_<digits>' Orbax would parse)."""

@@ -94,7 +94,7 @@ def base_config() -> ml_collections.ConfigDict:
   c.train = ml_collections.ConfigDict({
       "steps": 1000, "log_every": 50, "eval_every": 250, "eval_batches": 16,
       "checkpoint_every": 500, "keep_checkpoints": 3, "init_from": config_dict.placeholder(str),
-      "sample_prompt": "def ", "sample_tokens": 200})
+      "sample_prompt": "def ", "sample_tokens": 200, "eval_tasks": ()})
   c.runlocal = False
   return c
 
@@ -268,6 +268,8 @@ CHECKS = {
     "train.checkpoint_every": optim.int_at_least(1),
     "train.keep_checkpoints": optim.int_at_least(1),
     "train.sample_tokens": optim.int_at_least(0),
+    "train.eval_tasks": (lambda v: isinstance(v, (tuple, list)) and all(
+        isinstance(s, str) for s in v), "a list of KIND:PATH task specs (llmjax/evaluation)"),
 }
 
 

@@ -1,14 +1,10 @@
 """An experiment config made into the parts of a run: model, tokenizer, objective, data, mesh.
 
-    setup = build(config)                 # everything a run needs, checked, nothing run yet
-    batches = make_pipeline(setup, "train")
-
-`Setup` is a `step.Parts` (what the steps need) plus what the loop needs: the config, the
-tokenizer, the train and eval sources and this process's share of the batch. Every check
-that can fail on a user's config runs here, before a parameter is initialized.
+`build(config)` makes a `Setup`, `make_pipeline(setup, split)` its batches. `Setup` is a
+`step.Parts` (what the steps need) plus what the loop needs: the config, the tokenizer, the train
+and eval sources and this process's share of the batch. Every check that can fail on a user's config
+runs here, before a parameter is initialized.
 """
-
-from __future__ import annotations
 
 import dataclasses
 import json
@@ -48,29 +44,27 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   train_source, eval_source = data.split_source(
       source, config.data.validation_fraction, method=config.data.split_method, seed=config.seed)
   mesh = sh.make_mesh(tuple(config.mesh.shape))
-  data_parallel = mesh.shape["data"] * mesh.shape["fsdp"]
+  data_parallel, procs = mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count()
   if config.batch_size % data_parallel:
     raise ValueError(f"batch_size={config.batch_size} is not divisible by the data-parallel size "
                      f"{data_parallel} (mesh {dict(mesh.shape)}: data x fsdp)")
-  if config.batch_size % jax.process_count():
-    raise ValueError(f"batch_size={config.batch_size} is not divisible by the "
-                     f"{jax.process_count()} processes")
-  shards = config.data.shards or jax.process_count()
-  if shards % jax.process_count() or config.batch_size % shards:
-    raise ValueError(f"data.shards={shards} must be a multiple of the {jax.process_count()} "
-                     f"processes and divide batch_size={config.batch_size}")
+  if config.batch_size % procs:
+    raise ValueError(f"batch_size={config.batch_size} is not divisible by the {procs} processes")
+  shards, local = config.data.shards or procs, config.batch_size // procs
+  if shards % procs or config.batch_size % shards:
+    raise ValueError(f"data.shards={shards} must be a multiple of the {procs} processes and "
+                     f"divide batch_size={config.batch_size}")
   microbatches = config.optimizer.microbatches
-  if microbatches < 1 or (config.batch_size // jax.process_count()) % microbatches:
+  if microbatches < 1 or local % microbatches:
     raise ValueError(f"optimizer.microbatches={microbatches} must divide the per-process batch "
-                     f"{config.batch_size // jax.process_count()}")
+                     f"{local}")
   tx, schedule = optim.optimizer(config.optimizer,
                                  config.optimizer.decay_steps or config.train.steps)
   return Setup(model=model, objective=objective, tx=tx, mesh=mesh, rules=rules(config.mesh.rules),
-               schedule=schedule, microbatches=microbatches,
-               dropout=getattr(model.cfg, "dropout_rate", 0) > 0, seed=config.seed,
-               config=config, tokenizer=tokenizer, train_source=train_source,
-               eval_source=eval_source,
-               local_batch_size=config.batch_size // jax.process_count())
+               schedule=schedule, microbatches=microbatches, seed=config.seed,
+               dropout=getattr(model.cfg, "dropout_rate", 0) > 0, config=config,
+               tokenizer=tokenizer, train_source=train_source, eval_source=eval_source,
+               local_batch_size=local)
 
 
 def rules(overrides: str | None) -> tuple:
@@ -98,12 +92,10 @@ def rules(overrides: str | None) -> tuple:
 
 def make_pipeline(setup: Setup, split: str):
   """This process's batches of the train split (forever) or the eval split (once, in order).
-
   The documents are cut into `data.shards` shards (default: one per process), each with its
   own pipeline making batch_size / shards rows of every global batch; a process reads its
   run of consecutive shards. The global batches are thus a function of the config alone:
-  one process with `data.shards=2` sees the very batches of two processes.
-  """
+  one process with `data.shards=2` sees the very batches of two processes."""
   c = setup.config.data
   shards, processes = c.shards or jax.process_count(), jax.process_count()
   rows, per_process = setup.config.batch_size // shards, shards // processes
@@ -115,7 +107,8 @@ def make_pipeline(setup: Setup, split: str):
     source, kwargs = setup.eval_source, dict(kwargs, shuffle=False, num_epochs=1,
                                              pad_after_end=True)
   first = jax.process_index() * per_process
-  parts = [data.make_pipeline(source, setup.tokenizer, setup.objective, shard_index=first + i,
+  objective = setup.objective if split == "train" else setup.objective.for_eval()
+  parts = [data.make_pipeline(source, setup.tokenizer, objective, shard_index=first + i,
                               **kwargs) for i in range(per_process)]
   if per_process == 1:
     return parts[0]

@@ -4,18 +4,14 @@
       ...
       held.check()  # before each save, on every process: raises if the lease was taken over
 
-The holder (host, pid, start time, a random run id) renews its heartbeat every
-`heartbeat_secs` (15 s) from a daemon thread. A lease whose heartbeat is older than
-`stale_secs` (120 s) is stale and taken over, so a crashed or SIGKILLed run blocks the next
-for two minutes at most; one whose process is gone from this host is stale at once (a reused
-pid only delays that to the timeout). Hosts' clocks are assumed to agree within seconds.
-Every write is conditional on the lease its writer last saw (locally under a short flock, on
-gs:// through generation preconditions, which the tests' emulator ignores on delete), so of
-two runs racing to create or take over a lease one wins, and a holder that lost its lease
-learns it at its next heartbeat. On a pod process 0 holds the one lease; all see the outcome.
+The holder (host, pid, start time, a random run id) renews its heartbeat every `heartbeat_secs`
+(15 s) from a daemon thread. A lease whose heartbeat is older than `stale_secs` (120 s), or whose
+process is gone from this host (a reused pid only delays that to the timeout), is stale and taken
+over; hosts' clocks are assumed to agree within seconds. Every write is conditional on the lease its
+writer last saw (locally under a short flock, on gs:// through generation preconditions), so of two
+runs racing for a lease one wins, and a holder that lost it learns so at its next heartbeat. On a
+pod process 0 holds the one lease.
 """
-
-from __future__ import annotations
 
 import contextlib
 import fcntl
@@ -132,7 +128,7 @@ class Lease:
   def _text(self):
     return json.dumps({**self.me, "heartbeat": time.time()})
 
-  def acquire(self) -> Lease:
+  def acquire(self) -> "Lease":
     """Creates the lease or takes over a stale one, else a one-line ValueError."""
     holder = None
     for _ in range(5):  # a retry follows another run's move between our read and write

@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from llmjax import checkpoint, data, metrics, paths, signals
+from llmjax import checkpoint, data, evaluation, metrics, paths, signals
 from llmjax.train import checkpoints, experiment, lease, step, workdir
 from llmjax.train.config import shrink_for_cpu
 
@@ -45,6 +45,8 @@ def train(config, workdir_path: str, *, log=functools.partial(print, flush=True)
 def _train(config, run_dir, held, log) -> Result:
   """The loop of `train`, in a workdir this run holds."""
   config = workdir.reconcile(run_dir, config, log)
+  for spec in config.train.eval_tasks:  # a bad spec or a missing file stops before any work
+    evaluation.tasks.parse(spec)
   setup = experiment.build(config)
   workdir.write_config(run_dir, config)
   abstract, state_shardings, init = step.init_state(setup, jax.random.key(config.seed))
@@ -101,7 +103,8 @@ def _train(config, run_dir, held, log) -> Result:
 
 
 def evaluate(setup, eval_step, params, shardings) -> dict[str, float]:
-  """Loss, accuracy and perplexity of the objective's targets over the eval batches."""
+  """Loss, accuracy and perplexity of the objective's targets over the eval batches, and the
+  metrics of train.eval_tasks."""
   it = iter(experiment.make_pipeline(setup, "eval"))
   totals = None
   for i in range(setup.config.train.eval_batches):
@@ -115,8 +118,14 @@ def evaluate(setup, eval_step, params, shardings) -> dict[str, float]:
   totals = jax.device_get(totals)
   weight = max(float(totals["weight"]), 1.0)
   loss = float(totals["nll"]) / weight
-  return {"eval/loss": loss, "eval/accuracy": float(totals["correct"]) / weight,
-          "eval/perplexity": float(np.exp(min(loss, 50.0))), "eval/tokens": float(totals["weight"])}
+  record = {"eval/loss": loss, "eval/accuracy": float(totals["correct"]) / weight,
+            "eval/perplexity": float(np.exp(min(loss, 50.0))),
+            "eval/tokens": float(totals["weight"])}
+  for spec in setup.config.train.eval_tasks:  # train.eval_tasks, as eval/<task>/<metric>
+    name, scores = evaluation.run_task(spec, setup.model, params, setup.tokenizer,
+                                       batch_size=setup.config.batch_size)
+    record.update({f"eval/{name}/{k}": float(v) for k, v in scores.items()})
+  return record
 
 
 def _restore_or_init(setup, ckpts, abstract, init, it, log):

@@ -1,7 +1,5 @@
 """Optimizers and learning-rate schedules from the config's `optimizer` section."""
 
-from __future__ import annotations
-
 import jax
 import optax
 

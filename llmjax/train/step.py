@@ -1,23 +1,12 @@
 """The training step: a sharded train state, the jitted train and eval steps, batch placement.
 
 Nothing here reads a config: the steps take a `Parts` (a model, an objective, an optax
-optimizer, a mesh and its logical-axis rules), so a custom module trains as ours do:
-
-    parts = step.Parts(model, objectives.CausalLM(tokenizer, 128), optax.adamw(1e-3), mesh)
-    abstract, state_shardings, init = step.init_state(parts, jax.random.key(0))
-    state = init(jax.random.key(0))
-    shardings = step.batch_shardings(parts, example_batch)
-    train_step = step.make_train_step(parts, state_shardings, shardings)
-    state, metrics = train_step(state, step.global_batch(shardings, numpy_batch))
-
-The model contract: `objective.model_args(batch)` gives the call; the model returns logits
-[B, T, V] and, with `Parts.dropout`, accepts `deterministic=False, rngs={"dropout": key}`.
-Parameters with logical axis names (see llmjax/sharding.py) are sharded by `rules`; others
-are replicated. The state ({"step", "params", "opt_state"}) is born sharded, and the step's
-metrics stay on device until the caller fetches them.
+optimizer, a mesh and its logical-axis rules), so a custom module trains as ours do (README.md,
+"Training your own model": the model contract and a whole loop). Parameters with logical axis
+names (see llmjax/sharding.py) are sharded by `rules`; others are replicated. The state
+({"step", "params", "opt_state"}) is born sharded, and the step's metrics stay on device until
+the caller fetches them.
 """
-
-from __future__ import annotations
 
 import dataclasses
 from typing import Any

@@ -5,8 +5,6 @@
     workdir.write_config(run_dir, config)
 """
 
-from __future__ import annotations
-
 import json
 
 import jax
@@ -23,9 +21,8 @@ def saved_config(run_dir: epath.Path) -> dict | None:
 
 
 def reconcile(run_dir: epath.Path, config: ml_collections.ConfigDict, log) -> ml_collections.ConfigDict:
-  """`config` checked against the run already in `run_dir`, if any: the same model, and the
-  learning-rate schedule of the steps already taken kept when train.steps grows or shrinks
-  (the schedule's length, `optimizer.decay_steps`, stays the first run's, and says so)."""
+  """`config` checked against the run already in `run_dir`, if any: the same model; the schedule's
+  length (`optimizer.decay_steps`) stays the first run's, and a change of train.steps is logged."""
   saved = saved_config(run_dir)
   if saved is None:
     return config

@@ -1,4 +1,4 @@
-"""What the TPU and GPU kernels share: their static settings and the per-block bias math."""
+"""What the TPU and GPU kernels share: static settings, block spans and T5 bucket math."""
 
 from __future__ import annotations
 
@@ -11,20 +11,15 @@ NEG = -1e30  # masked logits: finite, so exp(NEG - NEG) stays defined for rows t
 NN = (((1,), (0,)), ((), ()))  # a @ b
 NT = (((1,), (1,)), ((), ()))  # a @ b.T
 TN = (((0,), (0,)), ((), ()))  # a.T @ b
+div = jax.lax.div  # a // b for non-negative traced ints, without floor division's sign handling
 
 
 def dot(a, b, dims=NN, exact: bool = True):
-  """The product of two blocks in float32. bfloat16 products are exact. float32 blocks
-  multiply at full precision when `exact` (not one bfloat16 pass, not TF32: TPU kernels
-  always, whatever jax_default_matmul_precision says, as Mosaic refuses bfloat16 operands at
-  HIGHEST), else at the platform's default (TF32 on GPU, as XLA's own float32 matmuls)."""
+  """The product of two blocks in float32 (exact for bfloat16). float32 blocks multiply at
+  full precision when `exact` (TPU kernels always, whatever jax_default_matmul_precision says:
+  Mosaic refuses bfloat16 operands at HIGHEST), else at the platform's default (GPU: TF32)."""
   p = jax.lax.Precision.HIGHEST if exact and a.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
   return jax.lax.dot_general(a, b, dims, precision=(p, p), preferred_element_type=jnp.float32)
-
-
-def div(a, b: int):
-  """a // b for non-negative traced ints, lowered without floor division's sign handling."""
-  return jax.lax.div(a, b)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,8 +57,7 @@ def at_least(x, n: int = 1):
 
 def bucket_of(st: Static, rel):
   """T5's bucket of each distance key - query in `rel`: integer comparisons against the
-  per-direction thresholds (kernels/buckets.py), no transcendental in the kernel, and no
-  select (Triton mislowers a broadcast scalar select)."""
+  thresholds of kernels/buckets.py, with no transcendental and no select (see at_least)."""
   if st.bias_bidirectional:
     bucket, distance = st.num_buckets // 2 * at_least(rel, 1), jnp.abs(rel)
   else:
@@ -71,14 +65,6 @@ def bucket_of(st: Static, rel):
   for threshold in st.bucket_thresholds:
     bucket = bucket + at_least(distance, threshold)
   return bucket
-
-
-def bias(st: Static, table_ref, h, buckets):
-  """The [bq, bk] bias of head h: table[h, bucket], as selects over the few buckets."""
-  bias = jnp.zeros(buckets.shape, jnp.float32)
-  for n in range(st.num_buckets):
-    bias = jnp.where(buckets == n, table_ref[h, n], bias)
-  return bias
 
 
 def blocks_visible(st: Static, q_first, k_first, bq: int, bk: int, whole: bool = False):
@@ -99,13 +85,12 @@ def blocks_visible(st: Static, q_first, k_first, bq: int, bk: int, whole: bool =
 
 
 def spans(st: Static, q_seg, kv_seg, bq: int, bk: int):
-  """Per q block the kv blocks it may see, [first, end), and within them the first run of
-  fast blocks, [fast, fast_end): one segment on both sides and no padding, every query
-  seeing every key, and with T5 bias a single bucket, so the kernels add no per-element
-  mask or bias there. Then per kv block the same four of q blocks (each [B * blocks] int32;
-  an empty span is [0, 0), no fast run is [end, end)). The kernels loop (GPU) or step (TPU)
-  within these bounds only. Packed segments are contiguous, so a span holds only visible
-  blocks; with other ids it may hold some that are not, which the mask zeroes."""
+  """Per q block the kv blocks it may see, [first, end), and their first run of fast blocks,
+  [fast, fast_end) (one segment on both sides, no padding, every query seeing every key, one
+  T5 bucket: no per-element mask or bias); then per kv block the same four of q blocks. Each
+  is [B * blocks] int32; an empty span is [0, 0), no fast run [end, end). The kernels visit
+  only these blocks. A span of packed (contiguous) segments holds only visible blocks; with
+  other ids it may hold invisible ones, which the mask zeroes."""
   B = q_seg.shape[0]
 
   def per_block(seg, size):  # lowest and highest non-padding id; one segment and no padding
@@ -132,16 +117,3 @@ def spans(st: Static, q_seg, kv_seg, bq: int, bk: int):
     start, stop = jnp.where(start < m, start, end), jnp.where(start < m, stop, end)
     return tuple(x.reshape(-1).astype(jnp.int32) for x in (first, end, start, stop))
   return (*span(meet, fast), *span(meet.transpose(0, 2, 1), fast.transpose(0, 2, 1)))
-
-
-def position_mask(st: Static, qi, kj, bq: int, bk: int):
-  """Boolean [bq, bk] of the causal and window conditions for block (qi, kj); None if off."""
-  if not (st.causal or st.window is not None):
-    return None
-  row = qi * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
-  col = kj * bk + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
-  mask = col <= row if st.causal else None
-  if st.window is not None:
-    near = (row - col if st.causal else jnp.maximum(row - col, col - row)) < st.window
-    mask = near if mask is None else mask & near
-  return mask

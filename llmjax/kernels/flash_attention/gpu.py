@@ -1,20 +1,12 @@
 """Flash attention for GPU (Triton): forward, dq and dk/dv kernels, one program per block.
 
 Triton keeps no scratch across grid steps, so each program owns one output block and loops
-over the blocks it reduces over inside the kernel, with the running state in registers: the
-forward and dq kernels run over (query block, batch, head) and loop over kv blocks; the dk/dv
-kernel runs over (kv block, batch, kv group) and loops over the group's query heads and their
-query blocks. Neighbouring programs share their kv (or q) rows, so those stay in L2. The
-loops span only the blocks that the causal diagonal, the window and the packed segments
-leave visible (common.spans, computed outside the kernel): one loop over the run of fast
-blocks (every query sees every key, one T5 bucket: no mask, a scalar bias), one over the
-rest; both branch-free, so Triton pipelines their loads (cp.async). The T5 relative bias is
-gathered per logit from the bias of each distance (a [H, T + S - 1] vector, so no T x S bias
-exists), and its gradient summed per bucket in the dq kernel.
-
-Layouts are those of tpu.py (q [B, H, T, D], k and v [B, G, S, D], T and S padded to the
-blocks with segment id 0); per-row statistics (lse) are [B, H, T] float32. Triton needs every
-block to be a power of two.
+over the blocks it reduces over, its running state in registers: forward and dq programs
+run over (query block, batch, head) and loop over kv blocks; dk/dv programs over (kv block,
+batch, kv group), looping over the group's query heads and their query blocks (neighbours
+share kv or q rows, which stay in L2). Loops span only visible blocks (common.spans). The T5
+bias is gathered per logit from the bias of each distance (no T x S bias exists). Layouts
+are tpu.py's, with lse [B, H, T] float32; every block is a power of two (Triton).
 """
 
 from __future__ import annotations
@@ -34,6 +26,7 @@ KERNELS = {  # kernel: the BlockSizes fields of its (program's block, looped-ove
     "fwd": ("block_q", "block_kv"), "dq": ("block_q_dq", "block_kv_dq"),
     "dkv": ("block_kv_dkv", "block_q_dkv")}
 TILE = 128 * 256  # the largest [program block, loop block] float32 tile: half the registers
+FULL = pl.BlockSpec()  # the whole array: the spans and the T5 bias, indexed inside the kernels
 
 
 def default_blocks(target: str | None, D: int, dtype, bias: bool) -> tuple[int, ...]:
@@ -47,12 +40,11 @@ def default_blocks(target: str | None, D: int, dtype, bias: bool) -> tuple[int, 
 
 
 def _smem(st: Static, kernel: str, D: int, itemsize: int, stages: int) -> int:
-  """Bytes of shared memory Triton gives `kernel` (an upper bound of what it reports): its
-  program's q (and do) or k and v rows resident, `stages` buffers of the rows its loop loads
-  (with their int32/float32 row statistics) as it pipelines them, and float32 tiles staged
-  for the gathered T5 bias (one) and for float32 products' operands (two). On Hopper, whose
-  wgmma reads operands from shared memory (TF32 ones only K-major: transposed copies), that
-  count times 1.2, or 1.4 with float32 or T5 bias (measured: up to 1.16 and 1.36)."""
+  """Bytes of shared memory Triton gives `kernel` (bounding what it reports): its program's q
+  (and do) or k and v rows, `stages` buffers of the rows (and int32/float32 statistics) its loop
+  pipelines, and float32 tiles staged for the gathered T5 bias (one) and float32 products'
+  operands (two). Hopper's wgmma reads operands from shared memory (TF32 only K-major:
+  transposed copies): x1.2, or x1.4 with float32 or T5 bias (measured: up to 1.16, 1.36)."""
   own, loop = (getattr(st, name) for name in KERNELS[kernel])
   rows = {"fwd": (1, 2, 4), "dq": (2, 2, 4), "dkv": (2, 2, 12)}[kernel]
   tiles = bool(st.num_buckets) + 2 * (itemsize == 4 and _ieee())
@@ -102,10 +94,9 @@ def check(st: Static, D: int, dtype):
 
 
 def _ieee() -> bool:
-  """Whether float32 blocks multiply in full float32 (Triton's IEEE dot: no tensor cores, so
-  slow to run and to compile, with larger tiles in shared memory), under
-  jax_default_matmul_precision "highest" or "float32"; else in TF32, as XLA's float32 matmuls
-  on GPU (about 1e-3 relative error)."""
+  """Whether float32 blocks multiply in full float32 (Triton's IEEE dot: no tensor cores, slow
+  to run and compile, larger tiles in shared memory): under jax_default_matmul_precision
+  "highest" or "float32"; else in TF32, as XLA's float32 matmuls on GPU (~1e-3 relative)."""
   return jax.config.jax_default_matmul_precision in ("highest", "float32")
 
 
@@ -115,10 +106,9 @@ def _dot(a, b, dims=NN):
 
 def _mask(st: Static, qseg, kvseg, qi, kj, bq: int, bk: int, fast: bool):
   """[bq, bk] float32: 1 where the query may see the key (same non-padding segment, causal,
-  window), else 0; None in a fast block (common.spans). Built from integer arithmetic,
-  never a boolean: Triton cannot stage booleans in shared memory, which it does when it
-  changes a tensor's layout (the dk/dv kernel with the T5 bias did: 'ttg.local_alloc' op
-  element type bit width ...)."""
+  window), else 0; None in a fast block. Integer arithmetic, never a boolean: Triton cannot
+  stage booleans in shared memory, as it does to change a tensor's layout (the dk/dv kernel
+  with T5 bias did: 'ttg.local_alloc' op element type bit width ...)."""
   if fast:
     return None
   at_least = common.at_least
@@ -148,8 +138,7 @@ def _relative(st: Static, table, T: int, S: int):
 
 
 def _logits(st: Static, q, k, bias_ref, h, qi, kj, bq: int, bk: int, T: int, fast: bool):
-  """The block's scaled logits, with the T5 bias gathered by distance (+ T - 1): one
-  scalar in a fast block."""
+  """The block's scaled logits plus the T5 bias gathered by distance (+ T - 1; one if fast)."""
   s = _dot(q, k, NT) * st.scale
   if st.num_buckets and fast:
     s = s + bias_ref[h, T - 1 + kj * bk - qi * bq]
@@ -161,9 +150,8 @@ def _logits(st: Static, q, k, bias_ref, h, qi, kj, bq: int, bk: int, T: int, fas
 
 
 def _loop(spans, row, body, carry):
-  """body(j, carry, fast) over the blocks j of a row's span (common.spans): a loop over its
-  run of fast blocks, then one over the rest of the span on either side of it. Both are
-  branch-free, so Triton pipelines their loads (cp.async)."""
+  """body(j, carry, fast) over a row's span: a loop over its fast run, then one over the rest
+  on either side of it; both branch-free, so Triton pipelines their loads (cp.async)."""
   first, end, fast_first, fast_end = (x[row] for x in spans)
   carry = jax.lax.fori_loop(fast_first, fast_end, functools.partial(body, fast=True), carry)
   before = fast_first - first
@@ -179,15 +167,7 @@ def _block(index, size: int):
   return pl.ds(pl.multiple_of(index * size, size), size)
 
 
-def _full():
-  """The whole array: the segment ranges and the bias table, indexed inside the kernels."""
-  return pl.BlockSpec()
-
-
-# ------------------------------------------------------------------------------- forward
-
-
-def _fwd_kernel(*refs, st: Static, nq: int, nk: int):
+def _fwd_kernel(*refs, st: Static, nq: int):
   spans, (q_ref, k_ref, v_ref, qseg_ref, kvseg_ref), rest = refs[:4], refs[4:9], refs[9:]
   table_ref = rest[0] if st.num_buckets else None
   o_ref, lse_ref = rest[-2:]
@@ -221,31 +201,24 @@ def forward(st: Static, q, k, v, q_seg, kv_seg, table):
   B, H, T, D = q.shape
   G, S = k.shape[1], k.shape[2]
   bq, bk = st.block_q, st.block_kv
-  nq, nk, R = T // bq, S // bk, H // G
-  in_specs = [_full()] * 4 + [
-      pl.BlockSpec((None, None, bq, D), lambda i, b, h: (b, h, i, 0)),
-      pl.BlockSpec((None, None, S, D), lambda i, b, h: (b, div(h, R), 0, 0)),
-      pl.BlockSpec((None, None, S, D), lambda i, b, h: (b, div(h, R), 0, 0)),
-      pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
-      pl.BlockSpec((None, S), lambda i, b, h: (b, 0)),
-  ]
+  nq, R = T // bq, H // G
+  q_spec = pl.BlockSpec((None, None, bq, D), lambda i, b, h: (b, h, i, 0))
+  kv_spec = pl.BlockSpec((None, None, S, D), lambda i, b, h: (b, div(h, R), 0, 0))
+  in_specs = [FULL] * 4 + [q_spec, kv_spec, kv_spec,
+                           pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
+                           pl.BlockSpec((None, S), lambda i, b, h: (b, 0))]
   args = [*common.spans(st, q_seg, kv_seg, bq, bk)[:4], q, k, v, q_seg, kv_seg]
   if st.num_buckets:
-    in_specs.append(_full())
+    in_specs.append(FULL)
     args.append(_relative(st, table, T, S))
   return pl.pallas_call(
-      functools.partial(_fwd_kernel, st=st, nq=nq, nk=nk), grid=(nq, B, H),
-      in_specs=in_specs,
-      out_specs=[pl.BlockSpec((None, None, bq, D), lambda i, b, h: (b, h, i, 0)),
-                 pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))],
+      functools.partial(_fwd_kernel, st=st, nq=nq), grid=(nq, B, H), in_specs=in_specs,
+      out_specs=[q_spec, pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))],
       out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((B, H, T), jnp.float32)],
       compiler_params=_params(st, "fwd", D, q.dtype.itemsize), interpret=st.interpret,
       name="flash_attention_fwd_gpu",
   )(*args)
-
-
-# ------------------------------------------------------------------------------ backward
 
 
 def _probs_and_ds(st, q, k, v, do, lse, di, mask, table_ref, h, qi, kj, bq, bk, T, fast):
@@ -256,13 +229,10 @@ def _probs_and_ds(st, q, k, v, do, lse, di, mask, table_ref, h, qi, kj, bq, bk, 
   return p, p * (dp - di[:, None])
 
 
-def _dq_kernel(*refs, st: Static, nq: int, nk: int, nb_pad: int):
+def _dq_kernel(*refs, st: Static, nq: int, nb_pad: int):
   spans, rest = refs[:4], refs[12:]
   q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref, kvseg_ref = refs[4:12]
-  if st.num_buckets:
-    table_ref, dq_ref, dbias_ref = rest
-  else:
-    (dq_ref,), table_ref = rest, None
+  table_ref, dq_ref, dbias_ref = rest if st.num_buckets else (None, rest[0], None)
   qi, b, h = pl.program_id(0), pl.program_id(1), pl.program_id(2)
   (bq, D), bk = q_ref.shape, st.block_kv_dq
   q, do, lse, di, qseg = q_ref[...], do_ref[...], lse_ref[...], di_ref[...], qseg_ref[...]
@@ -280,8 +250,7 @@ def _dq_kernel(*refs, st: Static, nq: int, nk: int, nb_pad: int):
     if fast:  # one bucket
       bucket = common.bucket_of(st, kj * bk - qi * bq)
       return dq, carry[1] + jnp.where(lane == bucket, jnp.sum(ds), 0.0)
-    # d table[h, n]: ds summed over bucket n (computed: a gather of the buckets compiles
-    # many times slower)
+    # d table[h, n]: ds summed over bucket n, by selects (a gather compiles many times slower)
     dbias, buckets = carry[1], common.buckets(st, qi, kj, bq, bk)
     for n in range(st.num_buckets):
       dbias = dbias + jnp.where(lane == n, jnp.sum(jnp.where(buckets == n, ds, 0.0)), 0.0)
@@ -335,22 +304,22 @@ def backward(st: Static, q, k, v, q_seg, kv_seg, table, o, lse, do):
 
   # dq (and the bias table's gradient): a program per q block, looping over kv blocks.
   bq, bk = st.block_q_dq, st.block_kv_dq
-  nq, nk = T // bq, S // bk
+  nq = T // bq
   q_spec = pl.BlockSpec((None, None, bq, D), lambda i, b, h: (b, h, i, 0))
   kv_spec = pl.BlockSpec((None, None, S, D), lambda i, b, h: (b, div(h, R), 0, 0))
   row_spec = pl.BlockSpec((None, None, bq), lambda i, b, h: (b, h, i))
-  in_specs = [_full()] * 4 + [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
-                              pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
-                              pl.BlockSpec((None, S), lambda i, b, h: (b, 0))]
+  in_specs = [FULL] * 4 + [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
+                           pl.BlockSpec((None, bq), lambda i, b, h: (b, i)),
+                           pl.BlockSpec((None, S), lambda i, b, h: (b, 0))]
   args = [*common.spans(st, q_seg, kv_seg, bq, bk)[:4], q, k, v, do, lse, di, q_seg, kv_seg]
   out_specs, out_shape = [q_spec], [jax.ShapeDtypeStruct(q.shape, q.dtype)]
   if st.num_buckets:
-    in_specs.append(_full())
+    in_specs.append(FULL)
     args.append(_relative(st, table, T, S))
     out_specs.append(pl.BlockSpec((None, None, None, nb_pad), lambda i, b, h: (b, h, i, 0)))
     out_shape.append(jax.ShapeDtypeStruct((B, H, nq, nb_pad), jnp.float32))
   outs = pl.pallas_call(
-      functools.partial(_dq_kernel, st=st, nq=nq, nk=nk, nb_pad=nb_pad), grid=(nq, B, H),
+      functools.partial(_dq_kernel, st=st, nq=nq, nb_pad=nb_pad), grid=(nq, B, H),
       in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
       compiler_params=_params(st, "dq", D, q.dtype.itemsize),
       interpret=st.interpret, name="flash_attention_dq_gpu",
@@ -364,12 +333,12 @@ def backward(st: Static, q, k, v, q_seg, kv_seg, table, o, lse, do):
   heads_spec = pl.BlockSpec((None, R, T, D), lambda j, b, g: (b, g, 0, 0))
   heads_row_spec = pl.BlockSpec((None, R, T), lambda j, b, g: (b, g, 0))
   kv_spec = pl.BlockSpec((None, None, bk, D), lambda j, b, g: (b, g, j, 0))
-  in_specs = [_full()] * 4 + [heads_spec, kv_spec, kv_spec, heads_spec, heads_row_spec,
-                              heads_row_spec, pl.BlockSpec((None, T), lambda j, b, g: (b, 0)),
-                              pl.BlockSpec((None, bk), lambda j, b, g: (b, j))]
+  in_specs = [FULL] * 4 + [heads_spec, kv_spec, kv_spec, heads_spec, heads_row_spec,
+                           heads_row_spec, pl.BlockSpec((None, T), lambda j, b, g: (b, 0)),
+                           pl.BlockSpec((None, bk), lambda j, b, g: (b, j))]
   args = [*common.spans(st, q_seg, kv_seg, bq, bk)[4:], q, k, v, do, lse, di, q_seg, kv_seg]
   if st.num_buckets:
-    in_specs.append(_full())
+    in_specs.append(FULL)
     args.append(_relative(st, table, T, S))
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, st=st, nq=nq, nk=nk), grid=(nk, B, G),

@@ -18,13 +18,11 @@ HEAD_DIMS = (64, 128, 256)
 class BlockSizes:
   """Query and key/value block lengths of the forward, dq and dk/dv kernels.
 
-  Each is a positive multiple of 8 up to 2048. A size left None is the target's default
-  (sized to its memory: `default_blocks` of tpu.py / gpu.py), except that a backward one
-  takes its forward one when that was given. On TPU the kv blocks must also be multiples of
-  128 (the lane width); on GPU every block must be a power of two (Triton). Blocks that do
-  not fit the target's VMEM or shared memory are refused before compiling. Sequences
-  shorter than a block use one smaller block; longer ones are padded to a whole number of
-  blocks.
+  Each is a multiple of 8 from 8 to 2048. None: the target's default (`default_blocks` of
+  tpu.py / gpu.py, sized to its memory), or for a backward block its forward one if given.
+  TPU kv blocks must be multiples of 128 (the lane width), GPU blocks powers of two
+  (Triton); blocks over the target's VMEM or shared memory are refused before compiling. A
+  shorter sequence uses one smaller block; a longer one is padded to whole blocks.
   """
   block_q: int | None = None
   block_kv: int | None = None
@@ -68,28 +66,22 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, kv_segme
                     block_sizes: BlockSizes | None = None, interpret: bool | None = None,
                     backend: str | None = None, target: str | None = None):
   """Softmax attention of q [B, T, H, D] over k, v [B, S, G, D] (H % G == 0), never forming
-  a T x S matrix. Returns [B, T, H, D] in q's dtype.
+  a T x S matrix: reference.attention_reference's result, [B, T, H, D] in q's dtype. Raises
+  ValueError on bad inputs (reference.py's layout, HEAD_DIMS), options or blocks.
 
   Args:
-    causal: query i sees keys j <= i.
-    segment_ids: [B, T] ids of packed sequences, 0 = padding: a query sees only keys of its
-      own non-zero segment; padding queries output 0. kv_segment_ids: [B, S] for keys
-      (default: segment_ids, for self-attention).
-    bias_table: T5's relative position bias [num_buckets, H], added to the logits as
-      bias_table[bucket(j - i), h] (bucketing: `bias_bidirectional`, `bias_max_distance`);
-      it gets a gradient.
-    window: only keys with |i - j| < window (causal: i - j < window).
-    scale: of the logits; default 1 / sqrt(D).
+    causal, segment_ids ([B, T], 0 = padding), kv_segment_ids ([B, S]; default segment_ids),
+      window, scale (default 1 / sqrt(D)): the masks and scale of reference.py.
+    bias_table: T5's relative position bias [num_buckets, H] (bucketing:
+      `bias_bidirectional`, `bias_max_distance`); it gets a gradient.
+    block_sizes: `BlockSizes`; default the target's.
     interpret: run the kernels in the Pallas interpreter; default: unless on TPU or GPU.
-    backend: "tpu" (Mosaic kernels: a grid over kv blocks with scratch accumulators) or
-      "gpu" (Triton kernels: a loop over kv blocks inside each program); default: the
+    backend: "tpu" (Mosaic) or "gpu" (Triton) kernels (tpu.py, gpu.py); default: the
       platform's, and "tpu" when interpreting on CPU.
-    target: the accelerator compiled for, one of `llmjax.kernels.targets.NAMES` ("v5e",
-      "h100", ...): it sizes the default blocks and the compiler's settings, and decides
-      which blocks fit. Default: that of the current mesh's devices (so a program for a mesh
-      of compile-only devices, targets.devices, gets their kernels), else the local
-      accelerator's; None on CPU (interpreted; the smallest of the backend's targets'
-      limits apply).
+    target: the accelerator compiled for, one of `targets.NAMES` ("v5e", "h100", ...): it
+      sizes the default blocks and compiler settings and decides which blocks fit. Default:
+      the current mesh's devices' (so compile-only devices, targets.devices, get their
+      kernels), else the local accelerator's; None on CPU (the backend's smallest limits).
   """
   if backend not in (None, "tpu", "gpu"):
     raise ValueError(f"backend={backend!r}; expected 'tpu', 'gpu' or None")
@@ -168,8 +160,7 @@ def _flash_fwd(st, q, k, v, q_seg, kv_seg, table):
 
 
 def _flash_bwd(st, residuals, do):
-  q, k, v, q_seg, kv_seg, table, o, lse = residuals
-  dq, dk, dv, dtable = _kernels(st.backend).backward(st, q, k, v, q_seg, kv_seg, table, o, lse, do)
+  dq, dk, dv, dtable = _kernels(st.backend).backward(st, *residuals, do)
   return dq, dk, dv, None, None, dtable
 
 

@@ -91,17 +91,6 @@ def make_mask(T: int, S: int, *, causal: bool = False, segment_ids=None, kv_segm
   return mask_TS[None] & same_segment_BTS
 
 
-def relative_bias(bias_table_NH: jax.Array, T: int, S: int, *, bidirectional: bool,
-                  max_distance: int) -> jax.Array:
-  """Float32 [H, T, S]: bias_table[bucket(j - i), h] for query i and key j."""
-  relative_TS = jnp.arange(S, dtype=jnp.int32)[None, :] - jnp.arange(T, dtype=jnp.int32)[:, None]
-  bucket_TS = relative_position_bucket(relative_TS, bidirectional=bidirectional,
-                                       num_buckets=bias_table_NH.shape[0],
-                                       max_distance=max_distance)
-  bias_TSH = jnp.take(bias_table_NH.astype(jnp.float32), bucket_TS, axis=0)
-  return jnp.transpose(bias_TSH, (2, 0, 1))
-
-
 def attention_reference(q_BTHK, k_BSGK, v_BSGK, *, causal: bool = False, segment_ids=None,
                         kv_segment_ids=None, bias_table=None, bias_bidirectional: bool = True,
                         bias_max_distance: int = 128, window: int | None = None,
@@ -119,9 +108,12 @@ def attention_reference(q_BTHK, k_BSGK, v_BSGK, *, causal: bool = False, segment
   q_BTGRK = q_BTHK.reshape(B, T, G, R, K)
   logits_BGRTS = jnp.einsum("BTGRK,BSGK->BGRTS", q_BTGRK, k_BSGK,
                             preferred_element_type=jnp.float32) * scale
-  if bias_table is not None:
-    bias_HTS = relative_bias(bias_table, T, S, bidirectional=bias_bidirectional,
-                             max_distance=bias_max_distance)
+  if bias_table is not None:  # bias_table[bucket(j - i), h] for query i and key j
+    relative_TS = jnp.arange(S, dtype=jnp.int32)[None, :] - jnp.arange(T, dtype=jnp.int32)[:, None]
+    bucket_TS = relative_position_bucket(relative_TS, bidirectional=bias_bidirectional,
+                                         num_buckets=bias_table.shape[0],
+                                         max_distance=bias_max_distance)
+    bias_HTS = jnp.take(bias_table.astype(jnp.float32), bucket_TS, axis=0).transpose(2, 0, 1)
     logits_BGRTS = logits_BGRTS + bias_HTS.reshape(1, G, R, T, S)
 
   mask_BTS = make_mask(T, S, causal=causal, segment_ids=segment_ids,

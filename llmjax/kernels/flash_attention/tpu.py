@@ -1,22 +1,14 @@
 """Flash attention for TPU (Mosaic): forward, dq and dk/dv kernels over a grid of blocks.
 
-The grid runs over (batch, head, query block, kv block) with the kv block innermost: the
-online-softmax state (row max m, row sum l, output accumulator) lives in VMEM scratch across
-the kv steps of one query block (the FlashAttention-2 schedule). Each block row steps only
-through its span of visible blocks (common.spans: the causal diagonal, the window, packed
-segments; prefetched to SMEM): steps outside it compute nothing, and their index maps
-re-use the span's edge block, so they copy nothing from HBM either. Within the span, fast
-blocks (every query sees every key, one T5 bucket) build no mask and add a scalar bias. The
-T5 relative bias is computed per block from the bucket table in SMEM, so no T x S bias
-exists anywhere, and its gradient is summed per bucket in the dq kernel.
+The grid runs over (batch, head, query block, kv block), kv innermost: the online-softmax
+state lives in VMEM scratch across one query block's kv steps (FlashAttention-2). A block
+row steps only through its span (common.spans, prefetched to SMEM): steps outside compute
+nothing, and their index maps re-use the span's edge block, so they copy nothing either.
+The T5 bias is computed per block from the bucket table in SMEM (no T x S bias exists).
 
-Layouts inside: q [B, H, T, D], k and v [B, G, S, D]; T and S padded to the blocks, with
-padding marked by segment id 0. Per-row statistics are kept lane-replicated [rows, 128] and
-segment ids as [B, T, 128] / [B, 8, S], the shapes Mosaic tiles natively; the log-sum-exp
-saved for the backward is one lane of it, [B, H, T].
-
-Blocks are sized to VMEM: `vmem_need` bounds what each kernel allocates, `check` refuses
-blocks over the target's `cap`, and each kernel's scoped VMEM limit is raised to its need.
+Layouts: q [B, H, T, D], k and v [B, G, S, D], padded to the blocks with segment id 0. Row
+statistics are lane-replicated [rows, 128] and segment ids [B, T, 128] / [B, 8, S], shapes
+Mosaic tiles natively; the saved log-sum-exp is one lane of it, [B, H, T].
 """
 
 from __future__ import annotations
@@ -34,18 +26,17 @@ from llmjax.kernels.flash_attention.common import NEG, NT, TN, Static, div, dot
 
 LANES, SUBLANES = 128, 8
 MiB = 1 << 20
+SMEM = pl.BlockSpec(memory_space=pltpu.SMEM)  # the T5 bias table, read by scalar index
 KERNELS = {"forward": ("block_q", "block_kv"), "dq": ("block_q_dq", "block_kv_dq"),
            "dk/dv": ("block_q_dkv", "block_kv_dkv")}
-# VMEM a kernel may use: the compiler's default scoped limit (vmem_limit_bytes unset), and
-# the most it is raised to (3/4 of the core's VMEM, the rest left to Mosaic and XLA; all of
-# v4's 16 MiB, which the default already grants).
+# The compiler's default scoped VMEM limit; `cap` raises it to 3/4 of the core's VMEM (the rest
+# left to Mosaic and XLA), or all of v4's 16 MiB, which the default already grants.
 DEFAULT_LIMIT = {"v4": 16 * MiB, "v5e": 16 * MiB, "v5p": 16 * MiB, "v6e": 32 * MiB}
-# The [bq, bk] float32 temporaries of each kernel: a count without and with T5 bias, and
-# for float32 inputs a count more per 128 lanes of head dim (the full-precision products
-# split their operands in bfloat16 parts); with T5 bias and rows over 256 bytes, or blocks
-# over 768 x 768, Mosaic keeps the dq kernel's per-bucket selects live: WIDE_DQ_BIAS (v5e,
-# D 64 bfloat16: 17.8 tiles at 1024 x 1024, 23.7 at 2048 x 2048). Fitted to bound what it
-# allocates (libtpu 0.0.42.1, v4 to v6e; MEASURED in tests/kernels/tpu_fit_test.py).
+# [bq, bk] float32 temporaries per kernel: without and with T5 bias, and for float32 inputs
+# more per 128 lanes of head dim (full-precision products split operands in bfloat16 parts).
+# With T5 bias and rows over 256 bytes or blocks over 768 x 768, Mosaic keeps the dq kernel's
+# per-bucket selects live: WIDE_DQ_BIAS (v5e, D 64 bf16: 17.8 tiles at 1024^2, 23.7 at 2048^2).
+# Fitted to bound what libtpu 0.0.42.1 allocates, v4 to v6e (tests/kernels/tpu_fit_test.py).
 TEMPS = {"forward": (2.25, 2.25, 1.5), "dq": (1.25, 3.5, 2.5), "dk/dv": (1.75, 1.75, 2.0)}
 WIDE_DQ_BIAS = 24.0
 
@@ -116,13 +107,8 @@ def check(st: Static, D: int, dtype):
           f"), over {where}'s {limit / MiB:.0f} MiB; use smaller blocks")
 
 
-def _rem(a, b: int):
-  return jax.lax.rem(a, b)
-
-
 def _fetched(spans, row, j):
-  """The block to fetch at step j of a row whose span is [first, end): j clamped into it, so
-  a step outside re-uses its neighbour's block and copies nothing."""
+  """Step j's block: j clamped into the row's span [first, end), so steps outside copy nothing."""
   return jnp.minimum(jnp.maximum(j, spans[0][row]), jnp.maximum(spans[1][row] - 1, 0))
 
 
@@ -147,10 +133,15 @@ def _mask(st: Static, qseg_ref, kvseg_ref, qi, kj, bq: int, bk: int, fast: bool)
   if fast:
     return None
   qseg = _lanes(qseg_ref[...], bk)  # [bq, bk]
-  kvseg = kvseg_ref[:1, :]  # [1, bk]
-  mask = (qseg == kvseg) & (qseg != 0)
-  position = common.position_mask(st, qi, kj, bq, bk)
-  return mask if position is None else mask & position
+  mask = (qseg == kvseg_ref[:1, :]) & (qseg != 0)  # kv segment ids: [1, bk]
+  if st.causal or st.window is not None:
+    row = qi * bq + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 0)
+    col = kj * bk + jax.lax.broadcasted_iota(jnp.int32, (bq, bk), 1)
+    if st.causal:
+      mask = mask & (col <= row)
+    if st.window is not None:
+      mask = mask & ((row - col if st.causal else jnp.maximum(row - col, col - row)) < st.window)
+  return mask
 
 
 def _where(mask, x, other):
@@ -166,11 +157,11 @@ def _logits(st: Static, q, k, table_ref, h, qi, kj, bq, bk, fast: bool):
     s = s + table_ref[h, buckets]
   elif st.num_buckets:
     buckets = common.buckets(st, qi, kj, bq, bk)
-    s = s + common.bias(st, table_ref, h, buckets)
+    bias = jnp.zeros(buckets.shape, jnp.float32)
+    for n in range(st.num_buckets):  # table[h, bucket], as selects over the few buckets
+      bias = jnp.where(buckets == n, table_ref[h, n], bias)
+    s = s + bias
   return s, buckets
-
-
-# ------------------------------------------------------------------------------- forward
 
 
 def _fwd_kernel(*refs, st: Static, nq: int, nk: int):
@@ -217,8 +208,16 @@ def _seg_layouts(q_seg, kv_seg):
           jnp.broadcast_to(kv_seg[:, None, :], (B, SUBLANES, S)))
 
 
-def _smem():
-  return pl.BlockSpec(memory_space=pltpu.SMEM)
+def _q_specs(bq: int, bk: int, D: int, R: int, nq: int):
+  """BlockSpecs of the forward and dq grid (b, h, q block i, kv step j): [bq, D] rows of q,
+  [bk, D] of k or v (within i's span), [bq, 128] row statistics, q and kv segment ids."""
+  return (pl.BlockSpec((None, None, bq, D), lambda b, h, i, j, *_: (b, h, i, 0)),
+          pl.BlockSpec((None, None, bk, D), lambda b, h, i, j, *spans: (
+              b, div(h, R), _fetched(spans, b * nq + i, j), 0)),
+          pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j, *_: (b, h, i, 0)),
+          [pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, *_: (b, i, 0)),
+           pl.BlockSpec((None, SUBLANES, bk),
+                        lambda b, h, i, j, *spans: (b, 0, _fetched(spans, b * nq + i, j)))])
 
 
 def forward(st: Static, q, k, v, q_seg, kv_seg, table):
@@ -227,24 +226,14 @@ def forward(st: Static, q, k, v, q_seg, kv_seg, table):
   G, S = k.shape[1], k.shape[2]
   bq, bk = st.block_q, st.block_kv
   nq, nk, R = T // bq, S // bk, H // G
-  qseg_l, kvseg_l = _seg_layouts(q_seg, kv_seg)
-  in_specs = [
-      pl.BlockSpec((None, None, bq, D), lambda b, h, i, j, *_: (b, h, i, 0)),
-      kv_spec := pl.BlockSpec((None, None, bk, D), lambda b, h, i, j, *spans: (
-          b, div(h, R), _fetched(spans, b * nq + i, j), 0)),
-      kv_spec,
-      pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, *_: (b, i, 0)),
-      pl.BlockSpec((None, SUBLANES, bk),
-                   lambda b, h, i, j, *spans: (b, 0, _fetched(spans, b * nq + i, j))),
-  ]
-  args = [q, k, v, qseg_l, kvseg_l]
+  q_spec, kv_spec, row_spec, seg_specs = _q_specs(bq, bk, D, R, nq)
+  in_specs = [q_spec, kv_spec, kv_spec, *seg_specs]
+  args = [q, k, v, *_seg_layouts(q_seg, kv_seg)]
   if st.num_buckets:
-    in_specs.append(_smem())
+    in_specs.append(SMEM)
     args.append(table)
   grid_spec = pltpu.PrefetchScalarGridSpec(
-      num_scalar_prefetch=4, grid=(B, H, nq, nk), in_specs=in_specs,
-      out_specs=[pl.BlockSpec((None, None, bq, D), lambda b, h, i, j, *_: (b, h, i, 0)),
-                 pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j, *_: (b, h, i, 0))],
+      num_scalar_prefetch=4, grid=(B, H, nq, nk), in_specs=in_specs, out_specs=[q_spec, row_spec],
       scratch_shapes=[pltpu.VMEM((bq, LANES), jnp.float32), pltpu.VMEM((bq, LANES), jnp.float32),
                       pltpu.VMEM((bq, D), jnp.float32)])
   o, lse = pl.pallas_call(
@@ -255,9 +244,6 @@ def forward(st: Static, q, k, v, q_seg, kv_seg, table):
       interpret=st.interpret, name="flash_attention_fwd",
   )(*common.spans(st, q_seg, kv_seg, bq, bk)[:4], *args)
   return o, lse[..., 0]  # the residual kept for the backward: one lane
-
-
-# ------------------------------------------------------------------------------ backward
 
 
 def _probs_and_ds(st, q, k, v, do, lse, di, mask, table_ref, h, qi, kj, bq, bk, fast):
@@ -272,10 +258,8 @@ def _probs_and_ds(st, q, k, v, do, lse, di, mask, table_ref, h, qi, kj, bq, bk, 
 def _dq_kernel(*refs, st: Static, nq: int, nk: int):
   spans, rest = refs[:4], refs[12:]
   q_ref, k_ref, v_ref, do_ref, lse_ref, di_ref, qseg_ref, kvseg_ref = refs[4:12]
-  if st.num_buckets:
-    table_ref, dq_ref, dbias_ref, dq_scr, dbias_scr = rest
-  else:
-    (dq_ref, dq_scr), table_ref = rest, None
+  table_ref, dq_ref, dbias_ref, dq_scr, dbias_scr = (
+      rest if st.num_buckets else (None, rest[0], None, rest[1], None))
   b, h, qi, kj = (pl.program_id(i) for i in range(4))
   bq, bk = q_ref.shape[0], k_ref.shape[0]
 
@@ -313,7 +297,7 @@ def _dkv_kernel(*refs, st: Static, nq: int, nk: int, R: int):
   table_ref = rest[0] if st.num_buckets else None
   dk_ref, dv_ref, dk_scr, dv_scr = rest[1:] if st.num_buckets else rest
   b, g, kj, t = (pl.program_id(i) for i in range(4))
-  h, qi = g * R + div(t, nq), _rem(t, nq)  # the innermost axis: the group's heads x q blocks
+  h, qi = g * R + div(t, nq), jax.lax.rem(t, nq)  # the innermost axis: the group's heads x q blocks
   bq, bk = q_ref.shape[0], k_ref.shape[0]
 
   @pl.when(t == 0)
@@ -345,26 +329,20 @@ def backward(st: Static, q, k, v, q_seg, kv_seg, table, o, lse, do):
   di = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, H, T]
   di = jnp.broadcast_to(di[..., None], (B, H, T, LANES))
   lse = jnp.broadcast_to(lse[..., None], (B, H, T, LANES))
-  qseg_l, kvseg_l = _seg_layouts(q_seg, kv_seg)
+  args = [q, k, v, do, lse, di, *_seg_layouts(q_seg, kv_seg)]  # then the table, if biased
+  if st.num_buckets:
+    args.append(table)
   nb_lanes = max(LANES, -(-st.num_buckets // LANES) * LANES)
 
   # dq (and the bias table's gradient): kv blocks innermost.
   bq, bk = st.block_q_dq, st.block_kv_dq
   nq, nk = T // bq, S // bk
-  q_spec = pl.BlockSpec((None, None, bq, D), lambda b, h, i, j, *_: (b, h, i, 0))
-  kv_spec = pl.BlockSpec((None, None, bk, D), lambda b, h, i, j, *spans: (
-      b, div(h, R), _fetched(spans, b * nq + i, j), 0))
-  row_spec = pl.BlockSpec((None, None, bq, LANES), lambda b, h, i, j, *_: (b, h, i, 0))
-  in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec,
-              pl.BlockSpec((None, bq, LANES), lambda b, h, i, j, *_: (b, i, 0)),
-              pl.BlockSpec((None, SUBLANES, bk),
-                           lambda b, h, i, j, *spans: (b, 0, _fetched(spans, b * nq + i, j)))]
-  args = [q, k, v, do, lse, di, qseg_l, kvseg_l]
+  q_spec, kv_spec, row_spec, seg_specs = _q_specs(bq, bk, D, R, nq)
+  in_specs = [q_spec, kv_spec, kv_spec, q_spec, row_spec, row_spec, *seg_specs]
   out_specs, out_shape = [q_spec], [jax.ShapeDtypeStruct(q.shape, q.dtype)]
   scratch = [pltpu.VMEM((bq, D), jnp.float32)]
   if st.num_buckets:
-    in_specs.append(_smem())
-    args.append(table)
+    in_specs.append(SMEM)
     out_specs.append(pl.BlockSpec((None, None, SUBLANES, nb_lanes),
                                   lambda b, h, i, j, *_: (b, h, i, 0)))
     out_shape.append(jax.ShapeDtypeStruct((B, H, nq * SUBLANES, nb_lanes), jnp.float32))
@@ -378,15 +356,14 @@ def backward(st: Static, q, k, v, q_seg, kv_seg, table, o, lse, do):
       compiler_params=compiler_params(st, "dq", D, q.dtype),
   )(*common.spans(st, q_seg, kv_seg, bq, bk)[:4], *args)
   dq = outs[0]
-  dtable = None
-  if st.num_buckets:  # rows of a block's 8 sublanes are copies: take one, sum the rest
-    dtable = outs[1][:, :, ::SUBLANES, :st.num_buckets].sum(axis=(0, 2))  # [H, buckets]
+  # d table [H, buckets]: the 8 sublane rows of a block are copies; take one, sum the rest
+  dtable = outs[1][:, :, ::SUBLANES, :st.num_buckets].sum(axis=(0, 2)) if st.num_buckets else None
 
   # dk, dv: for each kv block, the innermost axis walks the R heads of its group x q blocks.
   bq, bk = st.block_q_dkv, st.block_kv_dkv
   nq, nk = T // bq, S // bk
   def q_index(b, g, j, t, *spans):
-    return (b, g * R + div(t, nq), _fetched(spans, b * nk + j, _rem(t, nq)), 0)
+    return (b, g * R + div(t, nq), _fetched(spans, b * nk + j, jax.lax.rem(t, nq)), 0)
 
   q_spec = pl.BlockSpec((None, None, bq, D), q_index)
   row_spec = pl.BlockSpec((None, None, bq, LANES), q_index)
@@ -395,10 +372,8 @@ def backward(st: Static, q, k, v, q_seg, kv_seg, table, o, lse, do):
               pl.BlockSpec((None, bq, LANES), lambda b, g, j, t, *spans: (
                   b, q_index(b, g, j, t, *spans)[2], 0)),
               pl.BlockSpec((None, SUBLANES, bk), lambda b, g, j, t, *_: (b, 0, j))]
-  args = [q, k, v, do, lse, di, qseg_l, kvseg_l]
   if st.num_buckets:
-    in_specs.append(_smem())
-    args.append(table)
+    in_specs.append(SMEM)
   dk, dv = pl.pallas_call(
       functools.partial(_dkv_kernel, st=st, nq=nq, nk=nk, R=R),
       grid_spec=pltpu.PrefetchScalarGridSpec(
