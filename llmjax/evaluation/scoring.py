@@ -28,6 +28,7 @@ import re
 import jax
 import numpy as np
 
+from llmjax import sharding as sh
 from llmjax.decode import generation
 from llmjax.models.gpt import GPT
 from llmjax.models.t5 import T5
@@ -175,5 +176,6 @@ def _scorer(model):
       tokens_BT, targets_BT, weights_BT, seg_BT = arrays
       logits_BTV = model.apply({"params": params}, tokens_BT, seg_BT)
     sums = cross_entropy(logits_BTV, targets_BT, weights_BT, axis=-1)  # per row
-    return -sums["nll"], sums["correct"], sums["weight"]
+    # Replicated on a mesh: every process of a pod can read its [B] sums.
+    return tuple(sh.constrain(x, (None,)) for x in (-sums["nll"], sums["correct"], sums["weight"]))
   return run

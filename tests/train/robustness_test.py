@@ -147,10 +147,12 @@ def test_two_processes_equal_one_process(tmp_path, gcs):
   to one gs:// workdir as a pod does (the Cloud Storage emulator): each reads its own shard
   of the data, both write their parts of one checkpoint into the bucket (data-iterator
   states and array shards), and the losses equal one process's with 8 devices reading the
-  same two shards."""
+  same two shards; so do the eval tasks' scores (their batches span both processes' devices)."""
+  (tmp_path / "val.txt").write_text("def f(x):\n  return x + 1\n" * 20)
   flags = SMALL + CONSTANT + ["--config.train.steps=4", "--config.train.checkpoint_every=2",
                               "--config.model.dropout_rate=0.0", "--config.batch_size=8",
-                              "--config.mesh.shape=(2,2,2)", "--config.data.shards=2"]
+                              "--config.mesh.shape=(2,2,2)", "--config.data.shards=2",
+                              f"--config.train.eval_tasks=('perplexity:{tmp_path}/val.txt',)"]
   port, two = _free_port(), "gs://bucket/robustness/two"
   procs = [run_main(two, *flags, f"--coordinator_address=127.0.0.1:{port}",
                     "--num_processes=2", f"--process_id={i}", wait=False,
@@ -163,6 +165,11 @@ def test_two_processes_equal_one_process(tmp_path, gcs):
   one, two_losses = losses(tmp_path / "one"), losses(two)
   assert sorted(one) == sorted(two_losses) == [1, 2, 3, 4]
   np.testing.assert_allclose([two_losses[s] for s in one], [one[s] for s in one], rtol=1e-5)
+  evals = [{r["step"]: r["eval/val/perplexity"] for r in read_metrics(str(w))
+            if "eval/val/perplexity" in r} for w in (tmp_path / "one", two)]
+  assert sorted(evals[0]) == sorted(evals[1]) == [0, 4]
+  np.testing.assert_allclose([evals[1][s] for s in (0, 4)], [evals[0][s] for s in (0, 4)],
+                             rtol=1e-5)
   step_dir = paths.path(two) / "checkpoints" / "4"
   assert {p.name for p in (step_dir / "data").iterdir()} >= {"process_0-of-2.json",
                                                              "process_1-of-2.json"}
