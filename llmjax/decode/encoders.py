@@ -14,6 +14,14 @@ from llmjax.models.t5 import T5
 BERT_MASK_ID = 103  # [MASK] in BERT's own WordPiece vocabularies (and all-MiniLM's)
 
 
+def check_vocab(who: str, ids: np.ndarray, vocab_size: int) -> None:
+  """Raises ValueError naming the first id of `ids` outside [0, vocab_size)."""
+  if ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+    bad = ids[(ids < 0) | (ids >= vocab_size)][0]
+    raise ValueError(f"{who}: token id {int(bad)} is outside the model's vocabulary "
+                     f"[0, {vocab_size})")
+
+
 def _padded(tokens, segment_ids, who: str, vocab_size: int):
   """tokens as an int32 [B, T] array (a list of rows is right-padded) and its segment ids."""
   if isinstance(tokens, (list, tuple)):
@@ -27,10 +35,7 @@ def _padded(tokens, segment_ids, who: str, vocab_size: int):
   if tokens.ndim != 2 or tokens.shape[1] == 0:
     raise ValueError(f"{who}: tokens must be int [batch, length] (or a list of token lists), "
                      f"got shape {tokens.shape}")
-  if tokens.min() < 0 or tokens.max() >= vocab_size:
-    bad = tokens[(tokens < 0) | (tokens >= vocab_size)][0]
-    raise ValueError(f"{who}: token id {int(bad)} is outside the model's vocabulary "
-                     f"[0, {vocab_size})")
+  check_vocab(who, tokens, vocab_size)
   segment_ids = np.ones(tokens.shape, np.int32) if segment_ids is None else np.asarray(segment_ids)
   if segment_ids.shape != tokens.shape:
     raise ValueError(f"{who}: segment_ids has shape {segment_ids.shape} but tokens have "

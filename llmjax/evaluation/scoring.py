@@ -30,6 +30,7 @@ import numpy as np
 
 from llmjax import sharding as sh
 from llmjax.decode import generation
+from llmjax.decode.encoders import check_vocab
 from llmjax.models.gpt import GPT
 from llmjax.models.t5 import T5
 from llmjax.objectives.base import cross_entropy
@@ -65,7 +66,7 @@ def perplexity(model, params, token_ids, *, context_length: int, stride: int | N
     raise ValueError(f"perplexity: needs a causal LM (GPT), got {type(model).__name__}; score a "
                      f"BERT with pseudo_log_likelihood, a T5 with loglikelihood")
   ids = np.asarray(token_ids).reshape(-1)
-  _check_ids("perplexity", ids, model)
+  check_vocab("perplexity", ids, model.cfg.vocab_size)
   if ids.size < 2:
     raise ValueError(f"perplexity: {ids.size} token(s); at least 2 are needed (a target after "
                      f"the first)")
@@ -111,7 +112,8 @@ def loglikelihood(model, params, requests, *, batch_size: int = 16) -> list[tupl
       raise ValueError(f"loglikelihood: request {i} has an empty "
                        f"{'continuation' if not continuation.size else 'context'}; each needs "
                        f"at least one token (prepend BOS/EOS to an empty context)")
-    _check_ids(f"loglikelihood: request {i}", np.concatenate([context, continuation]), model)
+    check_vocab(f"loglikelihood: request {i}", np.concatenate([context, continuation]),
+                model.cfg.vocab_size)
     pairs.append((context, continuation))
   if isinstance(model, T5):
     rows = [(c, np.concatenate([[0], t[:-1]]), t, np.ones(t.size, np.float32)) for c, t in pairs]
@@ -131,13 +133,6 @@ def loglikelihood(model, params, requests, *, batch_size: int = 16) -> list[tupl
                                                          batch_size)):
     results[i] = (float(lp), bool(correct == weight))
   return results
-
-
-def _check_ids(who: str, ids: np.ndarray, model) -> None:
-  if ids.size and (ids.min() < 0 or ids.max() >= model.cfg.vocab_size):
-    bad = ids[(ids < 0) | (ids >= model.cfg.vocab_size)][0]
-    raise ValueError(f"{who}: token id {int(bad)} is outside the model's vocabulary "
-                     f"[0, {model.cfg.vocab_size})")
 
 
 def score_rows(model, params, rows, batch_size: int, width: int | None = None):
