@@ -2,9 +2,8 @@
 
 Two kinds of directory, local or gs://, hold parameters:
 
-    model checkpoint   model.json (see `models.config_to_dict`) + params/ (an Orbax PyTree
-                       checkpoint), optionally a tokenizer; what `save_model` and
-                       tools/convert_hf.py write
+    model checkpoint   model.json (`models.config_to_dict`) + params/ (an Orbax PyTree
+                       checkpoint), maybe a tokenizer: what `save_model` and convert_hf write
     llmjax workdir     config.json (the run's config) + checkpoints/<step>/state (the train
                        state {"step", "params", "opt_state"}, see `train.train`)
 """
@@ -18,8 +17,9 @@ import ml_collections
 import orbax.checkpoint as ocp
 from etils import epath
 from flax import linen as nn
+from flax import traverse_util
 
-from llmjax import data, models, paths
+from llmjax import data, models, paths, peft
 
 _KINDS = ("model checkpoint (model.json + params/)", "llmjax workdir (config.json + checkpoints/)")
 
@@ -105,9 +105,8 @@ def save_model(directory: str, model: nn.Module, params) -> None:
 
 
 def load_model(path: str, shardings=None) -> tuple[nn.Module, dict]:
-  """(model, params) of a model checkpoint or of a workdir's latest checkpoint: plain arrays
-  in their stored dtypes, on one device unless `shardings` (a tree matching them, or one
-  sharding for all) places them."""
+  """(model, params) of a model checkpoint or a workdir's latest: arrays in their stored dtypes,
+  on one device unless `shardings` (a matching tree, or one for all) places them."""
   found = _locate(path)
   if found.model_dict is None:
     raise ValueError(f"workdir {found.root} has checkpoints but no config.json: its model is "
@@ -116,27 +115,45 @@ def load_model(path: str, shardings=None) -> tuple[nn.Module, dict]:
   stored = _stored(found)
   if shardings is None:
     shardings = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  if isinstance(shardings, jax.sharding.Sharding):
-    shardings = jax.tree.map(lambda _: shardings, stored)
+  one = shardings if isinstance(shardings, jax.sharding.Sharding) else None
+  if one:
+    shardings = jax.tree.map(lambda _: one, stored)
   abstract = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
                           stored, shardings)
-  return model, _restore(found, abstract)
+  params = _restore(found, abstract)
+  lora = _run_config(found.root).get("lora") or {} if found.key else {}
+  if lora.get("rank") is None:
+    return model, params
+  # A LoRA run saves what it trained; the frozen base is its init_from's.
+  init_from = _run_config(found.root)["train"].get("init_from")
+  if not init_from:
+    raise ValueError(f"{found.root} is a LoRA run on the seed's initialization (no "
+                     f"train.init_from): its frozen base was never saved")
+  return peft.wrap(model, peft.LoraConfig(**lora)), peft.combine(load_model(init_from, one)[1],
+                                                                 params)
 
 
-def load_params(path: str, abstract_params) -> dict:
-  """The parameters of `path` (as in `load_model`) to fine-tune, placed as `abstract_params`
-  (ShapeDtypeStructs with shardings) says; a difference in names or shapes is an error naming it."""
+def load_params(path: str, abstract_params, keep_new=None) -> dict:
+  """The parameters of `path` (as `load_model`) placed as `abstract_params` (ShapeDtypeStructs
+  with shardings) says; differing names or shapes are an error naming them. Fine-tuning passes
+  `keep_new(name)`: the parameters it accepts may be missing there (new: left out of the
+  result, for the caller's initialization), and parameters there but not here are dropped."""
   found = _locate(path)
   stored, wanted = _shapes(_stored(found)), _shapes(abstract_params)
+  new = {k for k in set(wanted) - set(stored) if keep_new and keep_new(k)}
   problems = [f"{k}: {stored[k]} there, {wanted[k]} here" for k in sorted(wanted)
               if k in stored and stored[k] != wanted[k]]
-  problems += [f"{k}: missing there" for k in sorted(set(wanted) - set(stored))]
-  problems += [f"{k}: not in this model" for k in sorted(set(stored) - set(wanted))]
+  problems += [f"{k}: missing there" for k in sorted(set(wanted) - set(stored) - new)]
+  if not keep_new:
+    problems += [f"{k}: not in this model" for k in sorted(set(stored) - set(wanted))]
   if problems:
-    raise ValueError(f"{found.root} does not fit this model ({len(problems)} parameters "
-                     f"differ): " + "; ".join(problems[:6])
-                     + ("; ..." if len(problems) > 6 else ""))
-  return _restore(found, abstract_params)
+    raise ValueError(f"{found.root} does not fit this model ({len(problems)} parameters differ): "
+                     + "; ".join(problems[:6]) + ("; ..." if len(problems) > 6 else "")
+                     + (" (a classification head of another num_labels)" if any(
+                         p.startswith("classifier/") for p in problems) else ""))
+  flat = traverse_util.flatten_dict(abstract_params, sep="/")
+  return _restore(found, traverse_util.unflatten_dict(
+      {k: v for k, v in flat.items() if k not in new}, sep="/"))
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:

@@ -1,8 +1,9 @@
 """Hugging Face checkpoints (config.json + safetensors) -> llmjax models and parameters.
 
 Supported architectures: GPT2LMHeadModel (and GPT2Model), BertForMaskedLM, BertModel
-(returns final hidden states; the pooler, if present, is `model.apply(..., method="pooled")`)
-and T5ForConditionalGeneration v1.0 and v1.1. Reading needs safetensors and numpy, never torch;
+(returns final hidden states; the pooler, if present, is `model.apply(..., method="pooled")`),
+BertForSequenceClassification and GPT2ForSequenceClassification (logits [B, num_labels]) and
+T5ForConditionalGeneration v1.0 and v1.1. Reading needs safetensors and numpy, never torch;
 every tensor the conversion expects is checked for presence and shape, and errors name it.
 """
 
@@ -20,8 +21,8 @@ from flax import linen as nn
 
 from llmjax import models, paths
 
-SUPPORTED = ("GPT2LMHeadModel", "GPT2Model", "BertForMaskedLM", "BertModel",
-             "T5ForConditionalGeneration")
+SUPPORTED = ("GPT2LMHeadModel", "GPT2Model", "GPT2ForSequenceClassification", "BertForMaskedLM",
+             "BertModel", "BertForSequenceClassification", "T5ForConditionalGeneration")
 # Tensors a checkpoint may carry that hold no weights (causal-mask buffers, position ids).
 _IGNORED = re.compile(r"(^|\.)(attn\.bias|attn\.masked_bias|position_ids|token_type_ids|"
                       r"EncDecAttention\.relative_attention_bias\.weight)$")
@@ -129,7 +130,15 @@ def _config(cls, derived: dict[str, Any], overrides: dict[str, Any]):
   return cls(**{**derived, **overrides})
 
 
-def _gpt2(config, t: _Tensors, overrides):
+def _classify(config: dict[str, Any], arch: str) -> dict[str, Any]:
+  """The head fields of a *ForSequenceClassification checkpoint (num_labels from its labels)."""
+  if not arch.endswith("ForSequenceClassification"):
+    return {}
+  return {"head": "classify", "num_labels": len(config.get("id2label") or {}) or
+          config.get("num_labels", 2)}
+
+
+def _gpt2(config, t: _Tensors, arch, overrides):
   # reorder_and_upcast_attn only changes precision; llmjax's attention logits are float32.
   _reject(config, "GPT-2", scale_attn_by_inverse_layer_idx=False, scale_attn_weights=True,
           add_cross_attention=False)
@@ -139,7 +148,8 @@ def _gpt2(config, t: _Tensors, overrides):
       num_layers=config["n_layer"], num_heads=H, d_ff=config.get("n_inner") or 4 * D,
       activation=_activation(config, "activation_function", "gelu_new"),
       norm_eps=config.get("layer_norm_epsilon", 1e-5), dropout_rate=config.get("resid_pdrop", 0.1),
-      tie_embeddings=not _untied(t, "lm_head.weight", "wte.weight")), overrides)
+      tie_embeddings=not _untied(t, "lm_head.weight", "wte.weight"),
+      **_classify(config, arch)), overrides)
   K, F = cfg.k, cfg.mlp_dim
   ln = lambda n: {"scale": t(f"{n}.weight", (D,)), "bias": t(f"{n}.bias", (D,))}
   conv = lambda n, i, o: {"kernel": t(f"{n}.weight", (i, o)), "bias": t(f"{n}.bias", (o,))}
@@ -158,7 +168,9 @@ def _gpt2(config, t: _Tensors, overrides):
     params[f"layers_{i}"] = {"ln_1": ln(f"{p}.ln_1"), "attn": attn, "ln_2": ln(f"{p}.ln_2"),
                              "mlp": {"wi": conv(f"{p}.mlp.c_fc", D, F),
                                      "wo": conv(f"{p}.mlp.c_proj", F, D)}}
-  if not cfg.tie_embeddings:
+  if cfg.head == "classify":
+    params["classifier"] = {"kernel": t.linear("score.weight", D, (cfg.num_labels,))}
+  elif not cfg.tie_embeddings:
     params["head"] = t("lm_head.weight", (cfg.vocab_size, D)).T
   return cfg, params
 
@@ -186,7 +198,7 @@ def _bert(config, t: _Tensors, arch, overrides):
       d_ff=config["intermediate_size"], activation=_activation(config, "hidden_act", "gelu"),
       norm_eps=config.get("layer_norm_eps", 1e-12),
       dropout_rate=config.get("hidden_dropout_prob", 0.1), head="mlm" if mlm else "none",
-      pooler=t.has("pooler.dense.weight")), overrides)
+      pooler=t.has("pooler.dense.weight")) | _classify(config, arch), overrides)
   H, K, F = cfg.num_heads, cfg.k, cfg.mlp_dim
   ln = lambda n: {"scale": t(f"{n}.weight", (D,)), "bias": t(f"{n}.bias", (D,))}
   dense = lambda n, i, o: {"kernel": t.linear(f"{n}.weight", i, (o,)), "bias": t(f"{n}.bias", (o,))}
@@ -209,6 +221,8 @@ def _bert(config, t: _Tensors, arch, overrides):
         "mlp_ln": ln(f"{p}.output.LayerNorm")}
   if cfg.pooler:
     params["pooler_dense"] = dense("pooler.dense", D, D)
+  if cfg.head == "classify":
+    params["classifier"] = dense("classifier", D, cfg.num_labels)
   if mlm:
     if _untied(t, "cls.predictions.decoder.weight", "embeddings.word_embeddings.weight"):
       raise ValueError("unsupported BERT checkpoint: cls.predictions.decoder.weight differs "
@@ -288,9 +302,9 @@ def convert(config: dict[str, Any], tensors: dict[str, np.ndarray], path: str = 
   arch = architecture(config, tensors)
   if arch.startswith("GPT2"):
     t = _Tensors(tensors, ("transformer.", ""), path)
-    cfg, params = _gpt2(config, t, overrides)
+    cfg, params = _gpt2(config, t, arch, overrides)
   elif arch.startswith("Bert"):
-    t = _Tensors(tensors, ("bert.", "") if arch == "BertForMaskedLM" else ("", "bert."), path)
+    t = _Tensors(tensors, ("", "bert.") if arch == "BertModel" else ("bert.", ""), path)
     cfg, params = _bert(config, t, arch, overrides)
   else:
     t = _Tensors(tensors, ("",), path)
@@ -305,16 +319,16 @@ def convert(config: dict[str, Any], tensors: dict[str, np.ndarray], path: str = 
     raise ValueError(f"checkpoint {path!r} holds tensors the llmjax {arch} model has no place "
                      f"for: {unknown[:10]}{' ...' if len(unknown) > 10 else ''}")
   if cfg.scan_layers:
-    params = _stack_all(params)
+    params = stack_all(params)
   return cfg, params
 
 
-def _stack_all(params: dict) -> dict:
+def stack_all(params: dict) -> dict:
   """Stacks every `layers_i` group in the tree into one scanned `layers` entry."""
   if not isinstance(params, dict):
     return params
   n = sum(1 for k in params if re.fullmatch(r"layers_\d+", k))
-  params = {k: _stack_all(v) for k, v in params.items()}
+  params = {k: stack_all(v) for k, v in params.items()}
   return models.stack_layers(params, n) if n else params
 
 

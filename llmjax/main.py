@@ -4,15 +4,11 @@
     python -m llmjax.main --config=experiments/gpt.py:tiny --workdir=/tmp/w \\
         --config.train.steps=500 --config.model.num_layers=2
 
-With no --config it trains the default tiny byte-level GPT (llmjax/train/config.py) on the
-built-in corpus, then prints a sample. A workdir holding checkpoints is resumed from the latest
-(its contents, `--config.runlocal` and `--verbosity`: README.md, Training). A bad command line
-is refused in one line, before anything is built.
-
-Exit status: 0 when the run finished; 1 with a one-line error (the last line of stderr);
-130 / 143 when SIGINT / SIGTERM stopped it (before training: at once; in training: after
-saving the step in flight, so the same command resumes it).
-"""
+With no --config it trains a tiny byte-level GPT (llmjax/train/config.py) on the built-in
+corpus, then prints a sample. A workdir with checkpoints is resumed from the latest (README.md,
+Training). A bad command line is refused in one line, before anything is built. Exit status: 0
+when finished; 1 with a one-line error (stderr's last line); 130 / 143 on SIGINT / SIGTERM
+(in training after saving the step in flight, so the same command resumes it)."""
 
 if __name__ == "__main__":  # before anything heavy is imported: see llmjax/signals.py
   from llmjax import signals as _signals
@@ -58,9 +54,8 @@ def _flag_args(args: list[str]) -> list[str]:
 
 
 def check_command_line(args: list[str]) -> dict[str, str]:
-  """Loads the experiment that `args` (argv[1:]) name and sets each `--config.KEY=VALUE` on it,
-  as ml_collections will, but failing in one line (ValueError / FileNotFoundError) where it
-  would raise a traceback. Returns the overrides, KEY: TEXT."""
+  """Loads the experiment `args` (argv[1:]) name and sets each `--config.KEY=VALUE` as
+  ml_collections will, but failing in one line where it would raise a traceback: {KEY: TEXT}."""
   from llmjax.train import config as config_lib
   args = _flag_args(args)
   config_at = next((i for i, a in enumerate(args) if _CONFIG_FLAG.match(a)), None)
@@ -146,8 +141,8 @@ def main(argv):
 
 
 def _fail(message: str):
-  """Ends the program with `message` as the last line of stderr: exit hooks run first, and
-  no library thread still winding down (a failed save's writers) can print after it."""
+  """Ends the program with `message` as stderr's last line: exit hooks run first, and no library
+  thread winding down (a failed save's writers) can print after it."""
   atexit._run_exitfuncs()
   sys.stdout.flush()
   sys.stderr.write(message + "\n")
@@ -156,8 +151,8 @@ def _fail(message: str):
 
 
 def _quiet_library_errors() -> None:
-  """A library's logged errors without their tracebacks (each also reaches us as an exception);
-  storage callbacks that find asyncio's loop closed after a failed save print nothing."""
+  """Library errors logged without tracebacks (each also reaches us as an exception); storage
+  callbacks finding asyncio's loop closed after a failed save print nothing."""
   def one_line(record):
     if record.exc_info and "site-packages" in record.pathname:
       record.exc_info = record.exc_text = None

@@ -2,8 +2,7 @@
 
 MFU convention (PaLM, appendix B): a trained token costs 6 * N FLOPs for the N non-embedding
 parameters it touches, plus 6 * L * T * D for attention scores and values (L layers, T context, D
-model width), forward and backward. MFU divides what the steps achieved by `peak_flops`.
-"""
+model width), forward and backward. MFU divides what the steps achieved by `peak_flops`."""
 
 import contextlib
 import json
@@ -22,13 +21,11 @@ from etils import epath
 
 from llmjax import paths
 
-# bf16 dense peak FLOP/s per chip, from the vendors' data sheets, by `device.device_kind`
-# (v5e reports "TPU v5 lite", v5p "TPU v5", v6e "TPU v6 lite"); exact names first, then the
-# longest prefix ("NVIDIA H100 80GB HBM3" is an H100).
+# bf16 dense peak FLOP/s per chip (vendors' data sheets) by `device.device_kind` (v5e reports
+# "TPU v5 lite", v5p "TPU v5", v6e "TPU v6 lite"); the longest matching prefix wins.
 PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v5": 459e12,
-              "TPU v5p": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12,
-              "NVIDIA A100": 312e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100": 989e12,
-              "NVIDIA H200": 989e12}
+              "TPU v5p": 459e12, "TPU v6 lite": 918e12, "TPU v6e": 918e12, "NVIDIA A100": 312e12,
+              "NVIDIA H100 PCIe": 756e12, "NVIDIA H100": 989e12, "NVIDIA H200": 989e12}
 PEAK_CACHE = "~/.cache/llmjax/peak_flops.json"
 
 
@@ -91,10 +88,9 @@ def flops_per_token(num_params: int, embed_params: int, num_layers: int, context
 class StepMetrics:
   """The train/* record of the steps since the last log line.
 
-  `add(step, metrics)` takes a step's device metrics and fetches the previous step's (checked
-  finite): the host runs at most one step ahead of the devices. A step's time is the wall time
-  between consecutive `add`s less what ran under `excluded()`; the first `warmup` steps of a
-  run segment (the compile) are not timed."""
+  `add(step, metrics)` takes a step's device metrics and fetches (and checks finite) the
+  previous step's, so the host runs at most one step ahead. A step's time is the wall time
+  between `add`s less `excluded()` time; the first `warmup` steps (the compile) are untimed."""
 
   def __init__(self, flops_per_token: float, peak: float, warmup: int = 2,
                window: dict | None = None):
@@ -163,27 +159,21 @@ class StepMetrics:
 
 def format_line(step: int, total: int, record: dict) -> str:
   """A log line: the step, then what `record` has of loss, throughput, MFU, ETA and eval."""
-  parts = [f"step {step:6d}/{total}"]
-  if "train/loss" in record:
-    parts.append(f"loss {record['train/loss']:.4f}")
-  if "train/tokens_per_sec" in record:
-    parts.append(f"{record['train/tokens_per_sec'] / 1e3:.1f}k tok/s")
-  if "train/mfu" in record:
-    parts.append(f"MFU {record['train/mfu']:.1%}")
-  if "train/step_time" in record:
-    parts.append(f"ETA {(total - step) * record['train/step_time']:.0f} s")
-  if "eval/loss" in record:
-    parts += [f"eval loss {record['eval/loss']:.4f}", f"acc {record['eval/accuracy']:.3f}"]
-  return " | ".join(parts)
+  shown = {"train/loss": lambda v: f"loss {v:.4f}",
+           "train/tokens_per_sec": lambda v: f"{v / 1e3:.1f}k tok/s",
+           "train/mfu": lambda v: f"MFU {v:.1%}",
+           "train/step_time": lambda v: f"ETA {(total - step) * v:.0f} s",
+           "eval/loss": lambda v: f"eval loss {v:.4f} | acc {record['eval/accuracy']:.3f}"}
+  return " | ".join([f"step {step:6d}/{total}"] + [
+      show(record[key]) for key, show in shown.items() if key in record])
 
 
 class MetricWriter:
   """Appends `{"step": s, key: value, ...}` lines to workdir/metrics.jsonl and TensorBoard scalars.
 
-  The lines are strict JSON: a value that is not finite is left out. Only process 0 writes.
-  TensorBoard files come from tensorboardX, if installed. In a `gs://` workdir (no append)
-  metrics.jsonl is rewritten whole at every record, and the TensorBoard events are written
-  locally and copied up at most every `sync_secs` and at close."""
+  Strict JSON: values that are not finite are left out. Only process 0 writes; TensorBoard
+  needs tensorboardX. In a `gs://` workdir (no append) metrics.jsonl is rewritten whole at each
+  record, and TensorBoard events are written locally, copied up every `sync_secs` and at close."""
 
   def __init__(self, workdir, sync_secs: float = 30.0):
     self.enabled = jax.process_index() == 0
@@ -242,8 +232,8 @@ class MetricWriter:
 
 
 def _tensorboard_writer(workdir: str):
-  """tensorboardX's SummaryWriter for workdir, or None without tensorboardX. Torch is hidden
-  from its import (only for torch tensors; we pass floats): it would add 2-3 s to each start."""
+  """tensorboardX's SummaryWriter for workdir, or None without it. Torch is hidden from its
+  import (we pass floats, not tensors): it would add 2-3 s to each start."""
   hide_torch = "torch" not in sys.modules
   if hide_torch:
     sys.modules["torch"] = None  # `import torch` raises ImportError meanwhile

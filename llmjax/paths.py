@@ -1,6 +1,5 @@
 """The one path layer: local paths and URLs (`gs://bucket/...`) alike, through `etils.epath`
-(the library Orbax itself uses). Nothing under llmjax calls `os.path` on a workdir.
-"""
+(as Orbax itself). Nothing under llmjax calls `os.path` on a workdir."""
 
 import atexit
 import hashlib

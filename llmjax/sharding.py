@@ -1,11 +1,9 @@
 """Logical axis names, the one table that maps them to mesh axes, and mesh helpers.
 
-Layers name the dimensions of their parameters and activations with the logical names below; they
-never name mesh axes. `RULES` maps logical names to the mesh axes of a (data, fsdp, tensor) mesh.
-Flax reads the rules in order and gives each mesh axis to at most one dimension of an array.
-Parameters and activations name the model width differently (`embed` vs `act_embed`) so that FSDP
-splits a parameter's D while an activation [B, T, D] keeps D whole (split by batch).
-"""
+Layers name their parameters' and activations' dimensions with the logical names below, never
+mesh axes; `RULES` maps them, in order, to a (data, fsdp, tensor) mesh, each mesh axis to at most
+one dimension of an array. The model width is `embed` in parameters, `act_embed` in activations,
+so FSDP splits a parameter's D while an activation [B, T, D] keeps D whole (split by batch)."""
 
 import math
 from collections.abc import Sequence
@@ -17,7 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# Logical axis names used across llmjax. Declared here once; layers refer to them.
+# Logical axis names, declared once.
 BATCH = "batch"  # examples in a batch
 LENGTH = "length"  # sequence positions (activations only)
 EMBED = "embed"  # model width D of parameters
@@ -38,8 +36,7 @@ RULES: Rules = (
     (BATCH, ("data", "fsdp")), (EMBED, "fsdp"),
     (HEADS, "tensor"), (KV_HEADS, "tensor"), (MLP, "tensor"), (VOCAB, "tensor"),
     (LENGTH, None), (ACT_EMBED, None), (HEAD_DIM, None), (LAYERS, None), (POSITIONS, None),
-    (BUCKETS, None), (TOKEN_TYPES, None),
-)
+    (BUCKETS, None), (TOKEN_TYPES, None))
 
 
 def make_mesh(shape: Sequence[int] = (-1, 1, 1), axis_names: Sequence[str] = MESH_AXES,

@@ -1,14 +1,12 @@
 """SIGINT and SIGTERM: an exit at once before training starts, a stop at a step boundary in it.
 
 `python -m llmjax.main` calls `install()` before anything heavy is imported. Until the loop
-calls `deferred()`, a signal exits the process at once (status 128 + signal number: 130 for
-SIGINT, 143 for SIGTERM) without unwinding: there is nothing to save yet, and an exception
-raised into JAX's initialization or a compilation can crash the interpreter or be swallowed.
-In training the signal is only recorded; the loop saves the step in flight and stops, and
-the program then exits with the same status. A second signal there exits at once (the last
-complete checkpoint is intact). Library users who never call `install()` keep Python's own
-KeyboardInterrupt; the loop then records signals only while it steps.
-"""
+calls `deferred()`, a signal exits at once (status 130 for SIGINT, 143 for SIGTERM) without
+unwinding: nothing needs saving, and an exception raised into JAX's initialization or a compile
+can crash the interpreter or be swallowed. In training it is only recorded; the loop saves the
+step in flight and stops, and the program exits with the same status; a second signal exits at
+once. Without `install()` (a library user) KeyboardInterrupt stays, except while the loop
+steps: then signals are recorded."""
 
 import os
 import signal

@@ -111,12 +111,13 @@ def test_tools_reject_bad_input(tmp_path):
 
 
 def test_bench_data_prints_every_objective():
-  """The benchmark prints tokens/s and fill per objective and the ratio to the trainer's rate."""
+  """The benchmark prints tokens/s and fill per pre-training objective (fine-tuning ones read
+  JSON records, not its text) and the ratio to the trainer's rate."""
   proc = run_tool("bench_data.py", "--seconds_each=0.3", "--train_steps=2", "--seq_len=32",
                   "--batch_size=4")
   lines = proc.stdout.splitlines()
   assert any(line.startswith("trainer") for line in lines)
-  for name in objectives.OBJECTIVES:
+  for name in (n for n, cls in objectives.OBJECTIVES.items() if not hasattr(cls, "check_record")):
     row = next(line for line in lines if line.startswith(name)).split()
     rate, ratio = float(row[1].replace(",", "")), float(row[3])
     assert rate > 0 and ratio > 0

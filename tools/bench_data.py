@@ -3,9 +3,9 @@
     python tools/bench_data.py                         # built-in corpus, byte tokenizer
     python tools/bench_data.py --data='wiki/*.txt' --tokenizer=spm.model --seq_len=512
 
-Each objective runs the full pipeline (read, tokenize, objective, pack, batch) on one core
-of this machine; tokens/s counts the real (non-padding) input tokens delivered. The trainer
-figure times AdamW steps of the main job's tiny GPT at the same batch shape, so the last
+Each pre-training objective runs the full pipeline (read, tokenize, objective, pack, batch) on
+one core of this machine; tokens/s counts the real (non-padding) input tokens delivered. The
+trainer figure times AdamW steps of the main job's tiny GPT at the same batch shape, so the last
 column says how many times faster the pipeline is than the model it feeds.
 """
 
@@ -85,6 +85,8 @@ def main(argv):
     print(f"trainer (tiny GPT, this CPU): {trainer:,.0f} tokens/s")
   print(f"{'objective':<16} {'tokens/s':>12} {'fill':>6}" + ("  x trainer" if trainer else ""))
   for name, make in objectives.OBJECTIVES.items():
+    if hasattr(make, "check_record"):  # fine-tuning objectives read JSON records, not text
+      continue
     rate, fill = pipeline_rate(source, tokenizer, make(tokenizer, FLAGS.seq_len),
                                FLAGS.seconds_each)
     print(f"{name:<16} {rate:12,.0f} {fill:6.1%}" + (f"  {rate / trainer:9.1f}" if trainer else ""))

@@ -1,10 +1,8 @@
 """Hugging Face tokenizers: a checkpoint's tokenizer.json, read with the `tokenizers` library.
 
-The ids and text are those of transformers' `AutoTokenizer.from_pretrained(dir)`:
-`encode(text)` is `tok(text)["input_ids"]`, so it carries the post-processor's special tokens
-(BERT's [CLS] ... [SEP], T5's trailing </s>, none for GPT-2); `add_special_tokens=False` leaves
-them out. `decode(ids)` is `tok.decode(ids, skip_special_tokens=True)`.
-"""
+As transformers' `AutoTokenizer.from_pretrained(dir)`: `encode(text)` is `tok(text)["input_ids"]`,
+with the post-processor's special tokens (BERT's [CLS] ... [SEP], T5's </s>) unless
+`add_special_tokens=False`; `decode(ids)` is `tok.decode(ids, skip_special_tokens=True)`."""
 
 import hashlib
 import json
@@ -47,10 +45,10 @@ def _types(node) -> set[str]:
 class HFTokenizer(_Specials):
   """A Hugging Face `tokenizer.json` (a file or a directory holding one) with llmjax's interface.
 
-  Special ids come from tokenizer_config.json / special_tokens_map.json beside the file where
-  they name them (a key set to null means none), else from FALLBACK_NAMES; sentinels are the
-  `<extra_id_k>` pieces. The tokenizer.json pipeline is authoritative: transformers rebuilds
-  some classes from their own defaults, which agree with any checkpoint that they wrote."""
+  Special ids come from tokenizer_config.json / special_tokens_map.json beside it where they
+  name them (null: none), else FALLBACK_NAMES; sentinels are the `<extra_id_k>` pieces. The
+  tokenizer.json pipeline is authoritative (transformers rebuilds some classes from defaults,
+  which agree for checkpoints it wrote)."""
 
   def __init__(self, path: str):
     is_dir = paths.is_dir(path)  # gs://: its bucket checked, one line in seconds

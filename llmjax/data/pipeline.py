@@ -30,7 +30,10 @@ PACKINGS = ("pack", "concat", "pad")
 
 
 def _to_examples(tokenizer, objective, document, rng: np.random.Generator) -> list[dict]:
-  """A document's examples under `objective` (bound with functools.partial: workers pickle it)."""
+  """A document's examples under `objective` (bound with functools.partial: workers pickle it);
+  a record (dict) goes to the objective as it is: it tokenizes its fields itself."""
+  if isinstance(document, dict):
+    return objective.examples(document, rng)
   tokens = tokenizer.encode(document) if isinstance(document, str) else document
   return objective.examples(np.asarray(tokens, np.int32), rng)
 
@@ -164,6 +167,11 @@ def make_pipeline(source, tokenizer, objective, *, batch_size: int, seed: int = 
     raise ValueError(f"packing='concat' cuts examples across rows, which {type(objective).__name__}"
                      f" examples do not survive; use packing='pack' or 'pad'")
   check_readable(source, tokenizer)
+  reads_records = callable(getattr(objective, "check_record", None))
+  if getattr(source, "records", False) != reads_records:
+    raise ValueError(f"{type(objective).__name__} reads JSON records: open the data with "
+                     f"open_source(..., check_record=objective.check_record)" if reads_records else
+                     f"{source} holds JSON records, which {type(objective).__name__} does not read")
   num_packing_bins = num_packing_bins or 4 * batch_size
   shard_index = jax.process_index() if shard_index is None else shard_index
   shard_count = jax.process_count() if shard_count is None else shard_count

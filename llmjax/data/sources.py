@@ -189,13 +189,17 @@ class TextSource(_SpanSource):
 
 
 class JsonlSource(_SpanSource):
-  """Documents from one string field of JSON-lines files; lines without it are reported."""
+  """Documents from one string field of JSON-lines files; lines without it are reported.
+  Given `check_record` (record -> problem or None), documents are whole records (dicts), and
+  the first bad line raises ValueError("PATH:LINE: problem"): fine-tuning data is never
+  skipped silently. `sizes` are then the lines' bytes."""
 
   MAX_REPORTED = 5
 
-  def __init__(self, patterns, field: str = "text"):
+  def __init__(self, patterns, field: str = "text", check_record=None):
     super().__init__(patterns)
     self.field, records, sizes, problems = field, [], [], []
+    self.records = check_record is not None
     for f, path in enumerate(self.paths):
       with open(self._local[f], "rb") as fh:
         data = fh.read()
@@ -205,22 +209,27 @@ class JsonlSource(_SpanSource):
         start, offset = offset, offset + len(line) + 1
         if not line.strip():
           continue
+        problem = None
         try:
           record = json.loads(line.decode("utf-8", errors="replace"))
         except json.JSONDecodeError as e:
-          problems.append(f"{path}:{line_no}: not JSON ({e.msg} at column {e.colno})")
-          continue
-        if not isinstance(record, dict):
-          problems.append(f"{path}:{line_no}: not a JSON object but a {type(record).__name__}")
-          continue
-        value = record.get(field)
-        if not isinstance(value, str) or not value.strip():
-          problems.append(f"{path}:{line_no}: " + (
-              f"no field {field!r}" if value is None else f"field {field!r} is blank"
-              if isinstance(value, str) else f"field {field!r} is {type(value).__name__}"))
+          problem = f"not JSON ({e.msg} at column {e.colno})"
+        if problem is None and not isinstance(record, dict):
+          problem = f"not a JSON object but a {type(record).__name__}"
+        elif problem is None and self.records:
+          problem = check_record(record)
+        elif problem is None:
+          value = record.get(field)
+          if not isinstance(value, str) or not value.strip():
+            problem = (f"no field {field!r}" if value is None else f"field {field!r} is blank"
+                       if isinstance(value, str) else f"field {field!r} is {type(value).__name__}")
+        if problem and self.records:
+          raise ValueError(f"{path}:{line_no}: {problem}")
+        if problem:
+          problems.append(f"{path}:{line_no}: {problem}")
           continue
         records.append((f, start, offset - 1))
-        sizes.append(len(value.encode("utf-8")))
+        sizes.append(len(line) if self.records else len(value.encode("utf-8")))
     for problem in problems[:self.MAX_REPORTED]:
       logging.warning("skipped %s", problem)
     if problems:
@@ -230,15 +239,18 @@ class JsonlSource(_SpanSource):
                       f"first {self.MAX_REPORTED} shown above")
     self.skipped = problems
     if not records:
-      raise ValueError(f"no line of {self.paths} has a string field {field!r}"
+      raise ValueError(f"{self.paths} hold no JSON record" if self.records else
+                       f"no line of {self.paths} has a string field {field!r}"
                        + (f"; first problem: {problems[0]}" if problems else ""))
     self._spans, self.sizes = np.asarray(records, np.int64), np.asarray(sizes)
 
-  def __getitem__(self, i: int) -> str:
-    return json.loads(super().__getitem__(i))[self.field]
+  def __getitem__(self, i: int) -> str | dict:
+    record = json.loads(super().__getitem__(i))
+    return record if self.records else record[self.field]
 
   def __repr__(self):
-    return f"JsonlSource({len(self.paths)} files, {len(self)} documents, field={self.field!r})"
+    what = "records" if self.records else f"documents, field={self.field!r}"
+    return f"JsonlSource({len(self.paths)} files, {len(self)} {what})"
 
 
 class ArrayRecordSource:
@@ -316,6 +328,7 @@ class SubsetSource:
   def __init__(self, source, indices: np.ndarray, head: int | None = None, tail: int | None = None):
     self.source, self.indices = source, np.asarray(indices, np.int64)
     self.head, self.tail = head, tail
+    self.records = getattr(source, "records", False)  # documents are dicts: never cut
     self.tokenizer = getattr(source, "tokenizer", None)
     self.tokenizer_fingerprint = getattr(source, "tokenizer_fingerprint", None)
 
@@ -375,10 +388,13 @@ def split_source(source, validation_fraction: float = 0.05, *, method: str = "ta
   sizes = np.asarray(source.sizes, np.int64)
   ends = np.cumsum(sizes)
   boundary = int(round(ends[-1] * (1.0 - validation_fraction)))
-  if boundary <= 0 or boundary >= ends[-1]:
+  if boundary <= 0 or boundary >= ends[-1] or getattr(source, "records", False) and n < 2:
     raise ValueError(f"{source} is too small ({ends[-1]} bytes/tokens) to split")
   doc = int(np.searchsorted(ends, boundary, side="left"))  # the document holding the boundary
   at = boundary - (ends[doc - 1] if doc else 0)
+  if getattr(source, "records", False):  # a record is never cut: the nearest edge, in range
+    doc = min(max(int(np.argmin(np.abs(ends - boundary))), 0), n - 2)
+    at = sizes[doc]
   if at == sizes[doc]:  # the boundary falls between documents
     return (SubsetSource(source, np.arange(doc + 1)), SubsetSource(source, np.arange(doc + 1, n)))
   return (SubsetSource(source, np.arange(doc + 1), head=int(at)),
@@ -386,20 +402,24 @@ def split_source(source, validation_fraction: float = 0.05, *, method: str = "ta
 
 
 def open_source(path: str, *, format: str | None = None, split: str = "line",
-                field: str = "text"):
+                field: str = "text", check_record=None):
   """The source `path` names: "builtin", text files, JSONL (.jsonl/.json) or ArrayRecord shards;
-  `format` ("text", "jsonl", "array_record") overrides the guess from the file extension."""
-  if path == "builtin":
+  `format` ("text", "jsonl", "array_record") overrides the guess from the file extension.
+  `check_record` (fine-tuning): JSONL records, each checked (see JsonlSource)."""
+  if path == "builtin" and check_record is None:
     return builtin_source(split)
   if format is None:
     first = path.split(",")[0]
     paths.check_bucket(first)  # before asking it whether `first` is a directory
     format = ("array_record" if first.endswith(".array_record") or paths.is_dir(first) else
               "jsonl" if first.endswith((".jsonl", ".json")) else "text")
+  if check_record is not None and format != "jsonl":
+    raise ValueError(f"fine-tuning reads JSON records, not {path!r} as {format}: give .jsonl "
+                     f"files (or data.format='jsonl')")
   if format == "text":
     return TextSource(path, split=split)
   if format == "jsonl":
-    return JsonlSource(path, field=field)
+    return JsonlSource(path, field=field, check_record=check_record)
   if format == "array_record":
     return ArrayRecordSource(path)
   raise ValueError(f"format={format!r}; expected 'text', 'jsonl' or 'array_record'")

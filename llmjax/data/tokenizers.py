@@ -1,13 +1,10 @@
-"""Tokenizers with one interface: bytes (no training, the default), SentencePiece, characters
-and Hugging Face tokenizer.json (llmjax/data/hf_tokenizer.py).
+"""Tokenizers with one interface: bytes (the default), SentencePiece, characters and Hugging
+Face tokenizer.json (hf_tokenizer.py), picked by `load_tokenizer`'s spec; paths may be gs://.
 
 All expose `encode(text) -> int32 array`, `encode_batch`, `decode`, `decode_batch`, `vocab_size`,
-`spec` (what load_tokenizer takes), `fingerprint` (equal iff two tokenizers give the same ids),
-the special ids (`pad_id`, `eos_id`, `bos_id`, `unk_id`, `mask_id`, `cls_id`, `sep_id`,
-`sentinel_ids`, any of them None where the vocabulary lacks it), `special_ids` (the ids an
-objective must never corrupt) and `word_starts(ids)` for whole-word masking. `load_tokenizer`
-picks one by its spec; every path may be a gs:// URL (read through llmjax.paths).
-"""
+`spec` (what load_tokenizer takes), `fingerprint` (equal iff two give the same ids), the special
+ids (`pad_id`, `eos_id`, `bos_id`, `unk_id`, `mask_id`, `cls_id`, `sep_id`, `sentinel_ids`; None
+where the vocabulary lacks one), `special_ids` (never to be corrupted) and `word_starts(ids)`."""
 
 import glob
 import hashlib
@@ -116,11 +113,9 @@ class SentencePieceTokenizer(_Specials):
     sp = self._sp = spm.SentencePieceProcessor()
     sp.LoadFromSerializedProto(proto)
     self.vocab_size = sp.GetPieceSize()
-    optional = lambda i: None if i < 0 else i
-    self.pad_id, self.eos_id = optional(sp.pad_id()), optional(sp.eos_id())
-    self.bos_id, self.unk_id = optional(sp.bos_id()), optional(sp.unk_id())
-    self.mask_id, self.cls_id, self.sep_id = (self._piece_id(p)
-                                              for p in ("[MASK]", "[CLS]", "[SEP]"))
+    self.pad_id, self.eos_id, self.bos_id, self.unk_id = (
+        None if i < 0 else i for i in (sp.pad_id(), sp.eos_id(), sp.bos_id(), sp.unk_id()))
+    self.mask_id, self.cls_id, self.sep_id = map(self._piece_id, ("[MASK]", "[CLS]", "[SEP]"))
     self._find_sentinels(self._piece_id)
     self._starts_V = np.array([sp.IdToPiece(i).startswith("\u2581") or sp.IsControl(i)
                                or sp.IsUnknown(i) for i in range(self.vocab_size)])
@@ -146,17 +141,15 @@ class SentencePieceTokenizer(_Specials):
     return [np.asarray(ids, np.int32) for ids in self._sp.EncodeAsIds(list(texts))]
 
   def decode(self, ids) -> str:
-    ids = [i for i in np.asarray(ids).reshape(-1).tolist() if i != self.pad_id]
-    return self._sp.DecodeIds(ids)
+    return self._sp.DecodeIds([i for i in np.asarray(ids).reshape(-1).tolist() if i != self.pad_id])
 
   def word_starts(self, ids) -> np.ndarray:
     return self._starts_V[np.asarray(ids)]
 
 
 class CharTokenizer(_Specials):
-  """One id per character of a corpus (nanoGPT's shakespeare_char): ids in sorted-character order.
-  No special ids: causal LM uses it with `add_bos=False, add_eos=False`. Text with a character
-  outside the vocabulary is an error naming it."""
+  """One id per character of a corpus (nanoGPT's shakespeare_char), in sorted order. No special
+  ids (causal LM: `add_bos=False, add_eos=False`); an unknown character is an error naming it."""
 
   def __init__(self, path: str):
     if not paths.is_file(path):
@@ -208,9 +201,8 @@ def load_tokenizer(spec: str):
     from llmjax.data.hf_tokenizer import HFTokenizer  # imports this module: no cycle at load
     return HFTokenizer(spec)
   if not spec.endswith(".model"):
-    raise ValueError(f"tokenizer {spec!r}: expected 'byte', 'byte:N', 'char:PATH', a "
-                     f"SentencePiece .model path or a Hugging Face tokenizer.json (or its "
-                     f"directory)")
+    raise ValueError(f"tokenizer {spec!r}: expected 'byte', 'byte:N', 'char:PATH', a SentencePiece "
+                     f".model path or a Hugging Face tokenizer.json (or its directory)")
   return SentencePieceTokenizer(spec)
 
 
@@ -230,12 +222,10 @@ def train_sentencepiece(texts: Iterable[str], model_prefix: str, *, vocab_size: 
   """Trains a SentencePiece model on `texts` (each a sentence or line) and loads it.
 
   Ids 0-3 are pad, eos, bos, unk; then [MASK] [CLS] [SEP] if `bert_specials`, then the
-  sentinels `<extra_id_0>`... They are control symbols: text that spells "[MASK]" or
-  "<extra_id_0>" encodes as ordinary text, never as the special id (as in T5, whose sentinels
-  live outside the SentencePiece model), and decode drops them. Writes `model_prefix`.model and
-  .vocab (a gs:// prefix: trained locally, then copied). The model is lossless by default
-  (decode(encode(text)) == text: no normalization, whitespace kept, unseen characters as UTF-8
-  bytes); pass e.g. normalization_rule_name="nmt_nfkc" for T5's behaviour."""
+  sentinels `<extra_id_0>`...: control symbols, so text spelling them encodes as ordinary text
+  (as in T5) and decode drops them. Writes `model_prefix`.model and .vocab (gs://: trained
+  locally, then copied). Lossless by default (no normalization, whitespace kept, unseen
+  characters as UTF-8 bytes); e.g. normalization_rule_name="nmt_nfkc" gives T5's behaviour."""
   options = {"normalization_rule_name": "identity", "remove_extra_whitespaces": False,
              "allow_whitespace_only_pieces": True, "max_sentence_length": 1 << 14,
              **trainer_options}

@@ -1,13 +1,11 @@
 """Beam search with transformers' semantics, as pure array updates for a compiled loop.
 
-Follows transformers' vectorized `_beam_search` (early_stopping=False): each step keeps the
-2 * num_beams best continuations over all beams of a row; the best num_beams of them that do
-not end (EOS, or the last allowed token) run on; among those that end, the ones ranked in
-the top num_beams join the row's finished hypotheses, scored sum(log p) / length **
-length_penalty with the generated length counting the EOS. A row stops improving once its
-best running beam, scored at the current length, cannot beat its worst finished one and
-every finished slot is filled. Scores use transformers' -1e9 sentinels, in float32.
-"""
+As transformers' vectorized `_beam_search` (early_stopping=False): each step keeps a row's
+2 * num_beams best continuations; the best num_beams that do not end (EOS, or the last allowed
+token) run on; those that end ranked in the top num_beams join the finished hypotheses, scored
+sum(log p) / length ** length_penalty (the EOS counted). A row is done once every finished slot
+is filled and its best running beam, at the current length, cannot beat the worst. Scores use
+transformers' -1e9 sentinels, in float32."""
 
 from __future__ import annotations
 
@@ -44,8 +42,8 @@ def init(batch: int, num_beams: int, max_new_tokens: int, pad_id: jax.Array) -> 
 
 
 def length_divisors(max_new_tokens: int, length_penalty: float) -> np.ndarray:
-  """length ** length_penalty for lengths 1..N, computed as transformers does (in float64 on
-  the host) and rounded once to float32, so scores divide by the very same numbers."""
+  """length ** length_penalty for lengths 1..N, as transformers computes it (float64, on the
+  host), rounded once to float32, so scores divide by the very same numbers."""
   return (np.arange(1, max_new_tokens + 1, dtype=np.float64) ** length_penalty).astype(np.float32)
 
 
@@ -56,12 +54,9 @@ def _gather(x_BW, index_BK):
 
 def step(beams: Beams, logits_BWV: jax.Array, i: jax.Array, last: jax.Array,
          eos_id: jax.Array, divisors_N: jax.Array) -> tuple[Beams, jax.Array, jax.Array]:
-  """Advances the search by the token at new position `i` (`last`: no token may follow).
-
-  `eos_id` -1 means none. Returns the new state, the tokens the running beams feed next
-  [B, W] and, for each of the new running beams, the flat index (row * W + beam) of the beam
-  it extends, by which the caller reorders its KV cache.
-  """
+  """Advances the search by the token at new position `i` (`last`: none may follow; eos_id -1:
+  none). Returns the new state, the running beams' next tokens [B, W] and, per new running beam,
+  the flat index (row * W + beam) of the beam it extends, to reorder the KV cache by."""
   B, W, V = logits_BWV.shape
   log_probs_BWV = jax.nn.log_softmax(logits_BWV.astype(jnp.float32), axis=-1)
   total_BX = (log_probs_BWV + beams.running_scores_BW[:, :, None]).reshape(B, W * V)

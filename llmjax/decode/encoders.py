@@ -45,12 +45,10 @@ def _padded(tokens, segment_ids, who: str, vocab_size: int):
 
 def fill_mask(model, params, tokens, top_k: int = 5, *, mask_id: int = BERT_MASK_ID,
               segment_ids=None, token_types=None):
-  """The `top_k` likeliest ids and their probabilities at each `mask_id` position, [B, M, k].
-
-  As transformers' fill-mask pipeline: a softmax over the whole vocabulary, best first. M is
-  the most masks in a row; a row with fewer has ids -1 and probabilities 0 after its own.
-  `segment_ids` (0: padding) default to all ones; a list of rows is padded for you.
-  """
+  """The `top_k` likeliest ids and their probabilities at each `mask_id` position, [B, M, k],
+  as transformers' fill-mask pipeline (softmax over the vocabulary, best first). M is the most
+  masks in a row; a row with fewer has ids -1, probabilities 0 after its own. `segment_ids`
+  (0: padding) default to all ones; a list of rows is padded for you."""
   if not isinstance(model, Bert) or model.cfg.head != "mlm":
     raise ValueError(f"fill_mask: needs a Bert with its MLM head (head='mlm'), got "
                      f"{type(model).__name__}")
@@ -83,11 +81,9 @@ def _fill_mask(model, top_k: int):
 
 def embed(model, params, tokens, segment_ids=None, pooling: str = "mean",
           normalize: bool = True):
-  """Sentence embeddings [B, D] from a Bert's final hidden states (any head) or T5's encoder.
-
-  pooling "mean" averages over the real tokens (segment_ids > 0), "cls" takes the first
-  token's; `normalize` scales each to unit L2 norm (sentence-transformers' Normalize).
-  """
+  """Sentence embeddings [B, D] from a Bert's final hidden states (any head) or T5's encoder:
+  pooling "mean" over the real tokens (segment_ids > 0) or "cls" (the first token's);
+  `normalize` scales each to unit L2 norm (sentence-transformers' Normalize)."""
   if not isinstance(model, (Bert, T5)):
     raise ValueError(f"embed: needs a Bert or T5 encoder, got {type(model).__name__}")
   if pooling not in ("mean", "cls"):

@@ -1,12 +1,9 @@
 """One compiled generation loop for decoder-only (GPT) and encoder-decoder (T5) models.
 
-A call validates its request on the host, pads the prompts (GPT: on the left, so every row's
-last prompt token sits in the same slot; T5: on the right, as encoder inputs) to a length
-bucket, and runs one jitted function: the prompt prefilled in one forward pass that fills the
-KV cache, then a `lax.while_loop` of one token per step that stops once every row has
-finished. Rows keep their own positions, and left padding is masked out of the cache by its
-segment id 0, so every row comes out as if generated alone.
-"""
+Prompts are checked on the host and padded to a length bucket (GPT: on the left, so every last
+prompt token shares a slot; T5: on the right); one jitted function prefills the KV cache in one
+pass, then runs a `lax.while_loop` of one token per step until every row has finished. Rows keep
+their own positions and padding (segment id 0) is masked out, so each row is as if alone."""
 
 from __future__ import annotations
 
@@ -81,17 +78,12 @@ def generate(model: nn.Module, params, prompts, max_new_tokens: int, *, temperat
              rng: jax.Array | None = None, stream: Callable | None = None) -> jax.Array:
   """New tokens for each prompt, int32 [B, max_new_tokens]; pad_id after a row's EOS.
 
-  `model`, `params`: a GPT or T5 and its parameters (as hf.load / checkpoint.load_model give
-  them; placed on a mesh, generation runs sharded the same way). `prompts`: an int [B, T]
-  array or a list of B token lists of any lengths (T5: the encoder inputs; the decoder starts
-  from `pad_id`, T5's decoder start token). temperature 0 is greedy; otherwise tokens are
-  sampled from the temperature / top_k / top_p filtered distribution with `rng` (default
-  key 0). num_beams > 1 is beam search (transformers' rules; `length_penalty` divides the
-  summed log-probabilities by generated_length ** length_penalty) returning the best beam.
-  eos_id None never stops early. `stream(tokens_B)`, if given, is called from inside the
-  compiled loop with each step's new tokens (numpy [B], in order) as they are produced; the
-  loop without it has no callback at all.
-  """
+  `model`, `params`: a GPT or T5 and its parameters (sharded params run sharded). `prompts`: an
+  int [B, T] array or B token lists of any lengths (T5: the encoder inputs; the decoder starts
+  from `pad_id`). temperature 0 is greedy, else sampling filtered by top_k / top_p with `rng`
+  (default key 0). num_beams > 1: transformers' beam search (scores divided by generated
+  length ** length_penalty), returning the best beam. eos_id None never stops early.
+  `stream(tokens_B)` is called from the compiled loop with each step's tokens (numpy [B])."""
   if not isinstance(model, (GPT, T5)):
     raise ValueError(f"generate: {type(model).__name__} is not a generative model; expected a "
                      f"GPT or T5 (use fill_mask or embed for BERT)")
@@ -120,8 +112,7 @@ def generate(model: nn.Module, params, prompts, max_new_tokens: int, *, temperat
 
 
 def run_on_mesh_of(fn, params, batch: tuple, *rest):
-  """fn(params, *batch, *rest), on the mesh the parameters are placed on (if any) with the
-  numpy `batch` arrays split over its batch axes; on one device as it is."""
+  """fn(params, *batch, *rest) on the parameters' mesh (if any), numpy `batch` split by batch."""
   mesh = _mesh_of(params)
   if mesh is None:
     return fn(params, *batch, *rest)
@@ -134,15 +125,13 @@ def run_on_mesh_of(fn, params, batch: tuple, *rest):
 
 def _mesh_of(params):
   """The mesh the parameters are placed on, if they are sharded over more than one device."""
-  for leaf in jax.tree.leaves(params):
-    sharding = getattr(leaf, "sharding", None)
-    if isinstance(sharding, NamedSharding) and sharding.mesh.size > 1:
-      return sharding.mesh
-  return None
+  shardings = (getattr(leaf, "sharding", None) for leaf in jax.tree.leaves(params))
+  return next((s.mesh for s in shardings if isinstance(s, NamedSharding) and s.mesh.size > 1),
+              None)
 
 
 def _zero_cache(model, init):
-  """The model's cache collection, all zeros (empty), without running the initializers."""
+  """The model's cache collection, all zeros, without running the initializers."""
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(init)["cache"])
 
 
@@ -167,8 +156,7 @@ def _apply(model, params, cache, *args, **kw):
 
 
 def _prefill_gpt(model, params, tokens_BP, segment_ids_BP, cache_len: int, copies: int):
-  """Runs the left-padded prompts through the model in one pass, filling the cache; returns the
-  next-token logits [B * copies, V], the cache and a function that steps it."""
+  """Prefills the cache with the left-padded prompts: (next logits [B * copies, V], cache, step)."""
   B = tokens_BP.shape[0]
   positions_BP = jnp.maximum(jnp.cumsum(segment_ids_BP, axis=1) - 1, 0)
   cache = _zero_cache(model, lambda: model.init(
@@ -192,8 +180,7 @@ def _prefill_gpt(model, params, tokens_BP, segment_ids_BP, cache_len: int, copie
 
 def _prefill_t5(model, params, tokens_BS, segment_ids_BS, cache_len: int, copies: int,
                 start_id: int):
-  """Encodes once, then runs the decoder's start token, which projects and caches the encoder
-  output's keys and values; returns the first logits, the cache and the step function."""
+  """Encodes, then runs the decoder's start token (caching cross-attention's keys, values)."""
   encoded_BSD = model.apply({"params": params}, tokens_BS, segment_ids_BS, method="encode")
   encoded_BSD, segment_ids_BS = (jnp.repeat(x, copies, axis=0)
                                  for x in (encoded_BSD, segment_ids_BS))
@@ -213,16 +200,15 @@ def _prefill_t5(model, params, tokens_BS, segment_ids_BS, cache_len: int, copies
 
 
 def _stage_ends(N: int) -> list[int]:
-  """Where a long loop (N >= 128) widens the cache it attends over: 64, 128, ... then N, so
-  that early steps attend over the positions filled so far and the time per token stays flat."""
+  """Where a long loop (N >= 128) widens the cache it attends over: 64, 128, ... N, so early
+  steps attend only over what is filled and the time per token stays flat."""
   ends = [64 << k for k in range(max(0, N.bit_length() - 7))] if N >= 128 else []
   return [e for e in ends if e < N] + [N]
 
 
 def _staged_while(model, cond, body, state, N: int):
-  """lax.while_loop(cond, body, state), in the stages of `_stage_ends`: each stage's body sees
-  the self-attention cache (state[-1]) cut to the positions it can have filled by then.
-  state[0] is the new-token index i, which writes cache position cache_len - N + i."""
+  """lax.while_loop(cond, body, state) in `_stage_ends`' stages, each seeing the self-attention
+  cache (state[-1]) cut to what it can have filled; state[0] = i writes position len - N + i."""
   cache = state[-1]
   full = next(x.shape[-1] for path, x in jax.tree_util.tree_leaves_with_path(cache)
               if getattr(path[-1], "key", None) == "cached_segment_ids")  # [(L,) B, S]
@@ -264,8 +250,7 @@ def _sample_loop(model, step, logits_BV, cache, n_new, N: int, sampler: Sampler,
   return _staged_while(model, cond, body, (jnp.int32(1), out_BN, done_B, token_B, cache), N)[1]
 
 
-def _beam_loop(model, step, logits_XV, cache, n_new, N: int, W: int, eos_id, pad_id,
-               divisors_N):
+def _beam_loop(model, step, logits_XV, cache, n_new, N: int, W: int, eos_id, pad_id, divisors_N):
   """Beam search over B * W rows (W beams per prompt); the best finished beam per prompt."""
   B = logits_XV.shape[0] // W
 
@@ -298,9 +283,8 @@ def _generate(model, N: int, W: int, sampler: Sampler, stream):
     TRACES["generate"] += 1
     eos_id, pad_id = special[0], special[1]  # traced: one compilation serves any ids
     if isinstance(model, GPT):
-      cache_len = tokens_BP.shape[1] + N - 1
       logits_XV, cache, step = _prefill_gpt(model, params, tokens_BP, segment_ids_BP,
-                                            cache_len, W)
+                                            tokens_BP.shape[1] + N - 1, W)  # the cache's length
     else:
       logits_XV, cache, step = _prefill_t5(model, params, tokens_BP, segment_ids_BP, N, W,
                                            pad_id)

@@ -12,11 +12,9 @@ import jax.numpy as jnp
 class Sampler:
   """How the next token is chosen from the logits; hashable, so a compiled loop keys on it.
 
-  temperature 0 is greedy (argmax, the lowest id among ties). Otherwise the logits are divided
-  by the temperature, then filtered by top-k, then by top-p, in that order (transformers'
-  TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper), and a token is drawn from
-  the rest. top_k None or 0 and top_p None or 1.0 filter nothing.
-  """
+  temperature 0 is greedy (argmax, lowest id among ties). Otherwise the logits are divided by
+  the temperature, filtered by top-k, then top-p (transformers' logits warpers, in that order),
+  and a token drawn. top_k None or 0 and top_p None or 1.0 filter nothing."""
 
   temperature: float = 0.0
   top_k: int | None = None
@@ -55,11 +53,9 @@ class Sampler:
 
 
 def top_p_filter(logits_BV: jax.Array, top_p: float) -> jax.Array:
-  """Keeps the smallest set of most likely tokens whose probability reaches `top_p`, the token
-  that crosses it included, never none: transformers' rule, which sorts ascending and drops
-  every token whose cumulative probability is <= 1 - top_p. Ties are ordered by id (a stable
-  sort; torch's CPU sort is stable only up to 16 entries, beyond that its order among equal
-  logits, and so which of them survive a cut through a tie, is arbitrary)."""
+  """Keeps the fewest likeliest tokens whose probability reaches `top_p` (never none):
+  transformers' rule, dropping in ascending order every token of cumulative probability
+  <= 1 - top_p. Ties go by id (a stable sort; torch's CPU sort is stable only to 16 entries)."""
   order_BV = jnp.argsort(logits_BV, axis=-1, stable=True)
   sorted_BV = jnp.take_along_axis(logits_BV, order_BV, axis=-1)
   cumulative_BV = jnp.cumsum(jax.nn.softmax(sorted_BV, axis=-1), axis=-1)

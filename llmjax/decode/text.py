@@ -10,11 +10,8 @@ from llmjax.decode.generation import generate
 def sample_text(model, params, tokenizer, prompt: str, num_tokens: int, *,
                 temperature: float = 0.8, seed: int = 0) -> str:
   """`prompt` and up to `num_tokens` tokens of the GPT's continuation (to its EOS), as text.
-
-  The prompt is [BOS] + tokenizer.encode(prompt) when the tokenizer has a BOS. A continuation
-  longer than the model's learned positions goes on in rounds, each re-prompted with the
-  last half window of the text so far.
-  """
+  The prompt is [BOS] (if any) + tokenizer.encode(prompt); a continuation past the model's
+  positions goes on in rounds, each prompted with the last half window so far."""
   text = [tokenizer.bos_id] if tokenizer.bos_id is not None else []
   text += [int(t) for t in tokenizer.encode(prompt)]
   start, window, key = len(text), model.cfg.max_seq_len, jax.random.key(seed)

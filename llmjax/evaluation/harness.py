@@ -4,13 +4,11 @@
         --tasks hellaswag --batch_size 16
     lm_eval --model llmjax ...    # lm-eval releases that load `lm_eval.models` entry points
 
-lm-eval 0.4.13 knows only its registry's models: running this module registers `llmjax`, then
-runs lm-eval's command line; importing it registers it for `simple_evaluate`. Requests go to
-`evaluation.loglikelihood`, `evaluation.perplexity` (stride=None: the harness's rolling
-windows over [prefix] + the document) and `decode.generate`, tokenized as HFLM does: a
-context's trailing whitespace moves to the continuation, for a GPT what encode(context +
-continuation) adds to encode(context); a T5's context is encoded alone, ending in EOS.
-"""
+lm-eval 0.4.13 knows only its registry's models: running this module registers `llmjax` and runs
+lm-eval's command line; importing it registers it for `simple_evaluate`. Requests go to
+`evaluation.loglikelihood`, `evaluation.perplexity` (stride=None: the harness's rolling windows
+over [prefix] + the document) and `decode.generate`, tokenized as HFLM does
+(evaluation.encode_pair's rules)."""
 
 from __future__ import annotations
 

@@ -1,22 +1,18 @@
 """Log-probabilities of text under a GPT or T5, batched and sharded: perplexity, log-likelihood.
 
-Every score here is a sum of log p(target | inputs) over chosen target positions of padded
-windows, by the trainer's own cross-entropy (objectives.base.cross_entropy, summed per
-row), so a score and the trainer's eval/loss agree to float rounding. A window holds at most
-`context_length` input tokens, each predicting the token after it; its `weights` pick the
-targets it scores. How windows are cut is the one thing that differs between methods:
+Every score is a sum of log p(target | inputs) over the weighted targets of padded windows of
+at most `context_length` inputs, by the trainer's own cross-entropy (objectives.base), so it
+agrees with eval/loss to float rounding. How windows are cut differs between methods:
 
-    stride=S   transformers' strided perplexity: windows of context_length tokens start every
-               S tokens; each scores the targets that no earlier window reached, so every token
-               after the first is scored once, with >= context_length - S tokens of context.
-    stride=None  lm-evaluation-harness's rolling windows: the targets in disjoint runs of
-               context_length, each predicted from the context_length tokens before its last
-               one (the final window reaches back to a full window), as the trainer's causal
-               LM eval cuts a document (objectives.CausalLM).
+    stride=S     transformers' strided perplexity: windows of context_length start every S
+                 tokens, each scoring the targets no earlier window reached (every token after
+                 the first once, with >= context_length - S tokens of context).
+    stride=None  lm-evaluation-harness's rolling windows: disjoint runs of context_length
+                 targets, each window reaching back a full context_length from its last one,
+                 as the trainer's causal LM eval cuts a document (objectives.CausalLM).
 
-Windows are made lazily from the token array (a np.memmap of a corpus works) and scored
-`batch_size` at a time with one compiled shape; parameters placed on a mesh run sharded.
-"""
+Windows are made lazily (a np.memmap corpus works) and scored `batch_size` at a time with one
+compiled shape; parameters placed on a mesh run sharded."""
 
 from __future__ import annotations
 
@@ -56,12 +52,10 @@ def _windows(n: int, C: int, stride: int | None):
 
 def perplexity(model, params, token_ids, *, context_length: int, stride: int | None = None,
                batch_size: int = 8, text: str | None = None) -> dict:
-  """The causal LM's negative log-likelihood of a token stream, by windows (see above).
-
-  Returns {"nll": sum in nats, "tokens": number scored, "perplexity", "bits_per_token"}; with
-  the stream's `text`, also lm-evaluation-harness's "bits_per_byte", "byte_perplexity" and
-  "word_perplexity" (words split on whitespace).
-  """
+  """The causal LM's negative log-likelihood of a token stream, by windows (see above):
+  {"nll": sum in nats, "tokens": number scored, "perplexity", "bits_per_token"}; with the
+  stream's `text`, also lm-evaluation-harness's "bits_per_byte", "byte_perplexity" and
+  "word_perplexity" (words split on whitespace)."""
   if not isinstance(model, GPT):
     raise ValueError(f"perplexity: needs a causal LM (GPT), got {type(model).__name__}; score a "
                      f"BERT with pseudo_log_likelihood, a T5 with loglikelihood")
@@ -96,13 +90,10 @@ def perplexity(model, params, token_ids, *, context_length: int, stride: int | N
 
 
 def loglikelihood(model, params, requests, *, batch_size: int = 16) -> list[tuple[float, bool]]:
-  """[(log p(continuation | context), whether it is the greedy continuation)] of each request
-  (context_ids, continuation_ids), in the input order.
-
-  GPT: the context and continuation concatenated, cut from the left to max_seq_len + 1 tokens
-  (lm-evaluation-harness's HFLM). T5: the context is the encoder input, the continuation the
-  decoder targets after the start token 0. Requests are batched by length, longest first.
-  """
+  """[(log p(continuation | context), whether it is the greedy one)] of each request
+  (context_ids, continuation_ids), in order. GPT: the two concatenated, cut from the left to
+  max_seq_len + 1 tokens (lm-evaluation-harness's HFLM); T5: the context is the encoder input,
+  the continuation the decoder targets after start token 0. Batched longest first."""
   if not isinstance(model, (GPT, T5)):
     raise ValueError(f"loglikelihood: needs a GPT or T5, got {type(model).__name__}")
   pairs = []

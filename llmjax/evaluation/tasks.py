@@ -1,7 +1,5 @@
-"""Evaluation tasks over files: multiple choice, seq2seq generation metrics, BERT's masked-token
-accuracy and pseudo-log-likelihood, perplexity of a text; and the task specs that name them.
-
-A spec is KIND:PATH[:METRIC], named by the file's stem (train.eval_tasks, tools/evaluate.py):
+"""Evaluation tasks over files, and the specs KIND:PATH[:METRIC] that name them (by the file's
+stem; train.eval_tasks, tools/evaluate.py):
 
     perplexity:val.txt          the text's rolling-window perplexity (a GPT; scoring.perplexity)
     multiple_choice:mc.jsonl    {"context", "choices", "label"} lines: acc, acc_norm
@@ -10,9 +8,8 @@ A spec is KIND:PATH[:METRIC], named by the file's stem (train.eval_tasks, tools/
     pll:sentences.txt           BERT: mean pseudo-log-likelihood per sentence, one per line
     mlm_accuracy:sentences.txt  BERT: accuracy on 15% of each line's tokens, masked
 
-Scores are on lm-evaluation-harness's, sacrebleu's and rouge-score's terms; BLEU, ROUGE and exact
-match in percent, as T5 reports them.
-"""
+Scores are on lm-evaluation-harness's, sacrebleu's and rouge-score's terms; BLEU, ROUGE and
+exact match in percent, as T5 reports them."""
 
 from __future__ import annotations
 
@@ -54,10 +51,9 @@ def read_jsonl(path: str, fields: dict[str, type]) -> list[dict]:
 
 
 def encode_pair(tokenizer, context: str, continuation: str, seq2seq: bool):
-  """Token ids of (context, continuation) as lm-evaluation-harness's HFLM makes them: the
-  context's trailing whitespace moves to the continuation; a decoder model's continuation is
-  what encoding the whole text adds after the context's tokens, after BOS (else EOS) if the
-  context is empty; a seq2seq context ends in EOS."""
+  """Token ids of (context, continuation) as lm-evaluation-harness's HFLM makes them: trailing
+  whitespace moves to the continuation; a decoder's continuation is what encoding the whole
+  adds to the context (BOS, else EOS, for an empty one); a seq2seq context ends in EOS."""
   prefix = next((t for t in (tokenizer.bos_id, tokenizer.eos_id) if t is not None), None)
   if not context and not seq2seq and prefix is not None:  # HFLM's prefix token
     return [prefix], list(tokenizer.encode(continuation))
@@ -128,9 +124,8 @@ def rouge(predictions, references) -> dict[str, float]:
 
 def seq2seq(model, params, tokenizer, task, *, metric: str = "exact_match",
             max_new_tokens: int | None = None, batch_size: int = 16) -> dict:
-  """`metric` of the greedy generations for a task's {"input", "target"} records (JSONL path or
-  list), generation stopped at the tokenizer's EOS; at most `max_new_tokens` (default 64, for a
-  GPT with learned positions at most what its positions leave after the prompts)."""
+  """`metric` of the greedy generations (to EOS) for {"input", "target"} records (a JSONL path or
+  list); at most `max_new_tokens` (default 64, or what a GPT's learned positions leave)."""
   if metric not in _METRICS:
     raise ValueError(f"seq2seq: metric={metric!r}; expected one of {', '.join(_METRICS)}")
   records = read_jsonl(task, _FIELDS["seq2seq"]) if isinstance(task, str) else task
@@ -152,8 +147,8 @@ def seq2seq(model, params, tokenizer, task, *, metric: str = "exact_match",
 
 
 def _masked_rows(model, sentences, mask_id: int, skip_ids, choose):
-  """(masked tokens, targets, weights) rows: for each sentence, `choose(positions)` gives the
-  sets of its positions to mask together (tokens in skip_ids are never among them)."""
+  """(masked tokens, targets, weights) rows: `choose(positions)` gives the sets of a sentence's
+  positions (never skip_ids tokens) to mask together."""
   if not isinstance(model, Bert) or model.cfg.head == "none":
     raise ValueError(f"needs a BERT with its MLM head, got {type(model).__name__}")
   rows, owner = [], []
@@ -182,8 +177,7 @@ def pseudo_log_likelihood(model, params, sentences, *, mask_id: int = decode.BER
 def mlm_accuracy(model, params, sentences, *, rate: float = 0.15, seed: int = 0,
                  mask_id: int = decode.BERT_MASK_ID, skip_ids=(101, 102),
                  batch_size: int = 32) -> dict:
-  """Accuracy of the argmax at `rate` of each sentence's tokens (at least one), masked together,
-  chosen by `seed`."""
+  """Argmax accuracy at `rate` of each sentence's tokens (>= 1, by `seed`), masked together."""
   rng = np.random.default_rng(seed)
   rows, _ = _masked_rows(model, sentences, mask_id, skip_ids, lambda scorable: [
       rng.choice(scorable, max(1, round(rate * len(scorable))), replace=False)])

@@ -2,8 +2,7 @@
 
 Buckets come from integer comparisons against thresholds computed once on the host, never a
 log on the device, so the XLA path and the kernels agree on every platform, even where T5's
-distances 16, 32 and 64 land exactly on bucket edges (a one-ulp `log` error would flip them).
-"""
+distances 16, 32 and 64 land exactly on bucket edges (a one-ulp `log` error would flip them)."""
 
 from __future__ import annotations
 

@@ -7,8 +7,7 @@
 runs the target's whole compiler: XLA and Mosaic to TPU code (the libtpu `jax[tpu]` pins),
 or XLA, Triton and ptxas to GPU code (jax-cuda13-plugin and nvidia-cuda-nvcc, under
 JAX_PLATFORMS=cpu so the plugin loads without CUDA's runtime libraries). A TPU target is a
-topology libtpu knows; a GPU target, a description from the vendor's specifications (`GPUS`).
-"""
+topology libtpu knows; a GPU target, a description from the vendor's specifications (`GPUS`)."""
 
 from __future__ import annotations
 

@@ -144,7 +144,10 @@ class Attention(nn.Module):
     kernel = self.param(f"{name}_kernel", nn.with_logical_partitioning(init, axes), shape,
                         self.param_dtype)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
-    y = jnp.einsum(eq, x, kernel)
+    n = x.ndim - 2  # contracted: x's dims after [B, T] with the kernel's first n (`eq`)
+    # lax.dot_general, not jnp.einsum: qwix's LoRA and quantization hook it in linen modules.
+    y = jax.lax.dot_general(x, kernel, ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))),
+                                        ((), ())))
     if self.use_bias:
       bias_shape = shape[x.ndim - 2:]  # the output dims: the kernel less the contracted ones
       bias = self.param(f"{name}_bias", nn.with_logical_partitioning(

@@ -10,7 +10,7 @@ from flax import linen as nn
 
 from llmjax import layers
 from llmjax import sharding as sh
-from llmjax.models import common
+from llmjax.models import common, heads
 
 SIZES = {
     "tiny": dict(vocab_size=256, max_seq_len=256, d_model=64, num_layers=2, num_heads=4, d_ff=256),
@@ -34,13 +34,17 @@ class BertConfig(common.BaseConfig):
   d_ff: int = 3072
   activation: str = "gelu"
   norm_eps: float = 1e-12
-  head: str = "mlm"  # mlm: logits over the vocabulary | none: final hidden states
+  # mlm: logits over the vocabulary | none: final hidden states | classify: [B, num_labels]
+  head: str = "mlm"
   pooler: bool = False  # tanh(dense(h[CLS])), returned by `Bert.pooled`
+  num_labels: int = 0  # head="classify" only: its outputs (1: regression)
   SIZES = SIZES
 
   def __post_init__(self):
     super().__post_init__()
-    common.check(self.head in ("mlm", "none"), f"BertConfig.head={self.head!r}; expected mlm or none")
+    common.check(self.head in ("mlm", "none", "classify"),
+                 f"BertConfig.head={self.head!r}; expected mlm, none or classify")
+    common.check_classifier(self)
     common.check(self.type_vocab_size > 0, "BertConfig.type_vocab_size must be positive")
 
 
@@ -66,7 +70,8 @@ class BertBlock(nn.Module):
 
 
 class Bert(nn.Module):
-  """Bidirectional encoder: tokens [B, T] -> MLM logits [B, T, V] (float32) or hidden [B, T, D].
+  """Bidirectional encoder: tokens [B, T] -> MLM logits [B, T, V] (float32), hidden [B, T, D]
+  or classification logits [B, num_labels] (float32), by `cfg.head`.
   `segment_ids` [B, T]: 0 marks padding, equal non-zero ids mark one packed sequence;
   `token_types` [B, T]: BERT's sentence A/B ids (default 0); `positions` default to each
   token's index within its segment."""
@@ -95,6 +100,9 @@ class Bert(nn.Module):
           nn.initializers.zeros, (sh.VOCAB,)), (cfg.vocab_size,), cfg.weight_dtype)
     if cfg.pooler:
       self.pooler_dense = dense()
+    if cfg.head == "classify":
+      self.classifier = heads.ClassifierHead(cfg.num_labels, dropout_rate=cfg.dropout_rate,
+                                             **cfg.dtypes)
 
   def hidden(self, tokens, segment_ids=None, token_types=None, positions=None, *,
              deterministic: bool = True) -> jax.Array:
@@ -113,18 +121,22 @@ class Bert(nn.Module):
     x_BTD = self.embed_dropout(self.embed_ln(x_BTD), deterministic=deterministic)
     return self.encoder(x_BTD, segment_ids_BT, deterministic)
 
-  def pooled(self, hidden_BTD: jax.Array) -> jax.Array:
-    """BERT's pooler: tanh(dense(hidden of the first token)), [B, D]."""
+  def pooled(self, hidden_BTD: jax.Array, pool_positions=None) -> jax.Array:
+    """BERT's pooler: tanh(dense(hidden of the first token)), [B, D]; or of the tokens at
+    `pool_positions` [B, P] (packed examples' [CLS]), [B, P, D]."""
     common.check(self.cfg.pooler, "Bert.pooled needs BertConfig.pooler=True")
-    return jnp.tanh(self.pooler_dense(hidden_BTD[:, 0]))
+    first = hidden_BTD[:, 0] if pool_positions is None else heads.pick(hidden_BTD, pool_positions)
+    return jnp.tanh(self.pooler_dense(first))
 
   def __call__(self, tokens, segment_ids=None, token_types=None, positions=None, *,
-               deterministic: bool = True) -> jax.Array:
+               pool_positions=None, deterministic: bool = True) -> jax.Array:
     h_BTD = self.hidden(tokens, segment_ids, token_types, positions, deterministic=deterministic)
     if self.cfg.pooler and self.is_initializing():
       self.pooled(h_BTD)  # create the pooler's parameters
     if self.cfg.head == "none":
       return h_BTD
+    if self.cfg.head == "classify":
+      return self.classifier(self.pooled(h_BTD, pool_positions), deterministic)
     act = layers.mlp.activation(self.cfg.activation)
     h_BTD = self.mlm_ln(act(self.mlm_dense(h_BTD)))
     h_BTD = sh.constrain(h_BTD, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))

@@ -103,6 +103,19 @@ class BaseConfig:
     return dataclasses.replace(self, **changes)
 
 
+def check_classifier(cfg) -> None:
+  """head="classify" needs num_labels >= 1 (and BERT its pooler); other heads take none."""
+  name = type(cfg).__name__
+  if cfg.head == "classify":
+    check(cfg.num_labels >= 1, f"{name}.num_labels={cfg.num_labels}: head='classify' needs at "
+          f"least 1 label (1: regression)")
+    check(getattr(cfg, "pooler", True), f"{name}: head='classify' classifies the pooled [CLS] "
+          f"state; set pooler=True")
+  else:
+    check(cfg.num_labels == 0, f"{name}.num_labels={cfg.num_labels} needs head='classify' "
+          f"(head={cfg.head!r})")
+
+
 def check_inputs(name: str, tokens_BT: jax.Array, **others: jax.Array | None) -> None:
   """Shape checks on model inputs, raised before any tracing work."""
   check(getattr(tokens_BT, "ndim", None) == 2,

@@ -10,7 +10,7 @@ from flax import linen as nn
 
 from llmjax import layers
 from llmjax import sharding as sh
-from llmjax.models import common
+from llmjax.models import common, heads
 
 SIZES = {
     "tiny": dict(vocab_size=256, max_seq_len=256, d_model=64, num_layers=2, num_heads=4),
@@ -41,6 +41,8 @@ class GPTConfig(common.BaseConfig):
   norm_eps: float = 1e-5
   use_bias: bool = True
   tie_embeddings: bool = True
+  head: str = "lm"  # lm: next-token logits | classify: [B, num_labels] from the last token
+  num_labels: int = 0  # head="classify" only: its outputs (1: regression)
   SIZES = SIZES
 
   def __post_init__(self):
@@ -50,6 +52,9 @@ class GPTConfig(common.BaseConfig):
     common.check(self.norm in ("layernorm", "rmsnorm"),
                  f"GPTConfig.norm={self.norm!r}; expected layernorm or rmsnorm")
     common.check(self.max_seq_len > 0, f"GPTConfig.max_seq_len={self.max_seq_len} must be positive")
+    common.check(self.head in ("lm", "classify"), f"GPTConfig.head={self.head!r}; expected lm or "
+                 f"classify")
+    common.check_classifier(self)
 
 
 def _norm(cfg: GPTConfig, name: str):
@@ -90,7 +95,9 @@ class GPT(nn.Module):
   `segment_ids` [B, T]: 0 marks padding, equal non-zero ids one packed sequence (default:
   one per row). `positions` default to each token's index in its segment. `prefix_mask`
   [B, T] (prefix LM) marks positions that attend bidirectionally within their segment.
-  `last_only` returns the last position's logits only, [B, 1, V]. With `decode=True` the
+  `last_only` returns the last position's logits only, [B, 1, V]; head="classify" returns
+  [B, num_labels] from each row's last real token (packed: [B, P, num_labels] at
+  `pool_positions` [B, P], each example's last token). With `decode=True` the
   attention layers keep a KV cache: initialize with a [B, max_length] input, then feed
   tokens with mutable=["cache"] (a step past max_length gives NaN); segment id 0 marks left
   padding and rows of different lengths pass their own `positions` (as llmjax.decode does)."""
@@ -103,7 +110,8 @@ class GPT(nn.Module):
   @nn.compact
   def __call__(self, tokens: jax.Array, segment_ids: jax.Array | None = None,
                positions: jax.Array | None = None, *, prefix_mask: jax.Array | None = None,
-               deterministic: bool = True, last_only: bool = False) -> jax.Array:
+               deterministic: bool = True, last_only: bool = False,
+               pool_positions: jax.Array | None = None) -> jax.Array:
     cfg = self.cfg
     common.check_inputs("GPT", tokens, segment_ids=segment_ids, positions=positions,
                         prefix_mask=prefix_mask)
@@ -134,6 +142,11 @@ class GPT(nn.Module):
     if last_only:  # generation's prefill needs the next-token logits of the last position only
       x_BTD = x_BTD[:, -1:]
     x_BTD = _norm(cfg, "ln_f")(x_BTD)
+    if cfg.head == "classify":
+      pooled = (heads.last_token(x_BTD, segment_ids_BT) if pool_positions is None
+                else heads.pick(x_BTD, pool_positions))
+      return heads.ClassifierHead(cfg.num_labels, use_bias=False, name="classifier",
+                                  **cfg.dtypes)(pooled)
     if cfg.tie_embeddings:
       logits_BTV = wte.attend(x_BTD)
     else:

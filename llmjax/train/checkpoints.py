@@ -5,19 +5,17 @@
     if ckpts.should_save(step): ckpts.save(step, state, it, window)   # asynchronous
     ckpts.close(step)                             # waits for the last save
 
-Orbax writes them (local or gs://); a failed save, possibly in the background, surfaces as a
-CheckpointError naming the step of the last complete checkpoint.
+Orbax writes them (local or gs://); a failed save, even in the background, surfaces as a
+CheckpointError naming the last complete checkpoint's step.
 
 Integrity: Orbax 0.12 keeps no checksums of array data (OCDBT's CRC32C covers its b-tree only), so
 once step N is committed (known at the next `save`, `wait` or `close`) each process writes
 N/_CHECKSUMS.process_<i>-of-<n>.json, the size and CRC32C of each file it wrote (read back locally,
-on a thread unless keep=1; from one listing on gs://). `restore` checks the newest checkpoint (the
-processes share the manifests and agree on the verdict), then restores it; one that fails the check
-or the restore is reported in one line naming the file, moved aside to <step>.corrupt (never
-deleted), and the next newest is tried; with none left, training starts from step 0. One lacking a
-manifest (an older llmjax's, or stopped before writing it) is restored unverified, with a warning; a
-failed restore of one whose every byte checks out is no corruption: its error is raised.
-"""
+on a thread unless keep=1; one listing on gs://). `restore` checks the newest checkpoint (all
+processes agree on the verdict); one failing the check or the restore is reported in one line,
+moved aside to <step>.corrupt (never deleted), and the next newest tried, down to step 0. One
+lacking a manifest is restored unverified, with a warning; a failed restore of one whose every
+byte checks out is no corruption: its error is raised."""
 
 import base64
 import concurrent.futures
@@ -50,9 +48,8 @@ class CheckpointError(RuntimeError):
 
 
 class Checkpoints:
-  """Saves every `every` steps and when a preemption is announced (not the first step, as
-  Orbax's default would), keeping the last `keep`. Lines about corrupt checkpoints go to `log`
-  (absl's warning by default); `verify=False` skips checking the checksums."""
+  """Saves every `every` steps and at an announced preemption (not at the first step, as Orbax
+  would), keeping `keep`; corrupt checkpoints are reported to `log` (default absl's warning)."""
 
   def __init__(self, directory, every: int, keep: int, *, log=None, verify: bool = True):
     policies = ocp.checkpoint_managers
@@ -60,8 +57,7 @@ class Checkpoints:
                                      policies.PreemptionCheckpointingPolicy()])
     self.directory = directory
     self._keep, self._log, self._verify = keep, log or logging.warning, verify
-    self._owed = None  # the last step saved, whose checksums this process still owes
-    self._writer = None  # the thread writing the previous step's checksums
+    self._owed, self._writer = None, None  # the step whose checksums are owed; their writer
     self._manager = ocp.CheckpointManager(directory, options=ocp.CheckpointManagerOptions(
         save_decision_policy=policy, max_to_keep=keep, enable_async_checkpointing=True))
 
@@ -318,7 +314,5 @@ def _agree(problem: str | None) -> str | None:
   raw = (problem or "").encode()[:1024]
   mine = np.zeros(1024, np.uint8)
   mine[:len(raw)] = np.frombuffer(raw, np.uint8)
-  for row in np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 1024):
-    if row.any():
-      return bytes(row).rstrip(b"\0").decode(errors="replace")
-  return None
+  rows = np.asarray(multihost_utils.process_allgather(mine)).reshape(-1, 1024)
+  return next((bytes(r).rstrip(b"\0").decode(errors="replace") for r in rows if r.any()), None)

@@ -7,13 +7,17 @@ field can be overridden too.
 
     seed          everything random: parameters, data order, dropout
     model         family + every field of that family's config dataclass
-    objective     name (causal_lm | prefix_lm | masked_lm | span_corruption), length, knobs
-    data          source path ("builtin" or files), tokenizer ("byte", "char" = the characters
-                  of data.path, a SentencePiece .model), split, packing, workers, shards
+    objective     name (causal_lm | prefix_lm | masked_lm | span_corruption; fine-tuning:
+                  classification | sft | seq2seq), length, knobs
+    data          source path ("builtin" or files; eval_path: its own eval files, else a split
+                  of path), tokenizer ("byte", "char" = the characters of data.path, a
+                  SentencePiece .model, a tokenizer.json), split, packing, workers, shards
                   (default one per process; fixed, the batches don't depend on the hosts)
     batch_size    global batch (rows across all processes)
     optimizer     adamw | adafactor, schedule, clipping, decay, microbatches, z-loss, smoothing
     mesh          shape over (data, fsdp, tensor), -1 = the rest; rules override
+    lora          rank (None: full fine-tuning), alpha, dropout, targets, rslora, train: LoRA
+                  adapters on the frozen `train.init_from` model (see llmjax/peft.py)
     train         steps, intervals for logging / eval / checkpoints, init_from
     runlocal      True: shrink the experiment to a CPU smoke run (see `shrink_for_cpu`)
 
@@ -84,6 +88,7 @@ def base_config() -> ml_collections.ConfigDict:
       "path": "builtin", "format": config_dict.placeholder(str), "split": "paragraph",
       "field": "text", "tokenizer": "byte", "validation_fraction": 0.05,
       "split_method": "hash", "packing": "pack", "shuffle_window": 0,
+      "eval_path": config_dict.placeholder(str),
       "shards": config_dict.placeholder(int), "worker_count": 0, "prefetch": 2})
   c.batch_size = 8
   c.optimizer = ml_collections.ConfigDict({
@@ -91,6 +96,9 @@ def base_config() -> ml_collections.ConfigDict:
       "final_learning_rate": 2e-4, "b1": 0.9, "b2": 0.99, "eps": 1e-8, "weight_decay": 0.1,
       "clip_norm": 1.0, "microbatches": 1, "decay_steps": config_dict.placeholder(int)})
   c.mesh = ml_collections.ConfigDict({"shape": (-1, 1, 1), "rules": config_dict.placeholder(str)})
+  c.lora = ml_collections.ConfigDict({
+      "rank": config_dict.placeholder(int), "alpha": 8.0, "dropout": 0.0, "rslora": False,
+      "targets": config_dict.placeholder(str), "train": "classifier/.*"})
   c.train = ml_collections.ConfigDict({
       "steps": 1000, "log_every": 50, "eval_every": 250, "eval_batches": 16,
       "checkpoint_every": 500, "keep_checkpoints": 3, "init_from": config_dict.placeholder(str),
@@ -112,11 +120,15 @@ def shrink_for_cpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDi
   c = ml_collections.ConfigDict(config.to_dict())  # an unlocked copy
   length = min(c.objective.length, 128)
   kwargs = {"max_seq_len": length} if "max_seq_len" in c.model else {}
+  kwargs.update({k: c.model[k] for k in ("head", "num_labels", "pooler") if k in c.model})
   c.model = model_config(c.model.family, "tiny", vocab_size=384,
                          dropout_rate=c.model.dropout_rate, **kwargs)
   c.objective.update(length=length, max_predictions=None)
-  c.data.update(path="builtin", format=None, tokenizer="byte", split="paragraph",
-                split_method="hash", validation_fraction=0.05, shards=None, worker_count=0)
+  c.data.update(tokenizer="byte", shards=None, worker_count=0)
+  if not hasattr(objectives.OBJECTIVES.get(c.objective.name), "check_record"):
+    # Fine-tuning keeps its records (and eval_path); the rest read the built-in corpus.
+    c.data.update(path="builtin", format=None, split="paragraph", split_method="hash",
+                  validation_fraction=0.05, eval_path=None)
   c.batch_size = 8
   c.optimizer.update(warmup_steps=min(c.optimizer.warmup_steps, 5), microbatches=1)
   c.mesh.shape = (-1, 1, 1)

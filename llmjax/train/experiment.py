@@ -15,7 +15,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from llmjax import checkpoint, data, models, objectives
+from llmjax import checkpoint, data, models, objectives, peft
 from llmjax import sharding as sh
 from llmjax.train import config as config_lib
 from llmjax.train import optim, step
@@ -29,20 +29,32 @@ class Setup(step.Parts):
   train_source: Any
   eval_source: Any
   local_batch_size: int
+  notes: tuple[str, ...] = ()  # what the run should log about its data
 
 
 def build(config: ml_collections.ConfigDict) -> Setup:
   """Builds the run's parts and checks them against each other before any work is done."""
   config_lib.validate(config)
   data.sources.check_path(config.data.path)
-  model = models.model_from_dict(config.model.to_dict())
+  model = with_lora(models.model_from_dict(config.model.to_dict()), config)
   tokenizer = data.load_tokenizer(checkpoint.tokenizer_spec(config))
-  objective = objectives.from_config(config.objective, tokenizer)
+  objective = objectives.from_config(config.objective, tokenizer,
+                                     architecture=getattr(model, "ARCHITECTURE", None))
   objective.check_model(model)
-  source = data.sources.open_source(config.data.path, format=config.data.format,
-                                    split=config.data.split, field=config.data.field)
-  train_source, eval_source = data.split_source(
-      source, config.data.validation_fraction, method=config.data.split_method, seed=config.seed)
+  # Fine-tuning objectives read whole records, each checked as the files are opened.
+  open_source = lambda path: data.sources.open_source(
+      path, format=config.data.format, split=config.data.split, field=config.data.field,
+      check_record=getattr(objective, "check_record", None))
+  train_source = open_source(config.data.path)
+  if config.data.eval_path:
+    data.sources.check_path(config.data.eval_path, "data.eval_path")
+    eval_source = open_source(config.data.eval_path)
+  else:
+    train_source, eval_source = data.split_source(
+        train_source, config.data.validation_fraction, method=config.data.split_method,
+        seed=config.seed)
+  check_source = getattr(objective, "check_source", None)
+  notes = tuple(filter(None, [check_source and check_source(train_source)]))
   mesh = sh.make_mesh(tuple(config.mesh.shape))
   data_parallel, procs = mesh.shape["data"] * mesh.shape["fsdp"], jax.process_count()
   if config.batch_size % data_parallel:
@@ -64,7 +76,17 @@ def build(config: ml_collections.ConfigDict) -> Setup:
                schedule=schedule, microbatches=microbatches, seed=config.seed,
                dropout=getattr(model.cfg, "dropout_rate", 0) > 0, config=config,
                tokenizer=tokenizer, train_source=train_source, eval_source=eval_source,
-               local_batch_size=local)
+               local_batch_size=local, trainable=peft.trainable(model), notes=notes)
+
+
+def with_lora(model, config: ml_collections.ConfigDict):
+  """`model` with the config's LoRA adapters (llmjax/peft.py) if `lora.rank` is set. The base
+  is `train.init_from`'s, or without it the seed's initialization (a smoke test's base: the
+  frozen parameters are never saved, a resumed run makes them again)."""
+  lora = config.get("lora")
+  if lora is None or lora.rank is None:
+    return model
+  return peft.wrap(model, peft.LoraConfig(**lora))
 
 
 def rules(overrides: str | None) -> tuple:

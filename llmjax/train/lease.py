@@ -5,13 +5,11 @@
       held.check()  # before each save, on every process: raises if the lease was taken over
 
 The holder (host, pid, start time, a random run id) renews its heartbeat every `heartbeat_secs`
-(15 s) from a daemon thread. A lease whose heartbeat is older than `stale_secs` (120 s), or whose
-process is gone from this host (a reused pid only delays that to the timeout), is stale and taken
-over; hosts' clocks are assumed to agree within seconds. Every write is conditional on the lease its
-writer last saw (locally under a short flock, on gs:// through generation preconditions), so of two
-runs racing for a lease one wins, and a holder that lost it learns so at its next heartbeat. On a
-pod process 0 holds the one lease.
-"""
+(15 s) from a daemon thread. A lease whose heartbeat is older than `stale_secs` (120 s; hosts'
+clocks agree within seconds), or whose process is gone from this host (a reused pid only delays
+that to the timeout), is stale and taken over. Every write is conditional on the lease its
+writer last saw (an flock locally, generation preconditions on gs://), so of two racing runs one
+wins, and a holder that lost it learns so at its next heartbeat. On a pod process 0 holds it."""
 
 import contextlib
 import fcntl
@@ -30,8 +28,7 @@ HEARTBEAT_SECS, STALE_SECS = 15.0, 120.0
 
 class _Local:
   """lease.json on a local or NFS file system; a token is the content last seen. Each
-  compare-and-write holds an flock on lease.json.lock (dropped by the kernel if its process
-  dies; Linux carries it to an NFS server as a byte-range lock)."""
+  compare-and-write holds an flock on lease.json.lock (released if its process dies; NFS too)."""
 
   def __init__(self, file):
     self.file = os.fspath(file)

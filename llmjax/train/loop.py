@@ -16,8 +16,9 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
+from flax import traverse_util
 
-from llmjax import checkpoint, data, evaluation, metrics, paths, signals
+from llmjax import checkpoint, data, evaluation, metrics, paths, peft, signals
 from llmjax.train import checkpoints, experiment, lease, step, workdir
 from llmjax.train.config import shrink_for_cpu
 
@@ -50,10 +51,14 @@ def _train(config, run_dir, held, log) -> Result:
   setup = experiment.build(config)
   workdir.write_config(run_dir, config)
   abstract, state_shardings, init = step.init_state(setup, jax.random.key(config.seed))
+  if setup.trainable:  # a LoRA target that matches nothing stops here
+    peft.check_matched(setup.model, step.full_params(abstract))
+  for note in setup.notes:
+    log(note)
   it = iter(experiment.make_pipeline(setup, "train"))
   shardings = step.batch_shardings(setup, data.padding_batch(setup.objective, 1))
   train_step = step.make_train_step(setup, state_shardings, shardings)
-  eval_step = step.make_eval_step(setup, state_shardings["params"], shardings)
+  eval_step = step.make_eval_step(setup, step.full_params(state_shardings), shardings)
   c = config.train
   ckpts = checkpoints.Checkpoints(run_dir / "checkpoints", c.checkpoint_every,
                                   c.keep_checkpoints, log=log)
@@ -70,7 +75,7 @@ def _train(config, run_dir, held, log) -> Result:
   at = start
   try:
     if at == 0 and c.eval_every:  # where the eval loss starts from
-      report(0, evaluate(setup, eval_step, state["params"], shardings))
+      report(0, evaluate(setup, eval_step, step.full_params(state), shardings))
     while at < c.steps and not signals.received():
       state, step_metrics = train_step(state, step.global_batch(shardings, next(it)))
       at += 1
@@ -81,13 +86,13 @@ def _train(config, run_dir, held, log) -> Result:
             at % c.log_every == 0 or at == c.steps or signals.received()) else {}
         with tracker.excluded():  # evals, log lines and saves are not step time
           if c.eval_every and (at % c.eval_every == 0 or at == c.steps):
-            record.update(evaluate(setup, eval_step, state["params"], shardings))
+            record.update(evaluate(setup, eval_step, step.full_params(state), shardings))
           if record:
             report(at, record)
           if ckpts.should_save(at) or at == c.steps or signals.received():
             tracker.check()  # nothing unchecked is ever saved
             held.check()  # nor by a run that lost the workdir to another
-            ckpts.save(at, state, it, tracker.window())
+            ckpts.save(at, _saved(state), it, tracker.window())
     if signals.received():
       log(f"{signals.received()}: saved step {at} in {run_dir}/checkpoints; stopping")
     ckpts.wait(at)
@@ -99,7 +104,7 @@ def _train(config, run_dir, held, log) -> Result:
   writer.close()
   it.close()
   ckpts.close(at)
-  return Result(history, state["params"], setup, at, signals.received())
+  return Result(history, step.full_params(state), setup, at, signals.received())
 
 
 def evaluate(setup, eval_step, params, shardings) -> dict[str, float]:
@@ -121,6 +126,8 @@ def evaluate(setup, eval_step, params, shardings) -> dict[str, float]:
   record = {"eval/loss": loss, "eval/accuracy": float(totals["correct"]) / weight,
             "eval/perplexity": float(np.exp(min(loss, 50.0))),
             "eval/tokens": float(totals["weight"])}
+  extra = getattr(setup.objective, "metrics", None)  # e.g. classification's F1
+  record.update({f"eval/{k}": v for k, v in (extra(totals) if extra else {}).items()})
   for spec in setup.config.train.eval_tasks:  # train.eval_tasks, as eval/<task>/<metric>
     name, scores = evaluation.run_task(spec, setup.model, params, setup.tokenizer,
                                        batch_size=setup.config.batch_size)
@@ -131,26 +138,62 @@ def evaluate(setup, eval_step, params, shardings) -> dict[str, float]:
 def _restore_or_init(setup, ckpts, abstract, init, it, log):
   """(state, step, log window) of the latest checkpoint (`it` restored too), or a new state
   (with `train.init_from`'s parameters if set: fine-tuning starts a new optimizer)."""
-  state, start, window = ckpts.restore(abstract, it)
-  if state is not None:
+  restored, start, window = ckpts.restore(_saved(abstract), it)
+  lora = "frozen" in abstract  # its frozen parameters are never saved: init_from has them
+  if restored is not None and not lora:
     log(f"resumed from {ckpts.directory} at step {start}")
-    return state, start, window
+    return restored, start, window
   state = init(jax.random.key(setup.config.seed))
   if setup.config.train.init_from:
-    state["params"] = checkpoint.load_params(setup.config.train.init_from, abstract["params"])
+    # What the checkpoint lacks and fine-tuning adds (adapters, a new head) keeps its init.
+    loaded = checkpoint.load_params(setup.config.train.init_from, step.full_params(abstract),
+                                    keep_new=_new_leaf)
+    params = peft.combine(step.full_params(state), loaded)
+    new = set(_paths(params)) - set(_paths(loaded))
+    frozen_new = sorted(k for k in new if setup.trainable and not setup.trainable(k))
+    if frozen_new:  # it would stay at its random initialization, and never be saved
+      raise ValueError(f"{frozen_new[0]} is not in train.init_from and LoRA would freeze it at "
+                       f"its initialization; train it: lora.train='(classifier|"
+                       f"{frozen_new[0].split('/')[0]})/.*'")
+    if lora:
+      state["params"], state["frozen"] = peft.split(params, setup.trainable)
+    else:
+      state["params"] = params
     log(f"parameters from {setup.config.train.init_from}")
+  if restored is not None:
+    log(f"resumed from {ckpts.directory} at step {start}")
+    return restored | {"frozen": state["frozen"]}, start, window
   return state, 0, None
+
+
+def _new_leaf(path: str) -> bool:
+  """Parameters fine-tuning adds to a pre-trained model: LoRA adapters, a classification head
+  (and BERT's pooler under it, if the pre-trained model had none)."""
+  return peft.is_adapter(path) or path.startswith(("classifier/", "pooler_dense/"))
+
+
+def _paths(tree) -> list[str]:
+  return list(traverse_util.flatten_dict(tree, sep="/"))
+
+
+def _saved(state: dict) -> dict:
+  """What a checkpoint holds of a train state: the frozen parameters come from init_from."""
+  return {k: v for k, v in state.items() if k != "frozen"}
 
 
 def _flops(setup, state, log) -> tuple[float, float]:
   """(training FLOPs per token, the devices' peak FLOP/s), the model and peak logged."""
-  num_params = sum(x.size for x in jax.tree.leaves(state["params"]))
+  num_params = sum(x.size for x in jax.tree.leaves(step.full_params(state)))
+  trained = (f" ({sum(x.size for x in jax.tree.leaves(state['params'])):,} trained)"
+             if "frozen" in state else "")
   peak, source = metrics.peak_flops(setup.config.train.get("peak_flops"))
-  log(f"{type(setup.model).__name__} {num_params:,} params, {setup.objective!r}, "
+  log(f"{type(setup.model).__name__} {num_params:,} params{trained}, {setup.objective!r}, "
       f"{setup.train_source}, mesh {dict(setup.mesh.shape)}, peak {peak:.3g} FLOP/s ({source})")
   cfg = setup.model.cfg
-  return metrics.flops_per_token(num_params, 0, cfg.num_layers, setup.config.objective.length,
-                                 cfg.d_model), peak
+  # A classifier multiplies by no vocabulary: its token table is a lookup, no FLOPs.
+  lookup = cfg.vocab_size * cfg.d_model if getattr(cfg, "head", None) == "classify" else 0
+  return metrics.flops_per_token(num_params, lookup, cfg.num_layers,
+                                 setup.config.objective.length, cfg.d_model), peak
 
 
 def _close_quietly(log, *closers) -> None:

@@ -5,7 +5,9 @@ optimizer, a mesh and its logical-axis rules), so a custom module trains as ours
 "Training your own model": the model contract and a whole loop). Parameters with logical axis
 names (see llmjax/sharding.py) are sharded by `rules`; others are replicated. The state
 ({"step", "params", "opt_state"}) is born sharded, and the step's metrics stay on device until
-the caller fetches them.
+the caller fetches them. With `trainable` (LoRA: see llmjax/peft.py) the state's "params" are
+the trained leaves only and "frozen" holds the rest: no gradient or optimizer state exists for
+a frozen leaf, and the step hands it back untouched.
 """
 
 import dataclasses
@@ -18,7 +20,7 @@ from flax import linen as nn
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from llmjax import data
+from llmjax import data, peft
 from llmjax import sharding as sh
 
 
@@ -26,7 +28,8 @@ from llmjax import sharding as sh
 class Parts:
   """What the steps need. `schedule` (step -> learning rate) is only reported in the metrics;
   `microbatches` splits each batch for gradient accumulation; `dropout` turns the model's
-  dropout on in training, drawn from `seed` and the step."""
+  dropout on in training, drawn from `seed` and the step; `trainable(path)`, if set, picks the
+  parameters that train (the rest are frozen)."""
   model: nn.Module
   objective: Any
   tx: optax.GradientTransformation
@@ -36,6 +39,7 @@ class Parts:
   microbatches: int = 1
   dropout: bool = False
   seed: int = 0
+  trainable: Any = None
 
 
 def in_mesh(parts: Parts, fn):
@@ -51,9 +55,11 @@ def init_state(parts: Parts, key):
   example = data.padding_batch(parts.objective, 1)
 
   def init(key):
-    params = parts.objective.init(parts.model, {"params": key}, example)["params"]
+    params, frozen = parts.objective.init(parts.model, {"params": key}, example)["params"], None
+    if parts.trainable is not None:
+      params, frozen = peft.split(params, parts.trainable)
     return {"step": jnp.zeros((), jnp.int32), "params": params,
-            "opt_state": parts.tx.init(params)}
+            "opt_state": parts.tx.init(params)} | ({} if frozen is None else {"frozen": frozen})
 
   boxed = in_mesh(parts, jax.eval_shape)(init, key)
   shardings = sh.logical_sharding(boxed, parts.mesh, parts.rules)
@@ -83,14 +89,16 @@ def loss_sums(parts: Parts, params, batch, dropout_key=None):
   return sums["loss"], sums
 
 
-def train_step(parts: Parts, state, batch):
-  """One update (not jitted): microbatched gradients of the mean loss, the optimizer's update.
+def full_params(state) -> dict:
+  """All the model's parameters of a train state: the trained and the frozen."""
+  return peft.combine(state["params"], state["frozen"]) if "frozen" in state else state["params"]
 
-  Returns (new state, metrics): the mean loss, nll and accuracy over the weighted tokens, the
-  tokens in the batch, the gradient norm and (given a schedule) the step's learning rate."""
-  key = jax.random.fold_in(jax.random.key(parts.seed), state["step"])
+
+def gradients(parts: Parts, state, batch, key):
+  """(summed gradients of the trained parameters, metric sums) over the microbatches."""
   params = state["params"]
-  grad_fn = jax.grad(lambda p, b, k: loss_sums(parts, p, b, k), has_aux=True)
+  with_frozen = lambda p: peft.combine(p, state["frozen"]) if "frozen" in state else p
+  grad_fn = jax.grad(lambda p, b, k: loss_sums(parts, with_frozen(p), b, k), has_aux=True)
   if parts.microbatches == 1:
     grads, sums = grad_fn(params, batch, key)
   else:
@@ -103,11 +111,22 @@ def train_step(parts: Parts, state, batch):
 
     zeros = jax.tree.map(jnp.zeros_like, jax.eval_shape(grad_fn, params, batch, key))
     (grads, sums), _ = jax.lax.scan(body, zeros, jnp.arange(parts.microbatches))
+  return grads, sums
+
+
+def train_step(parts: Parts, state, batch):
+  """One update (not jitted): microbatched gradients of the mean loss, the optimizer's update.
+
+  Returns (new state, metrics): the mean loss, nll and accuracy over the weighted tokens, the
+  tokens in the batch, the gradient norm and (given a schedule) the step's learning rate."""
+  key = jax.random.fold_in(jax.random.key(parts.seed), state["step"])
+  params = state["params"]
+  grads, sums = gradients(parts, state, batch, key)
   weight = jnp.maximum(sums["weight"], 1.0)
   grads = jax.tree.map(lambda g: g / weight, grads)  # the gradient of the mean loss
   updates, opt_state = parts.tx.update(grads, state["opt_state"], params)
-  new_state = {"step": state["step"] + 1, "params": optax.apply_updates(params, updates),
-               "opt_state": opt_state}
+  new_state = {**state, "step": state["step"] + 1,
+               "params": optax.apply_updates(params, updates), "opt_state": opt_state}
   segment_ids = batch["segment_ids" if "segment_ids" in batch else "encoder_segment_ids"]
   metrics = {"loss": sums["loss"] / weight, "nll": sums["nll"] / weight,
              "accuracy": sums["correct"] / weight, "tokens": jnp.sum(segment_ids > 0),

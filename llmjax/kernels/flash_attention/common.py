@@ -15,9 +15,8 @@ div = jax.lax.div  # a // b for non-negative traced ints, without floor division
 
 
 def dot(a, b, dims=NN, exact: bool = True):
-  """The product of two blocks in float32 (exact for bfloat16). float32 blocks multiply at
-  full precision when `exact` (TPU kernels always, whatever jax_default_matmul_precision says:
-  Mosaic refuses bfloat16 operands at HIGHEST), else at the platform's default (GPU: TF32)."""
+  """The product of two blocks in float32. float32 blocks multiply at full precision when
+  `exact` (TPU: always, as Mosaic refuses bfloat16 at HIGHEST), else the default (GPU: TF32)."""
   p = jax.lax.Precision.HIGHEST if exact and a.dtype == jnp.float32 else jax.lax.Precision.DEFAULT
   return jax.lax.dot_general(a, b, dims, precision=(p, p), preferred_element_type=jnp.float32)
 
@@ -68,9 +67,8 @@ def bucket_of(st: Static, rel):
 
 
 def blocks_visible(st: Static, q_first, k_first, bq: int, bk: int, whole: bool = False):
-  """Whether the causal diagonal and the window let some query of the bq rows from q_first
-  see some key of the bk from k_first (scalars or broadcasting arrays); `whole`: let every
-  query see every key."""
+  """Whether the causal diagonal and window let some query of bq rows from q_first see some
+  key of bk from k_first (scalars or arrays); `whole`: every query every key."""
   q_last, k_last = q_first + bq - 1, k_first + bk - 1
   if whole:  # the nearest pair for the window, the farthest for the diagonal
     q_first, q_last, k_first, k_last = q_last, q_first, k_last, k_first
@@ -86,11 +84,10 @@ def blocks_visible(st: Static, q_first, k_first, bq: int, bk: int, whole: bool =
 
 def spans(st: Static, q_seg, kv_seg, bq: int, bk: int):
   """Per q block the kv blocks it may see, [first, end), and their first run of fast blocks,
-  [fast, fast_end) (one segment on both sides, no padding, every query seeing every key, one
-  T5 bucket: no per-element mask or bias); then per kv block the same four of q blocks. Each
-  is [B * blocks] int32; an empty span is [0, 0), no fast run [end, end). The kernels visit
-  only these blocks. A span of packed (contiguous) segments holds only visible blocks; with
-  other ids it may hold invisible ones, which the mask zeroes."""
+  [fast, fast_end) (one segment, no padding, all visible, one T5 bucket: no mask or bias);
+  then the same four per kv block over q blocks. Each [B * blocks] int32; empty: [0, 0), no
+  fast run: [end, end). Non-contiguous segment ids may leave invisible blocks in a span, which
+  the mask zeroes."""
   B = q_seg.shape[0]
 
   def per_block(seg, size):  # lowest and highest non-padding id; one segment and no padding

@@ -1,13 +1,11 @@
 """Flash attention for GPU (Triton): forward, dq and dk/dv kernels, one program per block.
 
-Triton keeps no scratch across grid steps, so each program owns one output block and loops
-over the blocks it reduces over, its running state in registers: forward and dq programs
-run over (query block, batch, head) and loop over kv blocks; dk/dv programs over (kv block,
-batch, kv group), looping over the group's query heads and their query blocks (neighbours
-share kv or q rows, which stay in L2). Loops span only visible blocks (common.spans). The T5
-bias is gathered per logit from the bias of each distance (no T x S bias exists). Layouts
-are tpu.py's, with lse [B, H, T] float32; every block is a power of two (Triton).
-"""
+Triton keeps no scratch across grid steps, so a program owns one output block and loops over
+the visible blocks it reduces over (common.spans), its state in registers: forward and dq over
+(query block, batch, head), looping over kv blocks; dk/dv over (kv block, batch, kv group),
+looping over the group's query heads and their blocks (neighbours share rows in L2). The T5
+bias is gathered per logit from the bias of each distance. Layouts are tpu.py's, with lse
+[B, H, T] float32; every block is a power of two (Triton)."""
 
 from __future__ import annotations
 
@@ -30,9 +28,9 @@ FULL = pl.BlockSpec()  # the whole array: the spans and the T5 bias, indexed ins
 
 
 def default_blocks(target: str | None, D: int, dtype, bias: bool) -> tuple[int, ...]:
-  """The six BlockSizes: Triton's FlashAttention-2 tiles (forward 128 x 64, dq 128 x 32,
-  dk/dv 64 x 32: its kv block, stepping 32 query rows), which ptxas compiles without register
-  spills on A100 and H100 up to D 128 in bfloat16; halved, then halved again, for wider rows."""
+  """The six BlockSizes: Triton's FlashAttention-2 tiles (forward 128 x 64, dq 128 x 32, dk/dv
+  64 x 32), which ptxas compiles without spills on A100 and H100 up to D 128 in bfloat16;
+  halved, then halved again, for wider rows."""
   row = D * jnp.dtype(dtype).itemsize
   if row <= 256:
     return 128, 64, 128, 32, 32, 64
@@ -40,11 +38,11 @@ def default_blocks(target: str | None, D: int, dtype, bias: bool) -> tuple[int, 
 
 
 def _smem(st: Static, kernel: str, D: int, itemsize: int, stages: int) -> int:
-  """Bytes of shared memory Triton gives `kernel` (bounding what it reports): its program's q
-  (and do) or k and v rows, `stages` buffers of the rows (and int32/float32 statistics) its loop
-  pipelines, and float32 tiles staged for the gathered T5 bias (one) and float32 products'
-  operands (two). Hopper's wgmma reads operands from shared memory (TF32 only K-major:
-  transposed copies): x1.2, or x1.4 with float32 or T5 bias (measured: up to 1.16, 1.36)."""
+  """Bytes of shared memory Triton gives `kernel` (an upper bound): its program's own rows,
+  `stages` buffers of the rows and statistics its loop pipelines, float32 tiles staged for the
+  T5 bias (one) and float32 products' operands (two). Hopper's wgmma reads operands from shared
+  memory (TF32 only K-major: transposed copies): x1.2, x1.4 with float32 or T5 bias (measured
+  up to 1.16, 1.36)."""
   own, loop = (getattr(st, name) for name in KERNELS[kernel])
   rows = {"fwd": (1, 2, 4), "dq": (2, 2, 4), "dkv": (2, 2, 12)}[kernel]
   tiles = bool(st.num_buckets) + 2 * (itemsize == 4 and _ieee())
@@ -56,9 +54,8 @@ def _smem(st: Static, kernel: str, D: int, itemsize: int, stages: int) -> int:
 
 
 def _params(st: Static, kernel: str, D: int, itemsize: int) -> plgpu.CompilerParams:
-  """8 warps for tiles of 128 x 32 x 128 (rows x columns x D) or more (dk/dv, with two
-  accumulators, from 64 x 32 x 128), else 4; the most pipeline stages (3, 2 or 1) whose
-  buffers fit the target's shared memory."""
+  """8 warps from tiles of 128 x 32 x 128 (rows x columns x D; dk/dv, two accumulators, from
+  64 x 32 x 128), else 4; the most pipeline stages (3, 2, 1) that fit shared memory."""
   own, loop = (getattr(st, name) for name in KERNELS[kernel])
   limit = targets.GPUS[st.target or "a100"]["smem_per_block"]
   return plgpu.CompilerParams(
@@ -67,8 +64,8 @@ def _params(st: Static, kernel: str, D: int, itemsize: int) -> plgpu.CompilerPar
 
 
 def check(st: Static, D: int, dtype):
-  """Refuses, in one line, blocks that Triton cannot tile or that do not fit the target: a
-  logits tile beyond half the register file, or rows beyond shared memory unpipelined."""
+  """Refuses, in one line, blocks Triton cannot tile or the target's registers (a logits tile
+  beyond half of them) or shared memory (unpipelined) cannot hold."""
   target = st.target or "a100"
   for kernel, names in KERNELS.items():
     for name in names:
@@ -94,9 +91,8 @@ def check(st: Static, D: int, dtype):
 
 
 def _ieee() -> bool:
-  """Whether float32 blocks multiply in full float32 (Triton's IEEE dot: no tensor cores, slow
-  to run and compile, larger tiles in shared memory): under jax_default_matmul_precision
-  "highest" or "float32"; else in TF32, as XLA's float32 matmuls on GPU (~1e-3 relative)."""
+  """Whether float32 blocks multiply in IEEE float32 (no tensor cores, slow, larger shared
+  tiles): under jax_default_matmul_precision "highest" or "float32"; else TF32, as XLA's."""
   return jax.config.jax_default_matmul_precision in ("highest", "float32")
 
 
@@ -105,10 +101,9 @@ def _dot(a, b, dims=NN):
 
 
 def _mask(st: Static, qseg, kvseg, qi, kj, bq: int, bk: int, fast: bool):
-  """[bq, bk] float32: 1 where the query may see the key (same non-padding segment, causal,
-  window), else 0; None in a fast block. Integer arithmetic, never a boolean: Triton cannot
-  stage booleans in shared memory, as it does to change a tensor's layout (the dk/dv kernel
-  with T5 bias did: 'ttg.local_alloc' op element type bit width ...)."""
+  """[bq, bk] float32: 1 where the query may see the key (segment, causal, window), else 0;
+  None in a fast block. Integer arithmetic, never a boolean: Triton cannot stage booleans in
+  shared memory to change a layout (dk/dv with T5 bias: 'ttg.local_alloc' op element type...)."""
   if fast:
     return None
   at_least = common.at_least
@@ -132,8 +127,7 @@ def _masked(s, mask, other=NEG):
 
 
 def _relative(st: Static, table, T: int, S: int):
-  """[H, T + S - 1]: the T5 bias of each distance key - query from -(T - 1) to S - 1, so a
-  kernel adds a block's bias by one gathering load (from L1), bucketing nothing."""
+  """[H, T + S - 1]: the T5 bias of each key - query, -(T - 1) to S - 1 (gathered, no buckets)."""
   return table[:, common.bucket_of(st, jnp.arange(1 - T, S, dtype=jnp.int32))]
 
 
@@ -150,8 +144,8 @@ def _logits(st: Static, q, k, bias_ref, h, qi, kj, bq: int, bk: int, T: int, fas
 
 
 def _loop(spans, row, body, carry):
-  """body(j, carry, fast) over a row's span: a loop over its fast run, then one over the rest
-  on either side of it; both branch-free, so Triton pipelines their loads (cp.async)."""
+  """body(j, carry, fast) over a row's span: its fast run, then the rest on either side; both
+  loops branch-free, so Triton pipelines their loads (cp.async)."""
   first, end, fast_first, fast_end = (x[row] for x in spans)
   carry = jax.lax.fori_loop(fast_first, fast_end, functools.partial(body, fast=True), carry)
   before = fast_first - first
@@ -198,8 +192,7 @@ def _fwd_kernel(*refs, st: Static, nq: int):
 
 def forward(st: Static, q, k, v, q_seg, kv_seg, table):
   """(o [B, H, T, D], lse [B, H, T] float32) for padded inputs in the kernel layout."""
-  B, H, T, D = q.shape
-  G, S = k.shape[1], k.shape[2]
+  (B, H, T, D), (G, S) = q.shape, k.shape[1:3]
   bq, bk = st.block_q, st.block_kv
   nq, R = T // bq, H // G
   q_spec = pl.BlockSpec((None, None, bq, D), lambda i, b, h: (b, h, i, 0))
@@ -225,8 +218,7 @@ def _probs_and_ds(st, q, k, v, do, lse, di, mask, table_ref, h, qi, kj, bq, bk, 
   """p = softmax probabilities and ds = d loss / d logits of one block."""
   s = _logits(st, q, k, table_ref, h, qi, kj, bq, bk, T, fast)
   p = _masked(jnp.exp(_masked(s, mask) - lse[:, None]), mask, 0.0)  # masked first: no inf * 0
-  dp = _dot(do, v, NT)
-  return p, p * (dp - di[:, None])
+  return p, p * (_dot(do, v, NT) - di[:, None])
 
 
 def _dq_kernel(*refs, st: Static, nq: int, nb_pad: int):
@@ -296,8 +288,7 @@ def _dkv_kernel(*refs, st: Static, nq: int, nk: int):
 
 def backward(st: Static, q, k, v, q_seg, kv_seg, table, o, lse, do):
   """(dq, dk, dv, d table [H, buckets] or None) in the kernel layout."""
-  B, H, T, D = q.shape
-  G, S = k.shape[1], k.shape[2]
+  (B, H, T, D), (G, S) = q.shape, k.shape[1:3]
   R = H // G
   di = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, H, T]
   nb_pad = pl.next_power_of_2(max(st.num_buckets, 1))
@@ -320,12 +311,10 @@ def backward(st: Static, q, k, v, q_seg, kv_seg, table, o, lse, do):
     out_shape.append(jax.ShapeDtypeStruct((B, H, nq, nb_pad), jnp.float32))
   outs = pl.pallas_call(
       functools.partial(_dq_kernel, st=st, nq=nq, nb_pad=nb_pad), grid=(nq, B, H),
-      in_specs=in_specs, out_specs=out_specs, out_shape=out_shape,
-      compiler_params=_params(st, "dq", D, q.dtype.itemsize),
-      interpret=st.interpret, name="flash_attention_dq_gpu",
+      in_specs=in_specs, out_specs=out_specs, out_shape=out_shape, interpret=st.interpret,
+      compiler_params=_params(st, "dq", D, q.dtype.itemsize), name="flash_attention_dq_gpu",
   )(*args)
-  dq = outs[0]
-  dtable = outs[1][..., :st.num_buckets].sum(axis=(0, 2)) if st.num_buckets else None
+  dq, dtable = outs[0], outs[1][..., :st.num_buckets].sum((0, 2)) if st.num_buckets else None
 
   # dk, dv: a program per kv block, looping over its group's R heads and their q blocks.
   bq, bk = st.block_q_dkv, st.block_kv_dkv

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -18,12 +19,10 @@ HEAD_DIMS = (64, 128, 256)
 class BlockSizes:
   """Query and key/value block lengths of the forward, dq and dk/dv kernels.
 
-  Each is a multiple of 8 from 8 to 2048. None: the target's default (`default_blocks` of
-  tpu.py / gpu.py, sized to its memory), or for a backward block its forward one if given.
-  TPU kv blocks must be multiples of 128 (the lane width), GPU blocks powers of two
-  (Triton); blocks over the target's VMEM or shared memory are refused before compiling. A
-  shorter sequence uses one smaller block; a longer one is padded to whole blocks.
-  """
+  Each a multiple of 8 from 8 to 2048; None: the target's default (tpu.py / gpu.py
+  `default_blocks`), or for a backward block its forward one if given. TPU kv blocks are
+  multiples of 128, GPU blocks powers of two; blocks over the target's memory are refused
+  before compiling. A shorter sequence uses one smaller block, a longer one is padded."""
   block_q: int | None = None
   block_kv: int | None = None
   block_q_dq: int | None = None
@@ -53,8 +52,7 @@ def _round_up(n: int, m: int) -> int:
 
 
 def _fit(block: int, length: int, quantum: int, backend: str) -> int:
-  """The block, or one just covering a shorter sequence: a multiple of `quantum` on TPU, a
-  power of two of at least 16 on GPU (Triton's shapes)."""
+  """The block, or one just covering a shorter sequence (TPU: in `quantum`s; GPU: 2^k >= 16)."""
   if backend == "gpu":
     return min(block, max(16, 1 << (length - 1).bit_length()))
   return min(block, _round_up(length, quantum))
@@ -72,16 +70,14 @@ def flash_attention(q, k, v, *, causal: bool = False, segment_ids=None, kv_segme
   Args:
     causal, segment_ids ([B, T], 0 = padding), kv_segment_ids ([B, S]; default segment_ids),
       window, scale (default 1 / sqrt(D)): the masks and scale of reference.py.
-    bias_table: T5's relative position bias [num_buckets, H] (bucketing:
-      `bias_bidirectional`, `bias_max_distance`); it gets a gradient.
+    bias_table: T5's relative position bias [num_buckets, H], bucketed by `bias_bidirectional`
+      and `bias_max_distance`; it gets a gradient.
     block_sizes: `BlockSizes`; default the target's.
-    interpret: run the kernels in the Pallas interpreter; default: unless on TPU or GPU.
-    backend: "tpu" (Mosaic) or "gpu" (Triton) kernels (tpu.py, gpu.py); default: the
-      platform's, and "tpu" when interpreting on CPU.
-    target: the accelerator compiled for, one of `targets.NAMES` ("v5e", "h100", ...): it
-      sizes the default blocks and compiler settings and decides which blocks fit. Default:
-      the current mesh's devices' (so compile-only devices, targets.devices, get their
-      kernels), else the local accelerator's; None on CPU (the backend's smallest limits).
+    interpret: run in the Pallas interpreter; default: unless on TPU or GPU.
+    backend: "tpu" (Mosaic) or "gpu" (Triton); default the platform's ("tpu" on CPU).
+    target: the accelerator compiled for, one of `targets.NAMES`, which sizes the default
+      blocks and decides which fit. Default: the current mesh's devices' (compile-only
+      devices included), else the local accelerator's; None on CPU (the smallest limits).
   """
   if backend not in (None, "tpu", "gpu"):
     raise ValueError(f"backend={backend!r}; expected 'tpu', 'gpu' or None")
@@ -150,7 +146,8 @@ def _kernels(backend: str):
   return tpu
 
 
-def _fwd_impl(st, q, k, v, q_seg, kv_seg, table):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _flash(st, q, k, v, q_seg, kv_seg, table):
   return _kernels(st.backend).forward(st, q, k, v, q_seg, kv_seg, table)[0]
 
 
@@ -164,5 +161,4 @@ def _flash_bwd(st, residuals, do):
   return dq, dk, dv, None, None, dtable
 
 
-_flash = jax.custom_vjp(_fwd_impl, nondiff_argnums=(0,))
 _flash.defvjp(_flash_fwd, _flash_bwd)

@@ -8,8 +8,7 @@ indices from 0) iff every condition that is switched on holds:
   window W  i - j < W if causal, else |i - j| < W.
 A query with no key to attend outputs exactly 0 (and passes back zero gradients). An optional
 T5 relative-position table [N, H] adds bias_table[bucket(j - i), h] to the logits. Logits and
-softmax run in float32; the output has q's dtype.
-"""
+softmax run in float32; the output has q's dtype."""
 
 from __future__ import annotations
 

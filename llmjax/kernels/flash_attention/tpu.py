@@ -1,15 +1,12 @@
 """Flash attention for TPU (Mosaic): forward, dq and dk/dv kernels over a grid of blocks.
 
-The grid runs over (batch, head, query block, kv block), kv innermost: the online-softmax
-state lives in VMEM scratch across one query block's kv steps (FlashAttention-2). A block
-row steps only through its span (common.spans, prefetched to SMEM): steps outside compute
-nothing, and their index maps re-use the span's edge block, so they copy nothing either.
-The T5 bias is computed per block from the bucket table in SMEM (no T x S bias exists).
-
-Layouts: q [B, H, T, D], k and v [B, G, S, D], padded to the blocks with segment id 0. Row
-statistics are lane-replicated [rows, 128] and segment ids [B, T, 128] / [B, 8, S], shapes
-Mosaic tiles natively; the saved log-sum-exp is one lane of it, [B, H, T].
-"""
+The grid is (batch, head, query block, kv block), kv innermost: the online-softmax state stays
+in VMEM scratch across a query block's kv steps (FlashAttention-2). A row steps only through
+its span (common.spans, prefetched to SMEM); steps outside compute nothing and their index maps
+re-use the span's edge block, so they copy nothing. The T5 bias is computed per block from the
+bucket table in SMEM. Layouts: q [B, H, T, D], k and v [B, G, S, D], padded to the blocks with
+segment id 0; row statistics lane-replicated [rows, 128], segment ids [B, T, 128] / [B, 8, S]
+(shapes Mosaic tiles natively); the saved log-sum-exp is one lane of it, [B, H, T]."""
 
 from __future__ import annotations
 
@@ -30,7 +27,7 @@ SMEM = pl.BlockSpec(memory_space=pltpu.SMEM)  # the T5 bias table, read by scala
 KERNELS = {"forward": ("block_q", "block_kv"), "dq": ("block_q_dq", "block_kv_dq"),
            "dk/dv": ("block_q_dkv", "block_kv_dkv")}
 # The compiler's default scoped VMEM limit; `cap` raises it to 3/4 of the core's VMEM (the rest
-# left to Mosaic and XLA), or all of v4's 16 MiB, which the default already grants.
+# left to Mosaic and XLA), or v4's whole 16 MiB, the default there.
 DEFAULT_LIMIT = {"v4": 16 * MiB, "v5e": 16 * MiB, "v5p": 16 * MiB, "v6e": 32 * MiB}
 # [bq, bk] float32 temporaries per kernel: without and with T5 bias, and for float32 inputs
 # more per 128 lanes of head dim (full-precision products split operands in bfloat16 parts).
@@ -42,11 +39,9 @@ WIDE_DQ_BIAS = 24.0
 
 
 def cap(target: str | None) -> int:
-  """The most VMEM a kernel may be given on `target`; None (unknown, or CPU): the least of
-  all TPU targets, so blocks accepted there compile for each of them."""
-  if target is None:
-    return min(cap(t) for t in targets.TPUS)
-  return max(DEFAULT_LIMIT[target], targets.VMEM[target] * 3 // 4)
+  """The most VMEM a kernel may get on `target`; None (unknown, CPU): the least of all TPUs."""
+  return (min(map(cap, targets.TPUS)) if target is None else
+          max(DEFAULT_LIMIT[target], targets.VMEM[target] * 3 // 4))
 
 
 def vmem_need(kernel: str, bq: int, bk: int, D: int, dtype, bias: bool) -> int:
@@ -76,8 +71,7 @@ def _need(st: Static, kernel: str, D: int, dtype) -> tuple[int, int, int]:
 
 
 def compiler_params(st: Static, kernel: str, D: int, dtype):
-  """Mosaic's settings: the grid's last axis sequential, and the scoped VMEM limit raised to
-  what the kernel needs where that is above the target's default."""
+  """Mosaic's settings: the grid's last axis sequential, the VMEM limit raised to the need."""
   need, default = _need(st, kernel, D, dtype)[2], DEFAULT_LIMIT.get(st.target, 16 * MiB)
   limit = None if need <= default else -(-need // MiB) * MiB
   return pltpu.CompilerParams(dimension_semantics=("parallel", "parallel", "parallel",
@@ -85,8 +79,7 @@ def compiler_params(st: Static, kernel: str, D: int, dtype):
 
 
 def default_blocks(target: str | None, D: int, dtype, bias: bool) -> tuple[int, ...]:
-  """The six BlockSizes when left to the target: per kernel 512 x 512 (as MaxText's splash
-  attention) where it fits the target's VMEM, else 256 x 256 or 128 x 128."""
+  """The six BlockSizes: per kernel 512 x 512 (as splash attention) if it fits, else 256 or 128."""
   def fitting(kernel):
     return next((b for b in (512, 256) if vmem_need(kernel, b, b, D, dtype, bias)
                  <= cap(target)), 128)
@@ -123,9 +116,7 @@ def _steps(spans, row, j, step):
 
 def _lanes(x, n: int):
   """A lane-replicated [rows, 128] statistic as [rows, n]."""
-  if n % LANES == 0:
-    return jnp.tile(x, (1, n // LANES))
-  return x[:, :n]
+  return jnp.tile(x, (1, n // LANES)) if n % LANES == 0 else x[:, :n]
 
 
 def _mask(st: Static, qseg_ref, kvseg_ref, qi, kj, bq: int, bk: int, fast: bool):
@@ -202,8 +193,7 @@ def _fwd_kernel(*refs, st: Static, nq: int, nk: int):
 
 
 def _seg_layouts(q_seg, kv_seg):
-  B, T = q_seg.shape
-  S = kv_seg.shape[1]
+  (B, T), S = q_seg.shape, kv_seg.shape[1]
   return (jnp.broadcast_to(q_seg[:, :, None], (B, T, LANES)),
           jnp.broadcast_to(kv_seg[:, None, :], (B, SUBLANES, S)))
 
@@ -222,8 +212,7 @@ def _q_specs(bq: int, bk: int, D: int, R: int, nq: int):
 
 def forward(st: Static, q, k, v, q_seg, kv_seg, table):
   """(o [B, H, T, D], lse [B, H, T]) for padded inputs in the kernel layout."""
-  B, H, T, D = q.shape
-  G, S = k.shape[1], k.shape[2]
+  (B, H, T, D), (G, S) = q.shape, k.shape[1:3]
   bq, bk = st.block_q, st.block_kv
   nq, nk, R = T // bq, S // bk, H // G
   q_spec, kv_spec, row_spec, seg_specs = _q_specs(bq, bk, D, R, nq)
@@ -250,9 +239,7 @@ def _probs_and_ds(st, q, k, v, do, lse, di, mask, table_ref, h, qi, kj, bq, bk, 
   """p = softmax probabilities and ds = d loss / d logits of one block."""
   s, buckets = _logits(st, q, k, table_ref, h, qi, kj, bq, bk, fast)
   p = _where(mask, jnp.exp(s - _lanes(lse, bk)), 0.0)
-  dp = dot(do, v, NT)
-  ds = p * (dp - _lanes(di, bk))
-  return p, ds, buckets
+  return p, p * (dot(do, v, NT) - _lanes(di, bk)), buckets
 
 
 def _dq_kernel(*refs, st: Static, nq: int, nk: int):
@@ -323,8 +310,7 @@ def _dkv_kernel(*refs, st: Static, nq: int, nk: int, R: int):
 
 def backward(st: Static, q, k, v, q_seg, kv_seg, table, o, lse, do):
   """(dq, dk, dv, d table [H, buckets] or None) in the kernel layout."""
-  B, H, T, D = q.shape
-  G, S = k.shape[1], k.shape[2]
+  (B, H, T, D), (G, S) = q.shape, k.shape[1:3]
   R = H // G
   di = jnp.sum(o.astype(jnp.float32) * do.astype(jnp.float32), axis=-1)  # [B, H, T]
   di = jnp.broadcast_to(di[..., None], (B, H, T, LANES))
