@@ -131,9 +131,9 @@ def test_misshaped_tensor_is_named(tmp_path):
 
 def test_unsupported_architecture(tmp_path):
   hf_reference.make_bert_model(str(tmp_path))
-  _rewrite(tmp_path, config={"architectures": ["BertForSequenceClassification"]})
+  _rewrite(tmp_path, config={"architectures": ["BertForTokenClassification"]})
   with pytest.raises(ValueError, match="unsupported checkpoint architecture "
-                     "'BertForSequenceClassification'"):
+                     "'BertForTokenClassification'"):
     hf.load(str(tmp_path))
 
 

@@ -3,6 +3,7 @@ masked and accumulated gradients, the experiments' smoke runs, bad input before 
 
 import json
 import os
+import subprocess
 import sys
 
 import jax
@@ -21,11 +22,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 @pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
-  """tools/build_finetune_data.py's sets, built once."""
-  sys.path.insert(0, os.path.join(ROOT, "tools"))
-  import build_finetune_data
+  """tools/build_finetune_data.py's sets, built once (in a process of its own: its absl flags
+  would clash with other tools' in this one)."""
   out = str(tmp_path_factory.mktemp("finetune_data"))
-  build_finetune_data.build(out)
+  subprocess.run([sys.executable, os.path.join(ROOT, "tools", "build_finetune_data.py"),
+                  f"--out_dir={out}"], check=True, capture_output=True)
   return out
 
 
