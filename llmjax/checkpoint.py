@@ -38,6 +38,7 @@ class _Found:
   params_dir: epath.Path
   key: str | None
   model_dict: dict | None  # the model's config_to_dict; None if the workdir lacks config.json
+  run: dict | None = None  # a workdir's config.json
 
 
 def _run_config(root: epath.Path) -> dict:
@@ -60,14 +61,15 @@ def _locate(path) -> _Found:
   has_config, has_checkpoints = (root / "config.json").is_file(), (root / "checkpoints").is_dir()
   if not (has_config or has_checkpoints):
     raise ValueError(f"{root} is neither a {_KINDS[0]} nor an {_KINDS[1]}")
-  model_dict = _run_config(root)["model"] if has_config else None
+  run = _run_config(root) if has_config else None
   step = None
   if has_checkpoints:
     with ocp.CheckpointManager(root / "checkpoints") as manager:
       step = manager.latest_step()  # complete checkpoints only
   if step is None:
     raise ValueError(f"workdir {root} holds no checkpoint yet")
-  return _Found(root, root / "checkpoints" / str(step) / "state", "params", model_dict)
+  return _Found(root, root / "checkpoints" / str(step) / "state", "params",
+                run and run["model"], run)
 
 
 def _stored(found: _Found):
@@ -121,16 +123,15 @@ def load_model(path: str, shardings=None) -> tuple[nn.Module, dict]:
   abstract = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
                           stored, shardings)
   params = _restore(found, abstract)
-  lora = _run_config(found.root).get("lora") or {} if found.key else {}
-  if lora.get("rank") is None:
+  lora = peft.from_config(model, (found.run or {}).get("lora"))
+  if lora is model:
     return model, params
   # A LoRA run saves what it trained; the frozen base is its init_from's.
-  init_from = _run_config(found.root)["train"].get("init_from")
+  init_from = found.run["train"].get("init_from")
   if not init_from:
     raise ValueError(f"{found.root} is a LoRA run on the seed's initialization (no "
                      f"train.init_from): its frozen base was never saved")
-  return peft.wrap(model, peft.LoraConfig(**lora)), peft.combine(load_model(init_from, one)[1],
-                                                                 params)
+  return lora, peft.combine(load_model(init_from, one)[1], params)
 
 
 def load_params(path: str, abstract_params, keep_new=None) -> dict:

@@ -129,6 +129,14 @@ def wrap(model: nn.Module, cfg: LoraConfig) -> nn.Module:
   return wrapped
 
 
+def from_config(model: nn.Module, section) -> nn.Module:
+  """`model` wrapped as a config's `lora` section (LoraConfig's fields) says, or `model` itself
+  where the section or its rank is unset (full fine-tuning)."""
+  if not section or section.get("rank") is None:
+    return model
+  return wrap(model, LoraConfig(**section))
+
+
 def base_model(model: nn.Module) -> nn.Module:
   """The plain model under a wrapped one (the model itself if not wrapped)."""
   cls = getattr(type(model), "_unquantized_type", None)
@@ -150,13 +158,10 @@ def add_adapters(model: nn.Module, params, example_args: tuple, example_kwargs=N
                  seed: int = 0) -> dict:
   """`params` of the base model with new adapters for wrapped `model` (B zero: same outputs);
   a `targets` that matches no projection is an error naming the projections there are."""
-  init = lambda: model.init(jax.random.key(seed), *example_args, **(example_kwargs or {}))
-  shapes = nn.meta.unbox(jax.eval_shape(init)["params"])
-  check_matched(model, shapes)
-  fresh = nn.meta.unbox(jax.jit(init)()["params"])
-  flat = traverse_util.flatten_dict(fresh, sep="/")
-  flat.update({k: v for k, v in traverse_util.flatten_dict(params, sep="/").items()})
-  return traverse_util.unflatten_dict(flat, sep="/")
+  fresh = nn.meta.unbox(jax.jit(lambda: model.init(
+      jax.random.key(seed), *example_args, **(example_kwargs or {})))()["params"])
+  check_matched(model, fresh)
+  return combine(fresh, params)
 
 
 def check_matched(model: nn.Module, params) -> None:

@@ -36,7 +36,9 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   """Builds the run's parts and checks them against each other before any work is done."""
   config_lib.validate(config)
   data.sources.check_path(config.data.path)
-  model = with_lora(models.model_from_dict(config.model.to_dict()), config)
+  # With `lora.rank` set, LoRA adapters on the frozen base: init_from's, or without it the
+  # seed's initialization (a smoke run's: never saved, a resumed run makes it again).
+  model = peft.from_config(models.model_from_dict(config.model.to_dict()), config.get("lora"))
   tokenizer = data.load_tokenizer(checkpoint.tokenizer_spec(config))
   objective = objectives.from_config(config.objective, tokenizer,
                                      architecture=getattr(model, "ARCHITECTURE", None))
@@ -77,16 +79,6 @@ def build(config: ml_collections.ConfigDict) -> Setup:
                dropout=getattr(model.cfg, "dropout_rate", 0) > 0, config=config,
                tokenizer=tokenizer, train_source=train_source, eval_source=eval_source,
                local_batch_size=local, trainable=peft.trainable(model), notes=notes)
-
-
-def with_lora(model, config: ml_collections.ConfigDict):
-  """`model` with the config's LoRA adapters (llmjax/peft.py) if `lora.rank` is set. The base
-  is `train.init_from`'s, or without it the seed's initialization (a smoke test's base: the
-  frozen parameters are never saved, a resumed run makes them again)."""
-  lora = config.get("lora")
-  if lora is None or lora.rank is None:
-    return model
-  return peft.wrap(model, peft.LoraConfig(**lora))
 
 
 def rules(overrides: str | None) -> tuple:

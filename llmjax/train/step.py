@@ -97,8 +97,8 @@ def full_params(state) -> dict:
 def gradients(parts: Parts, state, batch, key):
   """(summed gradients of the trained parameters, metric sums) over the microbatches."""
   params = state["params"]
-  with_frozen = lambda p: peft.combine(p, state["frozen"]) if "frozen" in state else p
-  grad_fn = jax.grad(lambda p, b, k: loss_sums(parts, with_frozen(p), b, k), has_aux=True)
+  grad_fn = jax.grad(lambda p, b, k: loss_sums(parts, full_params({**state, "params": p}), b, k),
+                     has_aux=True)
   if parts.microbatches == 1:
     grads, sums = grad_fn(params, batch, key)
   else:
