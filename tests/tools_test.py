@@ -121,3 +121,23 @@ def test_bench_data_prints_every_objective():
     row = next(line for line in lines if line.startswith(name)).split()
     rate, ratio = float(row[1].replace(",", "")), float(row[3])
     assert rate > 0 and ratio > 0
+
+
+def test_bench_train_prints_both_frameworks_side_by_side(tmp_path):
+  """A 3-step shakespeare_char run of each framework and of the speedrun on a small text:
+  whole-process seconds and a finite exact validation loss for each; an unknown run or precision is refused before
+  any work."""
+  text = "".join(data.builtin_source("line")[i] + "\n" for i in range(3000))
+  (tmp_path / "text.txt").write_text(text, encoding="utf-8")
+  proc = run_tool("bench_train.py", f"--data={tmp_path}/text.txt", "--steps=3",
+                  "--speedrun_steps=3", "--runs=torch,llmjax,speedrun")
+  rows = {line.split()[0]: line.split() for line in proc.stdout.splitlines() if line.strip()}
+  for run in ("torch", "llmjax", "speedrun"):
+    seconds, loss = float(rows[run][1]), float(rows[run][2])
+    assert seconds > 0 and 0 < loss < 6, proc.stdout
+  proc = run_tool("bench_train.py", f"--data={tmp_path}/text.txt", "--runs=tf", check=False)
+  assert proc.returncode != 0 and "unknown --runs tf" in proc.stderr.strip().splitlines()[-1]
+  proc = run_tool("bench_train.py", f"--data={tmp_path}/text.txt", "--shape_dtypes=float16",
+                  check=False)
+  assert proc.returncode != 0 and "unknown --shape_dtypes float16; expected float32 or " \
+      "bfloat16" in proc.stderr.strip().splitlines()[-1]

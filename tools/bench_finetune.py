@@ -14,11 +14,13 @@ LayerNorm, global-norm clipping 1.0), 10% linear warmup then linear decay to 0.
                 batches padded to their longest pair (DataCollatorWithPadding's dynamic
                 padding), torch's threads = the cores.
   llmjax        experiments/classify.py:nsp (and :nsp_lora, LoRA r=8 on query and value with
-                the head trained in full, at lr --lora_lr) through `llmjax.train.train`: pairs
-                packed into rows of --length, each classified at its own [CLS] (the same
-                logits as alone; tests/objectives/finetune_test.py), --rows rows a step (NSP's
-                mean pair is 65 tokens: 8 rows hold ~14 pairs, 9 ~15.5); the pairs it trained
-                on are counted and shown beside transformers' steps x batch_size.
+                the head trained in full, at lr --lora_lr) through `llmjax.train.train`:
+                batches of --batch_size pairs (data.examples_per_batch) packed into --rows
+                rows of --length, each pair classified at its own [CLS] (the same logits as
+                alone; tests/objectives/finetune_test.py). NSP's mean pair is 65 tokens: a
+                pair that does not fit the rows opens the next batch, so 11 rows hold 15.94
+                pairs a step on average; the pairs it trained on are counted and shown beside
+                transformers' steps x batch_size.
 Wall time is the training loop's (llmjax's includes compiling its step); step ms is the median
 step (llmjax: of its logged windows); eval is timed apart.
 """
@@ -39,7 +41,7 @@ flags.DEFINE_string("data_dir", "../shared/data/pairs", "Directory of nsp_{train
 flags.DEFINE_string("task", "nsp", "nsp or sop.")
 flags.DEFINE_integer("steps", 300, "Training steps of each run.")
 flags.DEFINE_integer("batch_size", 16, "Pairs per step.")
-flags.DEFINE_integer("rows", 8, "llmjax's packed rows a step (each holds ~2 NSP pairs).")
+flags.DEFINE_integer("rows", 11, "llmjax's packed rows a step (each holds ~2 NSP pairs).")
 flags.DEFINE_integer("length", 128, "Longest pair in tokens ([CLS] a [SEP] b [SEP]).")
 flags.DEFINE_integer("eval_pairs", 2000, "Evaluation pairs (the first of the eval file).")
 flags.DEFINE_float("lr", 5e-5, "Peak learning rate of full fine-tuning.")
@@ -115,6 +117,7 @@ def run_llmjax(variant: str, work: str, train_path: str, eval_path: str, rows: i
   config.data.update(path=train_path, eval_path=eval_path, tokenizer=os.path.join(work, "minilm"))
   config.objective.length = FLAGS.length
   config.batch_size = rows
+  config.data.examples_per_batch = FLAGS.batch_size
   config.train.update(steps=FLAGS.steps, eval_every=0, checkpoint_every=FLAGS.steps,
                       eval_batches=FLAGS.eval_pairs,  # enough: it stops at the split's end
                       init_from=os.path.join(work, "minilm"))

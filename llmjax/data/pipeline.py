@@ -15,6 +15,7 @@ empty batches (`is_padding(batch)`) forever; the trainer stops once every proces
 """
 
 import atexit
+import copy
 import functools
 import weakref
 from typing import Any
@@ -133,12 +134,96 @@ class _GuardedIterator(grain.DatasetIterator):
     self.exhausted = bool(state["exhausted"])
 
 
+class _Counted(grain.IterDataset):
+  """Batches of `examples` examples each, packed first-fit-decreasing into `rows` rows of
+  `lengths` (the format of Grain's packer: values, 1-based segment ids, positions). Examples
+  that do not fit wait for the next batch, which takes them first: so a batch holds fewer
+  only when its examples cannot fit, and nothing is dropped."""
+
+  def __init__(self, parent, lengths: dict[str, int], rows: int, examples: int):
+    super().__init__(parent)
+    self.lengths, self.rows, self.examples = dict(lengths), rows, examples
+
+  def __iter__(self):
+    return _CountedIterator(self._parent.__iter__(), self.lengths, self.rows, self.examples)
+
+
+class _CountedIterator(grain.DatasetIterator):
+
+  def __init__(self, parent, lengths, rows, examples):
+    super().__init__(parent)
+    self.lengths, self.rows, self.examples = lengths, rows, examples
+    self.waiting, self.read = [], 0  # (parent state before it, read number, example)
+
+  def _read(self):
+    before = copy.deepcopy(self._parent.get_state())  # states may be mutated in place
+    self.read += 1
+    return before, self.read - 1, next(self._parent)
+
+  def __next__(self):
+    self.fresh = self.read  # reads from here on are this batch's
+    while len(self.waiting) < self.examples:
+      try:
+        self.waiting.append(self._read())
+      except StopIteration:
+        if not self.waiting:
+          raise
+        break
+    used = np.zeros((self.rows, len(self.lengths)), np.int64)
+    need = [[len(ex[k]) for k in self.lengths] for _, _, ex in self.waiting]
+    # Examples that waited go first, oldest first (none waits forever), then the longest.
+    fresh = lambda i: self.waiting[i][1] >= self.fresh
+    order = sorted(range(len(need)), key=lambda i: (fresh(i), -sum(need[i]) if fresh(i) else i))
+    placed, full = {}, np.array(list(self.lengths.values()))
+    for i in order:
+      if np.any(np.array(need[i]) > full):
+        raise ValueError(f"an example of {dict(zip(self.lengths, need[i]))} tokens is longer "
+                         f"than the rows {self.lengths}")
+      fits = np.flatnonzero(np.all(used + need[i] <= full, axis=1))
+      if len(fits):
+        placed[i] = fits[0]
+        used[fits[0]] += need[i]
+    batch, counts = {}, np.zeros(self.rows, np.int32)
+    for i in sorted(placed):
+      row, example = placed[i], self.waiting[i][2]
+      counts[row] += 1
+      for key, length in self.lengths.items():
+        if key not in batch:
+          batch[key] = np.zeros((self.rows, length), example[key].dtype)
+          batch[key + "_segment_ids"] = np.zeros((self.rows, length), np.int32)
+          batch[key + "_positions"] = np.zeros((self.rows, length), np.int32)
+        start = int(np.sum(batch[key + "_segment_ids"][row] > 0))
+        end = start + len(example[key])
+        batch[key][row, start:end] = example[key]
+        batch[key + "_segment_ids"][row, start:end] = counts[row]
+        batch[key + "_positions"][row, start:end] = np.arange(end - start)
+    self.waiting = [w for i, w in enumerate(self.waiting) if i not in placed]
+    return batch
+
+  def get_state(self):
+    # Where the first waiting example was read, how many were read since, which are waiting.
+    if not self.waiting:
+      return {"parent": self._parent.get_state(), "reads": 0, "waiting": []}
+    first = self.waiting[0][1]
+    return {"parent": self.waiting[0][0], "reads": self.read - first,
+            "waiting": [w[1] - first for w in self.waiting]}
+
+  def set_state(self, state):
+    self._parent.set_state(state["parent"])
+    self.waiting, self.read = [], 0
+    for _ in range(state["reads"]):
+      w = self._read()
+      if w[1] in state["waiting"]:
+        self.waiting.append(w)
+
+
 def make_pipeline(source, tokenizer, objective, *, batch_size: int, seed: int = 0,
                   shuffle: bool = True, num_epochs: int | None = None, packing: str = "pack",
                   num_packing_bins: int | None = None, shard_index: int | None = None,
                   shard_count: int | None = None, worker_count: int = 0,
                   prefetch: int = 2, pad_after_end: bool | None = None,
-                  shuffle_window: int = 0) -> grain.IterDataset:
+                  shuffle_window: int = 0,
+                  examples_per_batch: int | None = None) -> grain.IterDataset:
   """A Grain dataset of batches of `objective` made from `source`; `iter()` it to read.
 
   Args:
@@ -151,6 +236,9 @@ def make_pipeline(source, tokenizer, objective, *, batch_size: int, seed: int = 
     packing: "pack" (first-fit packing of whole examples, with segment ids), "concat"
       (examples concatenated and cut into rows; causal LM only) or "pad" (one example per row).
     num_packing_bins: rows the packer fills at once (more: fuller rows); default 4 * batch_size.
+    examples_per_batch: with "pack", batches of this many examples each (a batch size in
+      examples, as a padded loader's), packed into batch_size rows; the examples that do not
+      fit open the next batch. None: rows packed as full as they go.
     shard_index, shard_count: the share of documents to read; default: jax's process index, count.
     worker_count: processes that run the pipeline ahead of the trainer; 0: a thread of this one.
     prefetch: batches made ahead, per worker (0 with no workers: made on demand).
@@ -163,6 +251,9 @@ def make_pipeline(source, tokenizer, objective, *, batch_size: int, seed: int = 
     raise ValueError(f"packing={packing!r}; expected one of {PACKINGS}")
   if batch_size < 1:
     raise ValueError(f"batch_size={batch_size} must be positive")
+  if examples_per_batch is not None and (packing != "pack" or examples_per_batch < 1):
+    raise ValueError(f"examples_per_batch={examples_per_batch} needs packing='pack' (not "
+                     f"{packing!r}) and a positive count")
   if packing == "concat" and not getattr(objective, "splittable", False):
     raise ValueError(f"packing='concat' cuts examples across rows, which {type(objective).__name__}"
                      f" examples do not survive; use packing='pack' or 'pad'")
@@ -193,7 +284,9 @@ def make_pipeline(source, tokenizer, objective, *, batch_size: int, seed: int = 
   ds = gx.FlatMapIterDataset(ds, _Flatten())
   if shuffle and shuffle_window > 1:
     ds = gx.WindowShuffleIterDataset(ds, window_size=shuffle_window, seed=seed)
-  if packing == "pack":
+  if examples_per_batch:
+    ds = _Counted(ds, objective.lengths, batch_size, examples_per_batch)
+  elif packing == "pack":
     ds = gx.FirstFitPackIterDataset(ds, length_struct=dict(objective.lengths),
                                     num_packing_bins=num_packing_bins, seed=seed,
                                     shuffle_bins=shuffle)
@@ -201,7 +294,9 @@ def make_pipeline(source, tokenizer, objective, *, batch_size: int, seed: int = 
     ds = gx.ConcatThenSplitIterDataset(ds, length_struct=dict(objective.lengths))
   else:
     ds = ds.map(functools.partial(_pad, dict(objective.lengths)))
-  ds = ds.batch(batch_size, drop_remainder=False).map(functools.partial(_fill_batch, batch_size))
+  if not examples_per_batch:
+    ds = ds.batch(batch_size, drop_remainder=False).map(
+        functools.partial(_fill_batch, batch_size))
   ds = ds.map(objective.batch)
   if worker_count:
     from absl import flags
@@ -217,7 +312,7 @@ def make_pipeline(source, tokenizer, objective, *, batch_size: int, seed: int = 
             "seed": seed, "shuffle": shuffle, "num_epochs": num_epochs, "packing": packing,
             "num_packing_bins": num_packing_bins, "shard_index": shard_index,
             "shard_count": shard_count, "worker_count": worker_count,
-            "shuffle_window": shuffle_window}
+            "shuffle_window": shuffle_window, "examples_per_batch": examples_per_batch}
   ds = _Guarded(ds, config, padding_batch(objective, batch_size) if pad_after_end else None)
   logging.info("pipeline: %s, %s, %s packing, batch %d, shard %d/%d", source,
                type(objective).__name__, packing, batch_size, shard_index, shard_count)

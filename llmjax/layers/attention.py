@@ -17,6 +17,7 @@ from jax.sharding import PartitionSpec as P
 
 from llmjax import kernels
 from llmjax import sharding as sh
+from llmjax.layers import dot
 from llmjax.layers.positions import apply_rope
 from llmjax.layers.relative_bias import RelativeBias
 
@@ -24,10 +25,12 @@ from llmjax.layers.relative_bias import RelativeBias
 def attention_mask(q_segment_ids_BT: jax.Array, kv_segment_ids_BS: jax.Array, *,
                    causal: bool, q_offset: jax.Array | int = 0,
                    prefix_mask: jax.Array | None = None) -> jax.Array:
-  """Boolean [B, 1, T, S]: same segment and, if causal, key index <= query index. `prefix_mask`
+  """Boolean [B, 1, T, S]: the same non-padding segment (0 = padding: a padding query sees no
+  key) and, if causal, key index <= query index. `prefix_mask`
   [B, T] (causal self-attention only) marks a prefix-LM's prefix: queries in it also see the
   later prefix keys of their segment, so the prefix is bidirectional."""
-  mask_BTS = q_segment_ids_BT[:, :, None] == kv_segment_ids_BS[:, None, :]
+  mask_BTS = ((q_segment_ids_BT[:, :, None] == kv_segment_ids_BS[:, None, :])
+              & (q_segment_ids_BT != 0)[:, :, None])
   if causal:
     T, S = q_segment_ids_BT.shape[1], kv_segment_ids_BS.shape[1]
     q_pos_T = jnp.arange(T) + q_offset
@@ -41,7 +44,9 @@ def attention_mask(q_segment_ids_BT: jax.Array, kv_segment_ids_BS: jax.Array, *,
 
 def xla_attention(q_BTHK, k_BSGK, v_BSGK, *, q_segment_ids, kv_segment_ids, causal, bias=None,
                   scale, q_offset=0, dropout_rate=0.0, dropout_rng=None, prefix_mask=None):
-  """Plain jnp attention: float32 logits and softmax; GQA without repeating K and V."""
+  """Plain jnp attention: float32 logits and softmax; GQA without repeating K and V. A query
+  with no key to attend (padding) outputs exactly 0 and passes back zero gradients, as the
+  kernel and its reference (llmjax/kernels/flash_attention/reference.py)."""
   B, T, H, K = q_BTHK.shape
   G = k_BSGK.shape[2]
   if isinstance(bias, RelativeBias):
@@ -54,14 +59,15 @@ def xla_attention(q_BTHK, k_BSGK, v_BSGK, *, q_segment_ids, kv_segment_ids, caus
         bias.shape[0], G, H // G, *bias.shape[2:])
   mask_B11TS = attention_mask(q_segment_ids, kv_segment_ids, causal=causal,
                               q_offset=q_offset, prefix_mask=prefix_mask)[:, None]
-  # A fully masked row (a padding query with no padding keys) becomes uniform, not NaN.
+  # A finite fill keeps a row with no key free of NaNs; its output is zeroed below.
   logits_BGRTS = jnp.where(mask_B11TS, logits_BGRTS, jnp.finfo(jnp.float32).min)
   probs_BGRTS = jax.nn.softmax(logits_BGRTS, axis=-1)
   if dropout_rate > 0.0 and dropout_rng is not None:
     keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BGRTS.shape)
     probs_BGRTS = jnp.where(keep, probs_BGRTS / (1.0 - dropout_rate), 0.0)
   out_BTGRK = jnp.einsum("BGRTS,BSGK->BTGRK", probs_BGRTS.astype(v_BSGK.dtype), v_BSGK)
-  return out_BTGRK.reshape(B, T, H, K)
+  has_key_BT = jnp.any(mask_B11TS, axis=(1, 2, 4))  # zeroing the output: cheaper than probs
+  return jnp.where(has_key_BT[:, :, None, None], out_BTGRK.reshape(B, T, H, K), 0)
 
 
 def pallas_attention(q_BTHK, k_BSGK, v_BSGK, *, q_segment_ids, kv_segment_ids, causal,
@@ -145,9 +151,10 @@ class Attention(nn.Module):
                         self.param_dtype)
     x, kernel = nn.dtypes.promote_dtype(x, kernel, dtype=self.dtype)
     n = x.ndim - 2  # contracted: x's dims after [B, T] with the kernel's first n (`eq`)
-    # lax.dot_general, not jnp.einsum: qwix's LoRA and quantization hook it in linen modules.
-    y = jax.lax.dot_general(x, kernel, ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))),
-                                        ((), ())))
+    # dot_general (jax.lax.dot_general unless both are 16-bit), not jnp.einsum: qwix's LoRA
+    # and quantization hook jax.lax.dot_general in linen modules.
+    y = dot.dot_general(x, kernel, ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))),
+                                    ((), ())))
     if self.use_bias:
       bias_shape = shape[x.ndim - 2:]  # the output dims: the kernel less the contracted ones
       bias = self.param(f"{name}_bias", nn.with_logical_partitioning(

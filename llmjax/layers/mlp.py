@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from llmjax import sharding as sh
+from llmjax.layers.dot import dot_general
 
 ACTIVATIONS = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),  # erf form (BERT)
@@ -26,7 +27,7 @@ def activation(name: str):
 def dense(features: int, axes: tuple[str, str], init: nn.initializers.Initializer,
           use_bias: bool = True, **kw) -> nn.Dense:
   """nn.Dense whose kernel and bias carry logical axis names (kernel: `axes`, bias: `axes[1]`)."""
-  return nn.Dense(features, use_bias=use_bias,
+  return nn.Dense(features, use_bias=use_bias, dot_general=dot_general,
                   kernel_init=nn.with_logical_partitioning(init, axes),
                   bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]), **kw)
 

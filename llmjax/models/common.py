@@ -126,6 +126,19 @@ def check_inputs(name: str, tokens_BT: jax.Array, **others: jax.Array | None) ->
             f"{name}: {key} has shape {jnp.shape(value)} but tokens have {jnp.shape(tokens_BT)}")
 
 
+@jax.custom_vjp
+def _gradient_stored(x):
+  """The identity, whose gradient is stored, not recomputed where used. XLA:CPU fuses the
+  residual stream's gradient (a sum over every later layer) into each use, one layer's
+  recomputing all later ones': quadratic in depth. optimization_barrier is dropped before
+  fusion on CPU; a conditional is not (its taken branch is the identity)."""
+  return x
+
+
+_gradient_stored.defvjp(lambda x: (x, None), lambda _, g: (jax.lax.cond(
+    jnp.isnan(g[(0,) * g.ndim]), lambda g: g * 1.0, lambda g: g, g),))
+
+
 def run_layers(block_cls: type[nn.Module], cfg, num_layers: int, x_BTD, *args,
                name: str = "layers", **block_kw):
   """Applies `num_layers` blocks, each block(x, *args) -> (x, None), under the config's remat
@@ -136,6 +149,7 @@ def run_layers(block_cls: type[nn.Module], cfg, num_layers: int, x_BTD, *args,
                          prevent_cse=not cfg.scan_layers)
   if not cfg.scan_layers:
     for i in range(num_layers):
+      x_BTD = _gradient_stored(x_BTD) if jax.default_backend() == "cpu" else x_BTD
       x_BTD, _ = block_cls(cfg, name=f"{name}_{i}", **block_kw)(x_BTD, *args)
     return x_BTD
   stack = nn.scan(block_cls, variable_axes={"params": 0, "cache": 0},

@@ -89,6 +89,7 @@ def base_config() -> ml_collections.ConfigDict:
       "field": "text", "tokenizer": "byte", "validation_fraction": 0.05,
       "split_method": "hash", "packing": "pack", "shuffle_window": 0,
       "eval_path": config_dict.placeholder(str),
+      "examples_per_batch": config_dict.placeholder(int),
       "shards": config_dict.placeholder(int), "worker_count": 0, "prefetch": 2})
   c.batch_size = 8
   c.optimizer = ml_collections.ConfigDict({
@@ -271,6 +272,7 @@ CHECKS = {
     "data.packing": _one_of(pipeline.PACKINGS),
     "data.shuffle_window": optim.int_at_least(0),
     "data.shards": _optional(optim.int_at_least(1)),
+    "data.examples_per_batch": _optional(optim.int_at_least(1)),
     "data.worker_count": optim.int_at_least(0),
     "data.prefetch": optim.int_at_least(0),
     "train.steps": optim.int_at_least(0),  # 0: evaluate and sample without training

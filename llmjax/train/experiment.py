@@ -68,6 +68,9 @@ def build(config: ml_collections.ConfigDict) -> Setup:
   if shards % procs or config.batch_size % shards:
     raise ValueError(f"data.shards={shards} must be a multiple of the {procs} processes and "
                      f"divide batch_size={config.batch_size}")
+  if (config.data.examples_per_batch or 0) % shards:
+    raise ValueError(f"data.examples_per_batch={config.data.examples_per_batch} is not divisible "
+                     f"by the {shards} data shards (data.shards, default: one per process)")
   microbatches = config.optimizer.microbatches
   if microbatches < 1 or local % microbatches:
     raise ValueError(f"optimizer.microbatches={microbatches} must divide the per-process batch "
@@ -117,6 +120,8 @@ def make_pipeline(setup: Setup, split: str):
                 worker_count=c.worker_count, prefetch=c.prefetch, shard_count=shards)
   if split == "train":
     source, kwargs = setup.train_source, dict(kwargs, shuffle_window=c.shuffle_window)
+    if c.examples_per_batch:  # a batch size in examples: each shard makes its share
+      kwargs["examples_per_batch"] = c.examples_per_batch // shards
   else:
     source, kwargs = setup.eval_source, dict(kwargs, shuffle=False, num_epochs=1,
                                              pad_after_end=True)

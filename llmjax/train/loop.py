@@ -8,6 +8,7 @@ NaN or Inf loss stops the run before it is ever saved. The workdir may be local 
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
 import functools
@@ -58,6 +59,13 @@ def _train(config, run_dir, held, log) -> Result:
   it = iter(experiment.make_pipeline(setup, "train"))
   shardings = step.batch_shardings(setup, data.padding_batch(setup.objective, 1))
   train_step = step.make_train_step(setup, state_shardings, shardings)
+  # The step is traced here (tracing is not thread-safe: qwix's LoRA intercepts it) and
+  # compiled in the background (XLA lets go of the GIL) while the state is restored or
+  # initialized and the first eval runs, so the first step starts sooner.
+  lowered = train_step.lower(abstract, step.abstract_batch(setup, shardings, config.batch_size))
+  pool = concurrent.futures.ThreadPoolExecutor(1, "compile")
+  compiling = pool.submit(lowered.compile)
+  pool.shutdown(wait=False)
   eval_step = step.make_eval_step(setup, step.full_params(state_shardings), shardings)
   c = config.train
   ckpts = checkpoints.Checkpoints(run_dir / "checkpoints", c.checkpoint_every,
@@ -72,29 +80,32 @@ def _train(config, run_dir, held, log) -> Result:
     history.append({"step": at, **record})
     log(metrics.format_line(at, c.steps, record))
 
-  at = start
+  at, stop = start, None
   try:
     if at == 0 and c.eval_every:  # where the eval loss starts from
       report(0, evaluate(setup, eval_step, step.full_params(state), shardings))
-    while at < c.steps and not signals.received():
+    train_step = compiling.result()
+    while at < c.steps and not stop:
       state, step_metrics = train_step(state, step.global_batch(shardings, next(it)))
       at += 1
       signals.deferred()  # from the first step on (compiled now), a signal stops at a step
+      # Read once a step: one that lands after this step's save was decided stops the next.
+      stop = signals.received()
       with _finite(ckpts):
         tracker.add(at, step_metrics)
-        record = tracker.summary(keep=bool(signals.received())) if (
-            at % c.log_every == 0 or at == c.steps or signals.received()) else {}
+        record = tracker.summary(keep=bool(stop)) if (
+            at % c.log_every == 0 or at == c.steps or stop) else {}
         with tracker.excluded():  # evals, log lines and saves are not step time
           if c.eval_every and (at % c.eval_every == 0 or at == c.steps):
             record.update(evaluate(setup, eval_step, step.full_params(state), shardings))
           if record:
             report(at, record)
-          if ckpts.should_save(at) or at == c.steps or signals.received():
+          if ckpts.should_save(at) or at == c.steps or stop:
             tracker.check()  # nothing unchecked is ever saved
             held.check()  # nor by a run that lost the workdir to another
             ckpts.save(at, _saved(state), it, tracker.window())
-    if signals.received():
-      log(f"{signals.received()}: saved step {at} in {run_dir}/checkpoints; stopping")
+    if stop:
+      log(f"{stop}: saved step {at} in {run_dir}/checkpoints; stopping")
     ckpts.wait(at)
   except BaseException:
     _close_quietly(log, writer.close, it.close, lambda: ckpts.close(at))
@@ -104,7 +115,7 @@ def _train(config, run_dir, held, log) -> Result:
   writer.close()
   it.close()
   ckpts.close(at)
-  return Result(history, step.full_params(state), setup, at, signals.received())
+  return Result(history, step.full_params(state), setup, at, stop)
 
 
 def evaluate(setup, eval_step, params, shardings) -> dict[str, float]:
@@ -186,7 +197,7 @@ def _flops(setup, state, log) -> tuple[float, float]:
   num_params = sum(x.size for x in jax.tree.leaves(step.full_params(state)))
   trained = (f" ({sum(x.size for x in jax.tree.leaves(state['params'])):,} trained)"
              if "frozen" in state else "")
-  peak, source = metrics.peak_flops(setup.config.train.get("peak_flops"))
+  peak, source = metrics.peak_flops(setup.config.train.get("peak_flops"), setup.model.cfg.dtype)
   log(f"{type(setup.model).__name__} {num_params:,} params{trained}, {setup.objective!r}, "
       f"{setup.train_source}, mesh {dict(setup.mesh.shape)}, peak {peak:.3g} FLOP/s ({source})")
   cfg = setup.model.cfg

@@ -58,8 +58,13 @@ def init_state(parts: Parts, key):
     params, frozen = parts.objective.init(parts.model, {"params": key}, example)["params"], None
     if parts.trainable is not None:
       params, frozen = peft.split(params, parts.trainable)
+    # The update computes in float32 (the gradient of the mean loss is), so the optimizer's
+    # float state is float32 from the start: a bfloat16 model's state keeps its types across
+    # steps, and its step compiles once.
+    opt_state = jax.tree.map(lambda x: x.astype(jnp.promote_types(x.dtype, jnp.float32))
+                             if jnp.issubdtype(x.dtype, jnp.floating) else x, parts.tx.init(params))
     return {"step": jnp.zeros((), jnp.int32), "params": params,
-            "opt_state": parts.tx.init(params)} | ({} if frozen is None else {"frozen": frozen})
+            "opt_state": opt_state} | ({} if frozen is None else {"frozen": frozen})
 
   boxed = in_mesh(parts, jax.eval_shape)(init, key)
   shardings = sh.logical_sharding(boxed, parts.mesh, parts.rules)
@@ -137,10 +142,20 @@ def train_step(parts: Parts, state, batch):
 
 
 def make_train_step(parts: Parts, state_shardings, batch_shardings):
-  """`train_step` jitted with the state's and the batch's shardings, the state donated."""
-  return in_mesh(parts, jax.jit(lambda state, batch: train_step(parts, state, batch),
-                                in_shardings=(state_shardings, batch_shardings),
-                                out_shardings=(state_shardings, None), donate_argnums=0))
+  """`train_step` jitted with the state's and the batch's shardings, the state donated;
+  `.lower(state, batch)` lowers it for abstract values (for an ahead-of-time compile)."""
+  jitted = jax.jit(lambda state, batch: train_step(parts, state, batch),
+                   in_shardings=(state_shardings, batch_shardings),
+                   out_shardings=(state_shardings, None), donate_argnums=0)
+  run = in_mesh(parts, jitted)
+  run.lower = in_mesh(parts, jitted.lower)
+  return run
+
+
+def abstract_batch(parts: Parts, shardings, batch_size: int) -> dict:
+  """The global batch's shapes, dtypes and shardings, as `global_batch` makes it."""
+  return {k: jax.ShapeDtypeStruct(v.shape, v.dtype, sharding=shardings[k])
+          for k, v in data.padding_batch(parts.objective, batch_size).items()}
 
 
 def eval_step(parts: Parts, params, batch):

@@ -15,7 +15,8 @@ import pytest
 
 from llmjax.data import ByteTokenizer, TextSource, is_padding, make_pipeline, padding_batch
 from llmjax.objectives import CausalLM, MaskedLM, PrefixLM, SpanCorruption
-from tests.data.common import OBJECTIVES, SEQ, TOK, assert_batches_equal, documents, take
+from tests.data.common import (OBJECTIVES, SEQ, TOK, assert_batches_equal, documents,
+                               segment_spans, take)
 
 # (objective, packing) pairs the pipeline supports: concat is for causal LM only.
 RESUME_CASES = ([(name, "pack") for name in OBJECTIVES] + [(name, "pad") for name in OBJECTIVES]
@@ -219,6 +220,44 @@ def test_short_final_batch_is_filled_with_empty_rows(short_docs, objective):
   assert weights[:8].sum() > 0
 
 
+def test_examples_per_batch_counts_examples_and_drops_none(short_docs):
+  """examples_per_batch=6 in 6 rows (each fits any short document): every batch holds 6
+  examples (the last the rest), packed into valid rows, and the epoch holds every document
+  exactly once."""
+  path, lines = short_docs
+  batches = take(make_pipeline(TextSource(path), TOK, CausalLM(TOK, SEQ), batch_size=6, seed=0,
+                               num_epochs=1, examples_per_batch=6))
+  counts = [sum(len(segment_spans(row)) for row in b["segment_ids"]) for b in batches]
+  assert all(b["tokens"].shape == (6, SEQ) for b in batches)
+  assert counts == [6] * 33 + [2], counts
+  assert max(np.max(b["segment_ids"]) for b in batches) > 1  # rows hold several
+  assert sorted(documents(batches)) == sorted(lines)
+
+
+def test_examples_per_batch_carries_what_does_not_fit(short_docs):
+  """Examples that cannot all fit one batch wait for the next: batches hold at most the count,
+  the rows are valid, and each of the epoch's examples arrives once."""
+  path, _ = short_docs
+  def make(**kw):
+    return make_pipeline(TextSource(path), TOK, MaskedLM(TOK, SEQ), batch_size=2, seed=3,
+                         num_epochs=1, shuffle=False, **kw)
+  counted = take(make(examples_per_batch=4))
+  counts = [sum(len(segment_spans(row)) for row in b["segment_ids"]) for b in counted]
+  assert max(counts) == 4 and min(counts[:-1]) < 4, counts
+  padded = take(make(packing="pad"))
+  rows = lambda batches: sorted(
+      bytes(b["tokens"][r, s:e]) for b in batches for r in range(len(b["tokens"]))
+      for s, e in segment_spans(b["segment_ids"][r]))
+  assert rows(counted) == rows(padded)
+
+
+def test_examples_per_batch_resumes_exactly(long_docs):
+  """With examples waiting to be batched, a restored pipeline gives the same next batches."""
+  path, _ = long_docs
+  _check_resume(lambda: make_pipeline(TextSource(path), TOK, MaskedLM(TOK, SEQ), batch_size=2,
+                                      seed=5, examples_per_batch=6), stop=7, n=20)
+
+
 # --------------------------------------------------------------------------- workers
 
 
@@ -243,6 +282,8 @@ def test_worker_process_gives_the_same_batches(short_docs):
     (dict(objective="span_corruption", packing="concat"), "concat"),
     (dict(shard_index=2, shard_count=2), "shard_index"),
     (dict(shard_index=-1, shard_count=2), "shard_index"),
+    (dict(packing="pad", examples_per_batch=8), "examples_per_batch"),
+    (dict(examples_per_batch=0), "examples_per_batch"),
 ])
 def test_bad_arguments_raise_before_reading(short_docs, kwargs, match):
   """Wrong arguments raise ValueError from make_pipeline itself, before any document is read."""

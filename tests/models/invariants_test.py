@@ -191,14 +191,18 @@ def _position_jacobians(cfg, params, inputs, method=None):
   return jax.jacrev(scores)(deltas)
 
 
-def _expected_dependency(q_seg, k_seg, causal):
-  """[B, T, B, S] booleans: same row, same segment and (causal) key at or before query."""
+def _expected_dependency(q_seg, k_seg, causal, cross=False):
+  """[B, T, B, S] booleans: same row, same non-padding segment and (causal) key at or before
+  query. A padding query attends to nothing: through self-attention's residual path it
+  depends on its own input alone, through cross-attention on none."""
   q_seg, k_seg = np.asarray(q_seg), np.asarray(k_seg)
   B, T = q_seg.shape
   S = k_seg.shape[1]
-  same = q_seg[:, :, None] == k_seg[:, None, :]
+  same = (q_seg[:, :, None] == k_seg[:, None, :]) & (q_seg != 0)[:, :, None]
   if causal:
     same &= np.arange(S)[None, None, :] <= np.arange(T)[None, :, None]
+  if not cross:
+    same |= np.eye(T, S, dtype=bool)[None] & (q_seg == 0)[:, :, None]
   dep = np.zeros((B, T, B, S), bool)
   for b in range(B):
     dep[b, :, b, :] = same[b]
@@ -235,7 +239,7 @@ def test_t5_decoder_is_causal_and_encoder_bidirectional():
   jac_enc, jac_dec = _position_jacobians(cfg, params, inputs)
   _assert_dependency(jac_dec, _expected_dependency(dec_seg, dec_seg, causal=True))
   # Cross-attention: decoder segment k sees all of encoder segment k, and nothing else.
-  _assert_dependency(jac_enc, _expected_dependency(dec_seg, enc_seg, causal=False))
+  _assert_dependency(jac_enc, _expected_dependency(dec_seg, enc_seg, causal=False, cross=True))
   # The encoder itself is bidirectional: its output at t depends on later positions too.
   (jac_encode,) = _position_jacobians(cfg, params, inputs, "encode")
   _assert_dependency(jac_encode, _expected_dependency(enc_seg, enc_seg, causal=False))

@@ -11,7 +11,8 @@ from llmjax.train import optim
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 VARIANTS = {"gpt": ("tiny", "small"), "bert": ("tiny", "base"), "t5": ("tiny", "small", "base"),
-            "prefix_lm": ("tiny",), "shakespeare_char": ("baseline",)}
+            "prefix_lm": ("tiny",), "shakespeare_char": ("baseline",),
+            "shakespeare_speedrun": ("speedrun",)}
 
 
 def experiment_path(name: str) -> str:

@@ -220,3 +220,19 @@ def test_lora_with_scan_remat_bfloat16_on_a_mesh(data_dir, tmp_path):
     assert np.array_equal(before[k], after[k]) != peft.is_adapter(k), k
   b = result.params["layers"]["attn"]["query_kernel_lora_b"]
   assert b.shape[0] == config(0).model.num_layers and "tensor" in str(b.sharding.spec)
+
+
+def test_examples_per_batch_is_a_batch_size_in_examples(data_dir):
+  """data.examples_per_batch=6 puts 6 pairs into each step's 8 rows (3 from each of two data
+  shards; these byte-level pairs fill a row each), and a count the shards cannot split is
+  refused before any work."""
+  config = _config("classify.py:tiny", data_dir, "pairs")
+  config.batch_size = 8
+  config.data.update(examples_per_batch=6, shards=2)
+  it = iter(experiment.make_pipeline(experiment.build(config), "train"))
+  labels = [int(np.sum(next(it)["weights"] > 0)) for _ in range(5)]
+  it.close()
+  assert labels == [6] * 5, labels
+  config.data.examples_per_batch = 13
+  with pytest.raises(ValueError, match="examples_per_batch=13 is not divisible by the 2 data"):
+    experiment.build(config)

@@ -1,5 +1,6 @@
 """The runner end to end: every family x objective learns, resume is bitwise, bad input is clear."""
 
+import contextlib
 import json
 import os
 import re
@@ -52,9 +53,11 @@ def test_each_experiment_learns_on_the_builtin_corpus(name, tmp_path):
 
 
 def run_main(workdir, *flags, env=None, wait=True):
-  """`python -m llmjax.main --workdir=W FLAGS...` in a subprocess (the repo on its path)."""
+  """`python -m llmjax.main --workdir=W FLAGS...` in a subprocess (the repo on its path);
+  `env` adds variables to this one's, or with None removes them."""
   cmd = [sys.executable, "-m", "llmjax.main", f"--workdir={workdir}", *flags]
-  env = {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu", **(env or {})}
+  env = {k: v for k, v in {**os.environ, "PYTHONPATH": ROOT, "JAX_PLATFORMS": "cpu",
+                           **(env or {})}.items() if v is not None}
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.PIPE, text=True)
   if not wait:
@@ -191,6 +194,31 @@ def test_signal_stops_at_the_next_step_and_the_summary_says_so(tmp_path):
   assert [r["step"] for r in strict_records(tmp_path)][-2:] == [stopped + 1, stopped + 2]
 
 
+def test_a_signal_after_the_steps_save_was_decided_stops_at_the_next_step(tmp_path, monkeypatch):
+  """A signal that lands between step 3's save decision and the next step (here: as the loop
+  leaves step 3's between-steps work) stops the run after step 4, logged and saved: a stop
+  never claims a step it did not save."""
+  from llmjax import metrics
+  excluded, calls = metrics.StepMetrics.excluded, []
+
+  @contextlib.contextmanager
+  def then_signal(self):
+    with excluded(self):
+      yield
+    calls.append(1)
+    if len(calls) == 3:
+      os.kill(os.getpid(), signal.SIGTERM)
+
+  monkeypatch.setattr(metrics.StepMetrics, "excluded", then_signal)
+  config = experiment("gpt")
+  config.train.update(steps=50, log_every=10, eval_every=0, checkpoint_every=1000,
+                      sample_tokens=0)
+  result = train.train(config, str(tmp_path), log=lambda line: None)
+  assert (result.stopped, result.step) == ("SIGTERM", 4)
+  assert [h["step"] for h in result.history] == [4]
+  assert os.listdir(tmp_path / "checkpoints") == ["4"]
+
+
 def strict_records(workdir):
   """metrics.jsonl parsed by a strict JSON parser (NaN and Infinity are not JSON)."""
   def refuse(constant):
@@ -203,9 +231,14 @@ def test_a_runlocal_run_prints_a_short_log(tmp_path):
   """The 20-step CPU smoke run of the default experiment, as a user first runs it: our lines
   only (at most 25 with the sample), no library INFO line, no nan, no traceback at exit. A
   --config. flag given beside runlocal wins over its shrink (here a log every 10 steps, not
-  5)."""
-  code, out, err = run_main(tmp_path, "--config.runlocal=True", "--config.train.log_every=10")
+  5). With no JAX_COMPILATION_CACHE_DIR set, its programs go to the persistent compilation
+  cache in the user's cache directory."""
+  home = tmp_path / "home"
+  code, out, err = run_main(tmp_path / "w", "--config.runlocal=True",
+                            "--config.train.log_every=10",
+                            env={"HOME": str(home), "JAX_COMPILATION_CACHE_DIR": None})
   assert code == 0, err[-2000:]
+  assert any((home / ".cache/llmjax/compilation_cache").iterdir())
   lines = (out + err).splitlines()
   assert len(lines) <= 25 and "step     20/20" in out and "sample:" in out, out + err
   assert "kept train.log_every=10" in out and "step     10/20" in out, out
