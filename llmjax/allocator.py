@@ -10,7 +10,7 @@ on a machine without accelerators (TPU and GPU steps keep their buffers on the d
 Set after threads have allocated, the same settings do harm, so `python -m llmjax.main` calls
 `tune()` first thing. MALLOC_ARENA_MAX or MALLOC_TOP_PAD_ in the environment (glibc's own
 variables) win; LLMJAX_MALLOC=default leaves glibc as it is. A library user sets the glibc
-variables: MALLOC_ARENA_MAX=1 MALLOC_TOP_PAD_=1073741824.
+variables (`ENVIRONMENT`) in the environment their process starts with.
 """
 
 import ctypes
@@ -18,6 +18,7 @@ import glob
 import os
 
 _M_TOP_PAD, _M_ARENA_MAX = -2, -8
+ENVIRONMENT = {"MALLOC_ARENA_MAX": "1", "MALLOC_TOP_PAD_": str(1 << 30)}  # the same, by glibc
 ACCELERATORS = ("/dev/accel*", "/dev/vfio/[0-9]*", "/dev/nvidia[0-9]*")  # TPU, TPU, GPU
 
 
@@ -36,6 +37,7 @@ def tune() -> bool:
     return False
   try:
     libc = ctypes.CDLL("libc.so.6")
-    return bool(libc.mallopt(_M_ARENA_MAX, 1)) & bool(libc.mallopt(_M_TOP_PAD, 1 << 30))
+    return (bool(libc.mallopt(_M_ARENA_MAX, int(ENVIRONMENT["MALLOC_ARENA_MAX"])))
+            & bool(libc.mallopt(_M_TOP_PAD, int(ENVIRONMENT["MALLOC_TOP_PAD_"]))))
   except (OSError, AttributeError):  # not glibc (macOS, musl): its allocator is left alone
     return False

@@ -21,13 +21,17 @@ LayerNorm, global-norm clipping 1.0), 10% linear warmup then linear decay to 0.
                 pair that does not fit the rows opens the next batch, so 11 rows hold 15.94
                 pairs a step on average; the pairs it trained on are counted and shown beside
                 transformers' steps x batch_size.
-Wall time is the training loop's (llmjax's includes compiling its step); step ms is the median
-step (llmjax: of its logged windows); eval is timed apart.
+Each run is a process of its own (this script again, with --child_out), started as its users
+start it: llmjax's with glibc's allocator set as `python -m llmjax.main` sets it on a CPU
+(llmjax/allocator.py), PyTorch's as it comes. Wall time is the training loop's (llmjax's
+includes compiling its step); step ms is the median step (llmjax: of its logged windows); eval
+is timed apart.
 """
 
 import json
 import os
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -47,7 +51,12 @@ flags.DEFINE_integer("eval_pairs", 2000, "Evaluation pairs (the first of the eva
 flags.DEFINE_float("lr", 5e-5, "Peak learning rate of full fine-tuning.")
 flags.DEFINE_float("lora_lr", 5e-4, "Peak learning rate of LoRA.")
 flags.DEFINE_list("runs", ["transformers", "llmjax", "llmjax_lora"], "Which runs to make.")
+flags.DEFINE_string("child_out", None, "Internal: make the one run of --runs in this process, "
+                    "in --work, and write its figures to this JSON file.")
+flags.DEFINE_string("work", None, "Internal: the runs' shared scratch directory.")
 FLAGS = flags.FLAGS
+SHARED = ("data_dir", "task", "steps", "batch_size", "rows", "length", "eval_pairs", "lr",
+          "lora_lr")  # the flags a run's process is given
 
 
 def minilm_dir() -> str:
@@ -148,32 +157,58 @@ def _eval_parts(result):
   return step.make_eval_step(setup, params_shardings, shardings), result.params, shardings
 
 
-def main(argv):
-  del argv
+def run_here(run: str, work: str) -> dict:
+  """One run, in this process."""
   train_path = os.path.join(FLAGS.data_dir, f"{FLAGS.task}_train.jsonl")
   eval_path = os.path.join(FLAGS.data_dir, f"{FLAGS.task}_eval.jsonl")
   train_rows, eval_rows = read(train_path), read(eval_path, FLAGS.eval_pairs)
+  if run == "transformers":
+    return run_transformers(train_rows, eval_rows)
+  if not os.path.exists(os.path.join(work, "eval.jsonl")):  # the first llmjax run's
+    from llmjax import checkpoint, hf
+    from tools.convert_hf import copy_tokenizer
+    model, params = hf.load(minilm_dir())
+    checkpoint.save_model(os.path.join(work, "minilm"), model, params)
+    copy_tokenizer(minilm_dir(), os.path.join(work, "minilm"))
+    with open(os.path.join(work, "eval.jsonl"), "w") as f:  # the first --eval_pairs
+      f.writelines(json.dumps(r) + "\n" for r in eval_rows)
+  variant = FLAGS.task + ("_lora" if run == "llmjax_lora" else "")
+  return run_llmjax(variant, work, train_path, os.path.join(work, "eval.jsonl"), FLAGS.rows)
+
+
+def run_apart(run: str, work: str) -> dict:
+  """One run, in a process of its own (see the module's docstring)."""
+  from llmjax import allocator
+  out = os.path.join(work, f"{run}.json")
+  env = dict(os.environ)
+  if run != "transformers" and allocator.wanted():
+    env.update(allocator.ENVIRONMENT)
+  args = [f"--{name}={FLAGS[name].value}" for name in SHARED]
+  subprocess.run([sys.executable, os.path.abspath(__file__), *args, f"--runs={run}",
+                  f"--work={work}", f"--child_out={out}"], env=env, check=True)
+  with open(out) as f:
+    return json.load(f)
+
+
+def main(argv):
+  del argv
+  unknown = set(FLAGS.runs) - {"transformers", "llmjax", "llmjax_lora"}
+  if unknown:
+    raise app.UsageError(f"unknown --runs {', '.join(sorted(unknown))}; expected transformers, "
+                         f"llmjax or llmjax_lora")
+  if FLAGS.child_out:
+    with open(FLAGS.child_out, "w") as f:
+      json.dump(run_here(FLAGS.runs[0], FLAGS.work), f)
+    return
   work = tempfile.mkdtemp(prefix="bench_finetune_")
   results = {}
   try:
-    if any(r.startswith("llmjax") for r in FLAGS.runs):
-      from llmjax import checkpoint, hf
-      from tools.convert_hf import copy_tokenizer
-      model, params = hf.load(minilm_dir())
-      checkpoint.save_model(os.path.join(work, "minilm"), model, params)
-      copy_tokenizer(minilm_dir(), os.path.join(work, "minilm"))
-      with open(os.path.join(work, "eval.jsonl"), "w") as f:  # the first --eval_pairs
-        f.writelines(json.dumps(r) + "\n" for r in eval_rows)
     for run in FLAGS.runs:
       print(f"running {run} ...", flush=True)
-      if run == "transformers":
-        results[run] = run_transformers(train_rows, eval_rows)
-      else:
-        variant = FLAGS.task + ("_lora" if run == "llmjax_lora" else "")
-        results[run] = run_llmjax(variant, work, train_path, os.path.join(work, "eval.jsonl"),
-                                  FLAGS.rows)
+      results[run] = run_apart(run, work)
   finally:
     shutil.rmtree(work, ignore_errors=True)
+  eval_rows = read(os.path.join(FLAGS.data_dir, f"{FLAGS.task}_eval.jsonl"), FLAGS.eval_pairs)
   print(f"\n{FLAGS.task}: all-MiniLM-L6-v2, {FLAGS.steps} steps x {FLAGS.batch_size} pairs "
         f"(length <= {FLAGS.length}), accuracy on {len(eval_rows)} eval pairs, "
         f"{os.cpu_count()} cores")

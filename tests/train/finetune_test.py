@@ -1,6 +1,7 @@
 """Fine-tuning through the trainer: LoRA's frozen base, its optimizer and gradients, SFT's
 masked and accumulated gradients, the experiments' smoke runs, bad input before any work."""
 
+import functools
 import json
 import os
 import subprocess
@@ -98,15 +99,17 @@ def test_sft_prompt_logits_get_no_gradient_and_microbatches_add_up(data_dir):
   batch = {k: jnp.asarray(v) for k, v in next(it).items()}
   it.close()
   state = step.init_state(setup, jax.random.key(0))[2](jax.random.key(0))
-  logits = setup.objective.logits(setup.model, {"params": state["params"]}, batch)
-  g = jax.grad(lambda x: setup.objective.loss(x, batch)[0])(logits)
+  logits = jax.jit(lambda p: setup.objective.logits(setup.model, {"params": p}, batch))(
+      state["params"])
+  g = jax.jit(jax.grad(lambda x: setup.objective.loss(x, batch)[0]))(logits)
   prompt = np.asarray(batch["weights"]) == 0
   assert prompt.any() and (~prompt).any()
   assert np.all(np.asarray(g)[prompt] == 0) and np.abs(np.asarray(g)[~prompt]).max() > 0
   key = jax.random.key(1)
-  one, sums = step.gradients(setup, state, batch, key)
+  gradients = lambda: jax.jit(functools.partial(step.gradients, setup))(state, batch, key)
+  one, sums = gradients()
   setup.microbatches = 4
-  four, sums4 = step.gradients(setup, state, batch, key)
+  four, sums4 = gradients()
   assert float(sums["weight"]) == float(sums4["weight"])
   for x, y in zip(jax.tree.leaves(one), jax.tree.leaves(four)):
     np.testing.assert_allclose(x / sums["weight"], y / sums4["weight"], atol=1e-6)
@@ -117,17 +120,18 @@ def test_sft_prompt_logits_get_no_gradient_and_microbatches_add_up(data_dir):
 def test_experiments_learn(data_dir, tmp_path, name, kind):
   """Each fine-tuning experiment's tiny variant lowers its eval loss in 40 steps; the
   classifier (from scratch: next-paragraph pairs need a pre-trained BERT) on a label it can
-  learn from scratch, does the paragraph hold a "#", in 200 steps (its loss stays at the
-  class prior's for about 100)."""
+  learn from scratch, does the paragraph hold a "#", in 100 steps at lr 3e-3 (its loss stays
+  near the class prior's for about 50; it is learned by step 75)."""
   if kind == "comments":
     for part in ("train", "eval"):
       with open(f"{data_dir}/pairs_{part}.jsonl") as f, open(tmp_path / f"{part}.jsonl", "w") as g:
         g.writelines(json.dumps({"text": r["text"], "label": int("#" in r["text"])}) + "\n"
                      for r in map(json.loads, f))
-  config = _config(name, data_dir, kind, steps=200 if kind == "comments" else 40)
+  config = _config(name, data_dir, kind, steps=100 if kind == "comments" else 40)
   if kind == "comments":
     config.data.update(path=str(tmp_path / "train.jsonl"), eval_path=str(tmp_path / "eval.jsonl"))
-    config.optimizer.warmup_steps, config.train.eval_batches = 20, 4
+    config.optimizer.update(learning_rate=3e-3, warmup_steps=10)
+    config.train.eval_batches = 4
   result = train.train(config, str(tmp_path / "run"), log=lambda _: None)
   evals = [h["eval/loss"] for h in result.history if "eval/loss" in h]
   assert evals[-1] < evals[0] - (0.2 if kind == "comments" else 0.5), evals
