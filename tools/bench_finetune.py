@@ -161,9 +161,9 @@ def run_here(run: str, work: str) -> dict:
   """One run, in this process."""
   train_path = os.path.join(FLAGS.data_dir, f"{FLAGS.task}_train.jsonl")
   eval_path = os.path.join(FLAGS.data_dir, f"{FLAGS.task}_eval.jsonl")
-  train_rows, eval_rows = read(train_path), read(eval_path, FLAGS.eval_pairs)
+  eval_rows = read(eval_path, FLAGS.eval_pairs)
   if run == "transformers":
-    return run_transformers(train_rows, eval_rows)
+    return {**run_transformers(read(train_path), eval_rows), "eval_pairs": len(eval_rows)}
   if not os.path.exists(os.path.join(work, "eval.jsonl")):  # the first llmjax run's
     from llmjax import checkpoint, hf
     from tools.convert_hf import copy_tokenizer
@@ -173,7 +173,8 @@ def run_here(run: str, work: str) -> dict:
     with open(os.path.join(work, "eval.jsonl"), "w") as f:  # the first --eval_pairs
       f.writelines(json.dumps(r) + "\n" for r in eval_rows)
   variant = FLAGS.task + ("_lora" if run == "llmjax_lora" else "")
-  return run_llmjax(variant, work, train_path, os.path.join(work, "eval.jsonl"), FLAGS.rows)
+  return {**run_llmjax(variant, work, train_path, os.path.join(work, "eval.jsonl"), FLAGS.rows),
+          "eval_pairs": len(eval_rows)}
 
 
 def run_apart(run: str, work: str) -> dict:
@@ -208,10 +209,9 @@ def main(argv):
       results[run] = run_apart(run, work)
   finally:
     shutil.rmtree(work, ignore_errors=True)
-  eval_rows = read(os.path.join(FLAGS.data_dir, f"{FLAGS.task}_eval.jsonl"), FLAGS.eval_pairs)
   print(f"\n{FLAGS.task}: all-MiniLM-L6-v2, {FLAGS.steps} steps x {FLAGS.batch_size} pairs "
-        f"(length <= {FLAGS.length}), accuracy on {len(eval_rows)} eval pairs, "
-        f"{os.cpu_count()} cores")
+        f"(length <= {FLAGS.length}), accuracy on {next(iter(results.values()))['eval_pairs']} "
+        f"eval pairs, {os.cpu_count()} cores")
   print(f"{'run':<14}{'train s':>10}{'step ms':>10}{'pairs':>8}{'accuracy':>10}{'eval s':>9}")
   for run, r in results.items():
     print(f"{run:<14}{r['train_s']:>10.1f}{1000 * r['step_s']:>10.0f}{r['pairs']:>8,.0f}"

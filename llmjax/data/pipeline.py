@@ -170,30 +170,30 @@ class _CountedIterator(grain.DatasetIterator):
           raise
         break
     used = np.zeros((self.rows, len(self.lengths)), np.int64)
-    need = [[len(ex[k]) for k in self.lengths] for _, _, ex in self.waiting]
+    need = np.array([[len(ex[k]) for k in self.lengths] for _, _, ex in self.waiting])
     # Examples that waited go first, oldest first (none waits forever), then the longest.
     fresh = lambda i: self.waiting[i][1] >= self.fresh
-    order = sorted(range(len(need)), key=lambda i: (fresh(i), -sum(need[i]) if fresh(i) else i))
+    order = sorted(range(len(need)), key=lambda i: (fresh(i), -need[i].sum() if fresh(i) else i))
     placed, full = {}, np.array(list(self.lengths.values()))
     for i in order:
-      if np.any(np.array(need[i]) > full):
-        raise ValueError(f"an example of {dict(zip(self.lengths, need[i]))} tokens is longer "
-                         f"than the rows {self.lengths}")
+      if np.any(need[i] > full):
+        raise ValueError(f"an example of {dict(zip(self.lengths, need[i].tolist()))} tokens is "
+                         f"longer than the rows {self.lengths}")
       fits = np.flatnonzero(np.all(used + need[i] <= full, axis=1))
       if len(fits):
         placed[i] = fits[0]
         used[fits[0]] += need[i]
-    batch, counts = {}, np.zeros(self.rows, np.int32)
+    batch, counts, filled = {}, np.zeros(self.rows, np.int32), np.zeros_like(used)
     for i in sorted(placed):
       row, example = placed[i], self.waiting[i][2]
       counts[row] += 1
-      for key, length in self.lengths.items():
+      for j, (key, length) in enumerate(self.lengths.items()):
         if key not in batch:
           batch[key] = np.zeros((self.rows, length), example[key].dtype)
           batch[key + "_segment_ids"] = np.zeros((self.rows, length), np.int32)
           batch[key + "_positions"] = np.zeros((self.rows, length), np.int32)
-        start = int(np.sum(batch[key + "_segment_ids"][row] > 0))
-        end = start + len(example[key])
+        start = int(filled[row, j])
+        end = filled[row, j] = start + need[i, j]
         batch[key][row, start:end] = example[key]
         batch[key + "_segment_ids"][row, start:end] = counts[row]
         batch[key + "_positions"][row, start:end] = np.arange(end - start)
