@@ -14,6 +14,7 @@ def test_tuned_only_on_a_cpu_machine_where_nobody_chose(tmp_path):
   assert allocator.wanted({}, none)
   assert allocator.wanted({"JAX_PLATFORMS": "cpu"}, none)
   for chosen in ({"MALLOC_ARENA_MAX": "4"}, {"MALLOC_TOP_PAD_": "0"},
+                 {"MALLOC_MMAP_THRESHOLD_": "131072"},
                  {"LLMJAX_MALLOC": "default"}, {"JAX_PLATFORMS": "tpu"},
                  {"JAX_PLATFORMS": "cuda,cpu"}):
     assert not allocator.wanted(chosen, none), chosen
@@ -25,7 +26,7 @@ def test_tuned_only_on_a_cpu_machine_where_nobody_chose(tmp_path):
 def test_a_fresh_process_is_tuned():
   """glibc (Linux) accepts the settings in a process that has not started JAX."""
   env = {k: v for k, v in os.environ.items()
-         if k not in ("MALLOC_ARENA_MAX", "MALLOC_TOP_PAD_", "LLMJAX_MALLOC")}
+         if k not in (*allocator.ENVIRONMENT, "LLMJAX_MALLOC")}
   env.update(JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
   out = subprocess.run([sys.executable, "-c", "from llmjax import allocator; "
                         "print(allocator.tune())"], env=env, capture_output=True, text=True)

@@ -39,7 +39,7 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
-from absl import app, flags  # noqa: E402
+from absl import app, flags, logging  # noqa: E402
 
 flags.DEFINE_string("data_dir", "../shared/data/pairs", "Directory of nsp_{train,eval}.jsonl.")
 flags.DEFINE_string("task", "nsp", "nsp or sop.")
@@ -198,6 +198,7 @@ def main(argv):
     raise app.UsageError(f"unknown --runs {', '.join(sorted(unknown))}; expected transformers, "
                          f"llmjax or llmjax_lora")
   if FLAGS.child_out:
+    logging.set_verbosity(logging.WARNING)  # the checkpointer's INFO lines are not the figures
     with open(FLAGS.child_out, "w") as f:
       json.dump(run_here(FLAGS.runs[0], FLAGS.work), f)
     return

@@ -5,6 +5,7 @@ S key length, D model width, H query heads, G key/value heads, K head width,
 F feed-forward width, V vocabulary, L layers, N relative-position buckets.
 """
 
+from llmjax.layers.dropout import Dropout
 from llmjax.layers.attention import Attention, attention_mask, xla_attention, ATTENTION_IMPLS
 from llmjax.layers.embedding import Embed
 from llmjax.layers.mlp import Mlp, ACTIVATIONS

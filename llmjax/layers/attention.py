@@ -18,6 +18,7 @@ from jax.sharding import PartitionSpec as P
 from llmjax import kernels
 from llmjax import sharding as sh
 from llmjax.layers import dot
+from llmjax.layers.dropout import dropout
 from llmjax.layers.positions import apply_rope
 from llmjax.layers.relative_bias import RelativeBias
 
@@ -63,8 +64,7 @@ def xla_attention(q_BTHK, k_BSGK, v_BSGK, *, q_segment_ids, kv_segment_ids, caus
   logits_BGRTS = jnp.where(mask_B11TS, logits_BGRTS, jnp.finfo(jnp.float32).min)
   probs_BGRTS = jax.nn.softmax(logits_BGRTS, axis=-1)
   if dropout_rate > 0.0 and dropout_rng is not None:
-    keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout_rate, probs_BGRTS.shape)
-    probs_BGRTS = jnp.where(keep, probs_BGRTS / (1.0 - dropout_rate), 0.0)
+    probs_BGRTS = dropout(probs_BGRTS, dropout_rate, dropout_rng)
   out_BTGRK = jnp.einsum("BGRTS,BSGK->BTGRK", probs_BGRTS.astype(v_BSGK.dtype), v_BSGK)
   has_key_BT = jnp.any(mask_B11TS, axis=(1, 2, 4))  # zeroing the output: cheaper than probs
   return jnp.where(has_key_BT[:, :, None, None], out_BTGRK.reshape(B, T, H, K), 0)

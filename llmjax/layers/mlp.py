@@ -8,6 +8,7 @@ from flax import linen as nn
 
 from llmjax import sharding as sh
 from llmjax.layers.dot import dot_general
+from llmjax.layers.dropout import Dropout
 
 ACTIVATIONS = {
     "gelu": functools.partial(jax.nn.gelu, approximate=False),  # erf form (BERT)
@@ -53,5 +54,5 @@ class Mlp(nn.Module):
     wi = lambda name: dense(self.d_ff, (sh.EMBED, sh.MLP), self.wi_init, name=name, **kw)(x_BTD)
     h_BTF = act(wi("wi_0")) * wi("wi_1") if self.gated else act(wi("wi"))
     h_BTF = sh.constrain(h_BTF, (sh.BATCH, sh.LENGTH, sh.MLP))
-    h_BTF = nn.Dropout(self.dropout_rate)(h_BTF, deterministic=self.deterministic)
+    h_BTF = Dropout(self.dropout_rate)(h_BTF, deterministic=self.deterministic)
     return dense(x_BTD.shape[-1], (sh.MLP, sh.EMBED), self.wo_init, name="wo", **kw)(h_BTF)

@@ -61,10 +61,10 @@ class BertBlock(nn.Module):
     h_BTD = layers.Attention(cfg.num_heads, cfg.kv_heads, cfg.k, dropout_rate=cfg.dropout_rate,
                              deterministic=self.deterministic, impl=cfg.attention_impl,
                              name="attn", **cfg.dtypes)(x_BTD, q_segment_ids=segment_ids_BT)
-    h_BTD = nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=self.deterministic)
+    h_BTD = layers.Dropout(cfg.dropout_rate)(h_BTD, deterministic=self.deterministic)
     x_BTD = layers.LayerNorm(cfg.norm_eps, name="attn_ln", **cfg.dtypes)(x_BTD + h_BTD)
     h_BTD = layers.Mlp(cfg.mlp_dim, cfg.activation, name="mlp", **cfg.dtypes)(x_BTD)
-    h_BTD = nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=self.deterministic)
+    h_BTD = layers.Dropout(cfg.dropout_rate)(h_BTD, deterministic=self.deterministic)
     x_BTD = layers.LayerNorm(cfg.norm_eps, name="mlp_ln", **cfg.dtypes)(x_BTD + h_BTD)
     return sh.constrain(x_BTD, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED)), None
 
@@ -87,7 +87,7 @@ class Bert(nn.Module):
     self.type_embed = layers.Embed(cfg.type_vocab_size, cfg.d_model,
                                    axes=(sh.TOKEN_TYPES, sh.EMBED), **cfg.dtypes)
     self.embed_ln = layers.LayerNorm(cfg.norm_eps, **cfg.dtypes)
-    self.embed_dropout = nn.Dropout(cfg.dropout_rate)
+    self.embed_dropout = layers.Dropout(cfg.dropout_rate)
     self.encoder = _Encoder(cfg)
     # The D -> D denses keep their output unsplit: with it split over "tensor" on D, XLA's
     # SPMD partitioner (jax 0.10) computes wrong gradients through the tied un-embedding.

@@ -82,11 +82,11 @@ class GPTBlock(nn.Module):
         impl=cfg.attention_impl, decode=self.decode, out_init=resid_init, name="attn",
         **cfg.dtypes)(_norm(cfg, "ln_1")(x_BTD), q_segment_ids=segment_ids_BT, causal=True,
                       positions=positions_BT, prefix_mask=prefix_mask_BT)
-    x_BTD = x_BTD + nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=self.deterministic)
+    x_BTD = x_BTD + layers.Dropout(cfg.dropout_rate)(h_BTD, deterministic=self.deterministic)
     h_BTD = layers.Mlp(cfg.mlp_dim, cfg.activation, cfg.gated, cfg.use_bias,
                        deterministic=self.deterministic, wo_init=resid_init, name="mlp",
                        **cfg.dtypes)(_norm(cfg, "ln_2")(x_BTD))
-    x_BTD = x_BTD + nn.Dropout(cfg.dropout_rate)(h_BTD, deterministic=self.deterministic)
+    x_BTD = x_BTD + layers.Dropout(cfg.dropout_rate)(h_BTD, deterministic=self.deterministic)
     return sh.constrain(x_BTD, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED)), None
 
 
@@ -136,7 +136,7 @@ class GPT(nn.Module):
                                               **cfg.dtypes)(positions)
     elif cfg.positions == "sinusoidal":
       x_BTD = x_BTD + layers.sinusoidal(positions, cfg.d_model).astype(cfg.compute_dtype)
-    x_BTD = nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=deterministic)
+    x_BTD = layers.Dropout(cfg.dropout_rate)(x_BTD, deterministic=deterministic)
     x_BTD = common.run_layers(GPTBlock, cfg, cfg.num_layers, x_BTD, segment_ids_BT, positions,
                               prefix_mask, deterministic=deterministic, decode=self.decode)
     if last_only:  # generation's prefill needs the next-token logits of the last position only

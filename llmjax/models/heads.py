@@ -13,6 +13,7 @@ import jax.numpy as jnp
 from flax import linen as nn
 
 from llmjax import sharding as sh
+from llmjax.layers.dropout import Dropout
 
 
 def pick(x_BTD: jax.Array, positions_BP: jax.Array) -> jax.Array:
@@ -38,7 +39,7 @@ class ClassifierHead(nn.Module):
   @nn.compact
   def __call__(self, x_BD: jax.Array, deterministic: bool = True) -> jax.Array:
     """Logits [..., num_labels] of pooled vectors [..., D] ([B, D], or [B, P, D] packed)."""
-    x_BD = nn.Dropout(self.dropout_rate)(x_BD, deterministic=deterministic)
+    x_BD = Dropout(self.dropout_rate)(x_BD, deterministic=deterministic)
     kernel = self.param("kernel", nn.with_logical_partitioning(
         nn.initializers.normal(0.02), (sh.EMBED, None)), (x_BD.shape[-1], self.num_labels),
                         self.param_dtype)

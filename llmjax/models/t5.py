@@ -81,7 +81,7 @@ class T5Block(nn.Module):
   def __call__(self, x_BTD, segment_ids_BT, relative_bias, encoded_BSD=None, enc_segment_ids_BS=None):
     cfg, det = self.cfg, self.deterministic
     norm = lambda name: layers.RMSNorm(cfg.norm_eps, name=name, **cfg.dtypes)
-    drop = lambda h: nn.Dropout(cfg.dropout_rate)(h, deterministic=det)
+    drop = lambda h: layers.Dropout(cfg.dropout_rate)(h, deterministic=det)
     x_BTD = sh.constrain(x_BTD, (sh.BATCH, sh.LENGTH, sh.ACT_EMBED))
     x_BTD = x_BTD + drop(_attention(cfg, det, "self_attn", decode=self.decode)(
         norm("self_attn_norm")(x_BTD), q_segment_ids=segment_ids_BT, causal=self.is_decoder,
@@ -115,14 +115,14 @@ class T5Stack(nn.Module):
         cfg.relative_buckets, cfg.relative_max_distance, cfg.num_heads, not self.is_decoder,
         cfg.weight_dtype, nn.initializers.normal(cfg.d_model ** -0.5), name="relpos_bias")(
             T, T, as_table=True)
-    x_BTD = nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=deterministic)
+    x_BTD = layers.Dropout(cfg.dropout_rate)(x_BTD, deterministic=deterministic)
     args = (segment_ids_BT, relative_bias) + ((encoded_BSD, enc_segment_ids_BS)
                                           if self.is_decoder else ())
     num_layers = cfg.decoder_layers if self.is_decoder else cfg.num_layers
     x_BTD = common.run_layers(T5Block, cfg, num_layers, x_BTD, *args, deterministic=deterministic,
                               is_decoder=self.is_decoder, decode=self.decode)
     x_BTD = layers.RMSNorm(cfg.norm_eps, name="final_norm", **cfg.dtypes)(x_BTD)
-    return nn.Dropout(cfg.dropout_rate)(x_BTD, deterministic=deterministic)
+    return layers.Dropout(cfg.dropout_rate)(x_BTD, deterministic=deterministic)
 
 
 class T5(nn.Module):
