@@ -102,7 +102,8 @@ class Checkpoints:
       after = (f"falling back to step {steps[i + 1]}" if i + 1 < len(steps) else
                "no older checkpoint: training starts from step 0")
       self._log(f"checkpoint {step} is corrupt ({problem}); moved to {aside}; {after}")
-    it.set_state(fresh)  # a failed restore may have moved it
+    if steps:
+      it.set_state(fresh)  # a failed restore may have moved it
     return None, None, None
 
   def should_save(self, step: int) -> bool:

@@ -59,18 +59,22 @@ def _train(config, run_dir, held, log) -> Result:
   it = iter(experiment.make_pipeline(setup, "train"))
   shardings = step.batch_shardings(setup, data.padding_batch(setup.objective, 1))
   train_step = step.make_train_step(setup, state_shardings, shardings)
-  # The step is traced here (tracing is not thread-safe: qwix's LoRA intercepts it) and
+  # The steps are traced here (tracing is not thread-safe: qwix's LoRA intercepts it) and
   # compiled in the background (XLA lets go of the GIL) while the state is restored or
-  # initialized and the first eval runs, so the first step starts sooner.
-  lowered = train_step.lower(abstract, step.abstract_batch(setup, shardings, config.batch_size))
-  pool = concurrent.futures.ThreadPoolExecutor(1, "compile")
-  compiling = pool.submit(lowered.compile)
-  pool.shutdown(wait=False)
-  eval_step = step.make_eval_step(setup, step.full_params(state_shardings), shardings)
+  # initialized, so the first eval and the first step start sooner.
   c = config.train
+  batch = step.abstract_batch(setup, shardings, config.batch_size)
+  eval_step = step.make_eval_step(setup, step.full_params(state_shardings), shardings)
+  pool = concurrent.futures.ThreadPoolExecutor(2, "compile")
+  compiling = pool.submit(train_step.lower(abstract, batch).compile)
+  if c.eval_every:
+    eval_compiling = pool.submit(eval_step.lower(step.full_params(abstract), batch).compile)
+  pool.shutdown(wait=False)
   ckpts = checkpoints.Checkpoints(run_dir / "checkpoints", c.checkpoint_every,
                                   c.keep_checkpoints, log=log)
   state, start, window = _restore_or_init(setup, ckpts, abstract, init, it, log)
+  if c.eval_every:
+    eval_step = eval_compiling.result()
   tracker = metrics.StepMetrics(*_flops(setup, state, log), window=window)
   writer, history = metrics.MetricWriter(run_dir), []
   signals.clear()

@@ -164,6 +164,10 @@ def eval_step(parts: Parts, params, batch):
 
 
 def make_eval_step(parts: Parts, params_shardings, batch_shardings):
-  """`eval_step` jitted with the parameters' and the batch's shardings."""
-  return in_mesh(parts, jax.jit(lambda params, batch: eval_step(parts, params, batch),
-                                in_shardings=(params_shardings, batch_shardings)))
+  """`eval_step` jitted with the parameters' and the batch's shardings; `.lower(params, batch)`
+  as `make_train_step`'s."""
+  jitted = jax.jit(lambda params, batch: eval_step(parts, params, batch),
+                   in_shardings=(params_shardings, batch_shardings))
+  run = in_mesh(parts, jitted)
+  run.lower = in_mesh(parts, jitted.lower)
+  return run
