@@ -1,4 +1,5 @@
-"""llmjax.layers.dot: 16-bit projections sum in float32 forward and backward; anything else,
+"""llmjax.layers.dot: projections contract one dimension of rows, and 16-bit ones sum in
+float32 forward and backward; anything else,
 and any intercepted call, is jax.lax.dot_general; the residual gradient's store is the
 identity."""
 
@@ -49,12 +50,33 @@ def test_bfloat16_products_sum_in_float32_forward_and_backward(n):
     assert operands.count("bf16") == 2 and result.endswith("xf32>"), (operands, result)
 
 
+@pytest.mark.parametrize("n", [1, 2])
+def test_projections_contract_one_row_dimension(n):
+  """A float32 projection is jax.lax.dot_general's product, and every product of its gradient's
+  program contracts at most one dimension of rows (x's leading dims flattened into one: two
+  contracted, XLA:CPU copied the cotangent to a transposed layout)."""
+  x, w = _operands(n, jnp.float32)
+  np.testing.assert_allclose(dot.dot_general(x, w, DIMS[n]), jax.lax.dot_general(x, w, DIMS[n]),
+                             rtol=1e-6, atol=1e-6)
+  f32 = lambda x, w, d: jax.lax.dot_general(x, w, d)
+  for got, want in zip(jax.grad(_loss, (1, 2))(dot.dot_general, x, w, n),
+                       jax.grad(_loss, (1, 2))(f32, x, w, n)):
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  program = jax.jit(jax.value_and_grad(_loss, (1, 2)), static_argnums=(0, 3)).lower(
+      dot.dot_general, x, w, n).as_text()
+  products = re.findall(r"stablehlo.dot_general .*contracting_dims = \[([0-9, ]*)\] x", program)
+  assert len(products) == 3, program
+  # The forward contracts w's n dims, the input gradient w's one output dim, the weight
+  # gradient the rows alone.
+  assert sorted(len(p.split(",")) for p in products) == sorted([n, 1, 1]), products
+
+
 def test_anything_else_is_jax_dot_general():
-  """float32 operands, a batch dim or a contraction that is not a projection's: the very
-  program jax.lax.dot_general gives."""
+  """A batch dim or a contraction that is not a projection's: the very program
+  jax.lax.dot_general gives."""
   x, w = _operands(1, jnp.float32)
-  cases = [(x, w, DIMS[1]), (x.astype(jnp.bfloat16), x.astype(jnp.bfloat16),
-                             (((2,), (2,)), ((0,), (0,))))]
+  cases = [(x, x, (((1,), (1,)), ((), ()))), (x.astype(jnp.bfloat16), x.astype(jnp.bfloat16),
+                                             (((2,), (2,)), ((0,), (0,))))]
   for a, b, dims in cases:
     ours = jax.jit(lambda a, b: dot.dot_general(a, b, dims)).lower(a, b).as_text()
     theirs = jax.jit(lambda a, b: jax.lax.dot_general(a, b, dims)).lower(a, b).as_text()
