@@ -23,11 +23,16 @@ def intercepted() -> bool:
   return jax.lax.dot_general is not _DOT or _DOT.__code__ is not _CODE
 
 
+def _projection(ndim: int, n: int):
+  """The dimension numbers of x (ndim dims) . w over x's last n and w's first n dims."""
+  return (tuple(range(ndim - n, ndim)), tuple(range(n))), ((), ())
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
 def _half(x, w, n: int, precision):
   """x [..., C] . w [C, O] over x's last n and w's first n dims, summed in float32."""
-  dims = ((tuple(range(x.ndim - n, x.ndim)), tuple(range(n))), ((), ()))
-  return _DOT(x, w, dims, precision, preferred_element_type=jnp.float32).astype(x.dtype)
+  return _DOT(x, w, _projection(x.ndim, n), precision,
+              preferred_element_type=jnp.float32).astype(x.dtype)
 
 
 def _half_fwd(x, w, n, precision):
@@ -57,14 +62,11 @@ def dot_general(x, w, dimension_numbers, precision=None, preferred_element_type=
   Intercepted (LoRA, quantization), it is jax.lax.dot_general as given."""
   (cx, cw), batch = dimension_numbers
   n, m = len(cw), x.ndim - len(cw)  # m: x's leading (not contracted) dims
-  if (batch != ((), ()) or kw or tuple(cx) != tuple(range(m, x.ndim))
-      or tuple(cw) != tuple(range(n)) or intercepted()):
+  if kw or ((tuple(cx), tuple(cw)), batch) != _projection(x.ndim, n) or intercepted():
     return jax.lax.dot_general(x, w, dimension_numbers, precision, preferred_element_type, **kw)
   if (x.dtype == w.dtype and x.dtype in (jnp.bfloat16, jnp.float16)
       and preferred_element_type in (None, x.dtype)):
     return _half(x, w, n, precision)
-  lead = x.shape[:m]
-  y = jax.lax.dot_general(x.reshape(-1, *x.shape[m:]), w,
-                          ((tuple(range(1, n + 1)), tuple(range(n))), ((), ())), precision,
+  y = jax.lax.dot_general(x.reshape(-1, *x.shape[m:]), w, _projection(n + 1, n), precision,
                           preferred_element_type)
-  return y.reshape(*lead, *y.shape[1:])
+  return y.reshape(*x.shape[:m], *y.shape[1:])

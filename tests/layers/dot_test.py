@@ -1,7 +1,6 @@
 """llmjax.layers.dot: projections contract one dimension of rows, and 16-bit ones sum in
-float32 forward and backward; anything else,
-and any intercepted call, is jax.lax.dot_general; the residual gradient's store is the
-identity."""
+float32 forward and backward; anything else, and any intercepted call, is
+jax.lax.dot_general; the residual gradient's store is the identity."""
 
 import re
 
