@@ -11,6 +11,7 @@ a frozen leaf, and the step hands it back untouched.
 """
 
 import dataclasses
+import os
 from typing import Any
 
 import jax
@@ -70,7 +71,17 @@ def init_state(parts: Parts, key):
   shardings = sh.logical_sharding(boxed, parts.mesh, parts.rules)
   abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           nn.meta.unbox(boxed), shardings)
-  return abstract, shardings, jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings)
+  return abstract, shardings, jax.jit(lambda k: nn.meta.unbox(init(k)), out_shardings=shardings,
+                                      compiler_options=_init_options())
+
+
+def _init_options() -> dict | None:
+  """XLA:CPU compiles init (one random draw per parameter, run once) at LLVM -O1: 1.4 s
+  sooner for shakespeare_char's model, the same bits (measured at 0.8M to 124M parameters).
+  An optimization level in XLA_FLAGS wins."""
+  if jax.default_backend() != "cpu" or "optimization_level" in os.environ.get("XLA_FLAGS", ""):
+    return None
+  return {"xla_backend_optimization_level": 1}
 
 
 def batch_shardings(parts: Parts, batch) -> dict[str, NamedSharding]:

@@ -133,6 +133,24 @@ def test_rules_override_moves_a_logical_axis():
   assert mlp["wo"]["kernel"].spec == P("fsdp", None), mlp
 
 
+def test_init_compiled_for_a_quick_start_draws_the_same_parameters(monkeypatch):
+  """On CPU, init compiles at LLVM -O1 (step._init_options): the parameters are the bits
+  -O3, XLA's default, draws. The tests' XLA_FLAGS set a level of their own, which wins."""
+  from llmjax.train import step
+  assert step._init_options() is None
+  monkeypatch.setenv("XLA_FLAGS", "")
+  options = step._init_options()
+  assert options == {"xla_backend_optimization_level": 1}
+  config = experiment("gpt")
+  config.model.update(num_layers=1, d_model=64, num_heads=2)
+  _, _, init = step.init_state(train.build(config), jax.random.key(0))
+  lowered = init.lower(jax.random.key(0))
+  quick, default = (lowered.compile(compiler_options=o)(jax.random.key(0)) for o in (
+      options, {"xla_backend_optimization_level": 3}))
+  assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(quick),
+                                                  jax.tree.leaves(default)))
+
+
 def test_shakespeare_char_experiment_runs_on_any_text(tmp_path):
   """The nanoGPT experiment's data path (characters of one file, tail split, random-offset
   windows) on a small stand-in text: its vocabulary is that file's characters and it learns."""
