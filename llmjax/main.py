@@ -187,8 +187,10 @@ def summarize(result, workdir: str) -> None:
     return
   evals = [r for r in metrics.read_metrics(workdir) if "eval/loss" in r]
   if evals:
-    print(f"\neval loss {evals[0]['eval/loss']:.3f} -> {evals[-1]['eval/loss']:.3f} "
-          f"(step {evals[0]['step']} -> {evals[-1]['step']}); workdir {workdir}")
+    a, b = evals[0], evals[-1]
+    span = (f"{a['eval/loss']:.3f} -> {b['eval/loss']:.3f} (step {a['step']} -> {b['step']})"
+            if len(evals) > 1 else f"{b['eval/loss']:.3f} (step {b['step']})")
+    print(f"\neval loss {span}; workdir {workdir}")
   text = sample(result.setup, result.params, run.train.sample_prompt, run.train.sample_tokens)
   if text is not None:
     print(f"\nsample:\n{text}")

@@ -18,7 +18,8 @@ field can be overridden too.
     mesh          shape over (data, fsdp, tensor), -1 = the rest; rules override
     lora          rank (None: full fine-tuning), alpha, dropout, targets, rslora, train: LoRA
                   adapters on the frozen `train.init_from` model (see llmjax/peft.py)
-    train         steps, intervals for logging / eval / checkpoints, init_from
+    train         steps, intervals for logging / eval (and one at step 0: eval_on_start) /
+                  checkpoints, init_from
     runlocal      True: shrink the experiment to a CPU smoke run (see `shrink_for_cpu`)
 
 `load_experiment("experiments/gpt.py:tiny")` is what `--config=` names, `override` sets one
@@ -101,9 +102,10 @@ def base_config() -> ml_collections.ConfigDict:
       "rank": config_dict.placeholder(int), "alpha": 8.0, "dropout": 0.0, "rslora": False,
       "targets": config_dict.placeholder(str), "train": "classifier/.*"})
   c.train = ml_collections.ConfigDict({
-      "steps": 1000, "log_every": 50, "eval_every": 250, "eval_batches": 16,
-      "checkpoint_every": 500, "keep_checkpoints": 3, "init_from": config_dict.placeholder(str),
-      "sample_prompt": "def ", "sample_tokens": 200, "eval_tasks": ()})
+      "steps": 1000, "log_every": 50, "eval_every": 250, "eval_on_start": True,
+      "eval_batches": 16, "checkpoint_every": 500, "keep_checkpoints": 3,
+      "init_from": config_dict.placeholder(str), "sample_prompt": "def ", "sample_tokens": 200,
+      "eval_tasks": ()})
   c.runlocal = False
   return c
 

@@ -88,7 +88,7 @@ def _train(config, run_dir, held, log) -> Result:
 
   at, stop = start, None
   try:
-    if at == 0 and c.eval_every:  # where the eval loss starts from
+    if at == 0 and c.eval_every and c.eval_on_start:  # where the eval loss starts from
       report(0, evaluate(setup, eval_step, step.full_params(state), shardings))
     train_step = compiling.result()
     while at < c.steps and not stop:

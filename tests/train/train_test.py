@@ -169,6 +169,12 @@ def test_shakespeare_char_experiment_runs_on_any_text(tmp_path):
   assert result.setup.tokenizer.vocab_size == len(set(text))
   evals = [h["eval/loss"] for h in result.history if "eval/loss" in h]
   assert evals[1] < evals[0] - 1.0, evals
+  # The speedrun (the same model) evaluates once, at its end: train.eval_on_start=False.
+  speedrun = experiment("shakespeare_speedrun", "speedrun")
+  assert not speedrun.train.eval_on_start
+  config.train.update(steps=3, eval_every=3, eval_on_start=False)
+  result = train.train(config, str(tmp_path / "speedrun"), log=lambda line: None)
+  assert [h["step"] for h in result.history if "eval/loss" in h] == [3]
 
 
 def test_signal_stops_at_the_next_step_and_the_summary_says_so(tmp_path):
