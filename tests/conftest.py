@@ -33,6 +33,10 @@ if "JAX_COMPILATION_CACHE_DIR" not in os.environ:  # the controller (or a run wi
   # Programs that compile in under a second are not worth a file; the sweep's and the runs'
   # steps and inits all take longer.
   os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+  # The runs' CPU matmul peak (for MFU), measured while the suite loads both cores, stays
+  # with the run, not in the user's cache.
+  os.environ["LLMJAX_PEAK_CACHE"] = os.path.join(os.environ["JAX_COMPILATION_CACHE_DIR"],
+                                                 "llmjax_peak_flops.json")
 
 # Cloud Storage clients talk to the tests' emulator (the `gcs` fixture), anonymously, never
 # with a machine's real credentials. gcsfs reads the first at import: its gRPC lookup of a

@@ -77,6 +77,7 @@ def _train(config, run_dir, held, log) -> Result:
   state, start, window = _restore_or_init(setup, ckpts, abstract, init, it, log)
   if c.eval_every:
     eval_step = eval_compiling.result()
+  train_step = compiling.result()  # before the CPU's peak is measured, if it is
   tracker = metrics.StepMetrics(*_flops(setup, state, log), window=window)
   writer, history = metrics.MetricWriter(run_dir), []
   signals.clear()
@@ -90,7 +91,6 @@ def _train(config, run_dir, held, log) -> Result:
   try:
     if at == 0 and c.eval_every and c.eval_on_start:  # where the eval loss starts from
       report(0, evaluate(setup, eval_step, step.full_params(state), shardings))
-    train_step = compiling.result()
     while at < c.steps and not stop:
       state, step_metrics = train_step(state, step.global_batch(shardings, next(it)))
       at += 1
