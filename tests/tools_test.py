@@ -126,8 +126,8 @@ def test_bench_data_prints_every_objective():
 def test_bench_train_prints_both_frameworks_side_by_side(tmp_path):
   """A 3-step run of PyTorch's shakespeare_char and of llmjax's speedrun (its run goes the way
   the shakespeare_char one does, with another experiment) on a small text: whole-process
-  seconds and a finite exact validation loss for each; an unknown run or precision is refused
-  before any work."""
+  seconds and a finite exact validation loss for each; (c)'s products in both; an unknown run
+  or precision is refused before any work."""
   source = data.builtin_source("line")
   text = "".join(source[i] + "\n" for i in range(3000))
   (tmp_path / "text.txt").write_text(text, encoding="utf-8")
@@ -137,6 +137,12 @@ def test_bench_train_prints_both_frameworks_side_by_side(tmp_path):
   for run in ("torch", "speedrun"):
     seconds, loss = float(rows[run][1]), float(rows[run][2])
     assert seconds > 0 and 0 < loss < 6, proc.stdout
+  proc = run_tool("bench_train.py", f"--data={tmp_path}/text.txt", "--runs=products",
+                  "--product_rows=256", "--shape_dtypes=bfloat16")
+  for framework in ("torch", "xla"):  # x@w, g@wT, xT@g, 1024^3: GF/s
+    row = next(line.split() for line in proc.stdout.splitlines()
+               if line.startswith(f"{framework} bfloat16"))
+    assert len(row) == 6 and all(float(v) > 0 for v in row[2:]), proc.stdout
   proc = run_tool("bench_train.py", f"--data={tmp_path}/text.txt", "--runs=tf", check=False)
   assert proc.returncode != 0 and "unknown --runs tf" in proc.stderr.strip().splitlines()[-1]
   proc = run_tool("bench_train.py", f"--data={tmp_path}/text.txt", "--shape_dtypes=float16",

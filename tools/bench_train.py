@@ -19,6 +19,10 @@
     after the first, and MFU against each framework's own measured matmul peak at that
     precision (the best of 20 1024^3 products), with llmjax's FLOP convention
     (llmjax/metrics.py) for both.
+(c) `products`: GF/s of the three products of a projection's training step at that shape
+    (64 x 256 rows, d 384 -> 1536; float32 sums): x @ w (forward), g @ w^T (the input's
+    gradient), x^T @ g (the weight's), and a 1024^3 square, XLA:CPU beside PyTorch at each
+    --shape_dtypes precision, the best of 10 each: where a precision's step can go.
 """
 
 import json
@@ -29,6 +33,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 
 import numpy as np
 from absl import app, flags
@@ -38,8 +43,10 @@ flags.DEFINE_string("data", "../shared/data/tinyshakespeare.txt", "The text to t
 flags.DEFINE_integer("steps", 2000, "shakespeare_char's training steps.")
 flags.DEFINE_integer("speedrun_steps", None, "The speedrun's steps (default: its own, 900).")
 flags.DEFINE_integer("shape_steps", 20, "Steps timed at the 10.65M shape.")
-flags.DEFINE_list("shape_dtypes", ["float32", "bfloat16"], "Compute precisions of (b).")
-RUNS = ["torch", "llmjax", "speedrun", "torch_shape", "llmjax_shape"]
+flags.DEFINE_list("shape_dtypes", ["float32", "bfloat16"], "Compute precisions of (b), (c).")
+flags.DEFINE_integer("product_rows", None, "Rows of (c)'s products (default: the shape's "
+                     "64 x 256).")
+RUNS = ["torch", "llmjax", "speedrun", "torch_shape", "llmjax_shape", "products"]
 flags.DEFINE_list("runs", RUNS, "Which runs.")
 flags.DEFINE_string("run", None, "Internal: run this one PyTorch measurement in this process.")
 FLAGS = flags.FLAGS
@@ -206,6 +213,36 @@ def torch_shape(text: str, steps: int, dtype: str) -> dict:
   return {"tokens_per_s": tokens_per_s, "mfu": tokens_per_s * flops / torch_peak(dtype)}
 
 
+def products(framework: str, dtype: str) -> dict:
+  """GF/s of (c)'s products in `framework` ("torch" or "xla") with `dtype` operands."""
+  R, D, F = FLAGS.product_rows or SHAPE["batch"] * SHAPE["block"], SHAPE["d"], 4 * SHAPE["d"]
+  shapes = {"x": (R, D), "w": (D, F), "g": (R, F), "a": (1024, 1024)}
+  if framework == "torch":
+    import torch
+    torch.set_num_threads(os.cpu_count())
+    x, w, g, a = (torch.ones(s, dtype=getattr(torch, dtype)) for s in shapes.values())
+    run = {"x@w": lambda: x @ w, "g@wT": lambda: g @ w.T, "xT@g": lambda: x.T @ g,
+           "1024^3": lambda: a @ a}
+  else:
+    import jax
+    import jax.numpy as jnp
+    x, w, g, a = (jnp.ones(s, dtype) for s in shapes.values())
+
+    def dot(p, q, contract):  # contracting dims (of p, of q), summed in float32
+      f = jax.jit(lambda p, q: jax.lax.dot_general(p, q, ((contract[:1], contract[1:]), ((), ())),
+                                                   preferred_element_type=jnp.float32))
+      return lambda: f(p, q).block_until_ready()
+    run = {"x@w": dot(x, w, (1, 0)), "g@wT": dot(g, w, (1, 1)), "xT@g": dot(x, g, (0, 0)),
+           "1024^3": dot(a, a, (1, 0))}
+  flops = {"x@w": 2 * R * D * F, "g@wT": 2 * R * D * F, "xT@g": 2 * R * D * F,
+           "1024^3": 2 * 1024 ** 3}
+  out = {}
+  for name, f in run.items():
+    f()
+    out[name] = flops[name] / min(timeit.repeat(f, number=1, repeat=10)) / 1e9
+  return out
+
+
 def launch(args: list[str], env=None) -> tuple[float, str]:
   """(seconds from launch to exit, stdout) of a fresh Python process; fails loudly."""
   start = time.perf_counter()
@@ -238,7 +275,9 @@ def main(argv):
   if FLAGS.run:  # one PyTorch measurement, in a process of its own
     run = {"torch": lambda: torch_shakespeare(text, FLAGS.steps),
            "torch_shape": lambda: torch_shape(text, FLAGS.shape_steps,
-                                              FLAGS.shape_dtypes[0])}[FLAGS.run]
+                                              FLAGS.shape_dtypes[0]),
+           "torch_products": lambda: products("torch", FLAGS.shape_dtypes[0]),
+           "xla_products": lambda: products("xla", FLAGS.shape_dtypes[0])}[FLAGS.run]
     print(json.dumps(run()))
     return
   unknown = sorted(set(FLAGS.runs) - set(RUNS))
@@ -259,18 +298,23 @@ def main(argv):
 
 def _measure(results: dict, work: str, vocab: int) -> None:
   for run in FLAGS.runs:
-    for dtype in FLAGS.shape_dtypes if run.endswith("_shape") else [None]:
+    for dtype in FLAGS.shape_dtypes if run.endswith(("_shape", "products")) else [None]:
       name = f"{run} {dtype}" if dtype else run
       print(f"running {name} ...", flush=True)
       results[name] = _one(run, dtype, os.path.join(work, name.replace(" ", "_")), vocab)
 
 
 def _one(run: str, dtype: str | None, workdir: str, vocab: int) -> dict:
-  if run in ("torch", "torch_shape"):
+  def child(run):  # a measurement in a process of its own
     seconds, out = launch([os.path.abspath(__file__), f"--run={run}", f"--data={FLAGS.data}",
                            f"--steps={FLAGS.steps}", f"--shape_steps={FLAGS.shape_steps}",
+                           f"--product_rows={FLAGS.product_rows or 0}",
                            *[f"--shape_dtypes={dtype}"] * bool(dtype)])
     return {"seconds": seconds, **json.loads(out.strip().splitlines()[-1])}
+  if run in ("torch", "torch_shape"):
+    return child(run)
+  if run == "products":
+    return {"torch": child("torch_products"), "xla": child("xla_products")}
   if run == "llmjax":
     seconds, records = llmjax_run(workdir, vocab, [f"--config.train.steps={FLAGS.steps}"])
   elif run == "speedrun":
@@ -308,6 +352,15 @@ def _print(results: dict) -> None:
       if run in results:
         r = results[run]
         print(f"{run:<24}{r['tokens_per_s']:>10,.0f}{100 * r['mfu']:>7.1f}%")
+  names = ("x@w", "g@wT", "xT@g", "1024^3")
+  rows = FLAGS.product_rows or SHAPE["batch"] * SHAPE["block"]
+  print(f"\n(c) a projection's products at the 10.65M shape ({rows} x 384 -> 1536), GF/s")
+  print(f"{'products':<24}" + "".join(f"{n:>9}" for n in names))
+  for dtype in FLAGS.shape_dtypes:
+    for framework in ("torch", "xla"):
+      if f"products {dtype}" in results:
+        r = results[f"products {dtype}"][framework]
+        print(f"{framework + ' ' + dtype:<24}" + "".join(f"{r[n]:>9.0f}" for n in names))
 
 
 if __name__ == "__main__":
