@@ -7,9 +7,9 @@ The model and data of experiments/shakespeare_char.py (4 layers, 4 heads, d 128,
 characters of tinyshakespeare, the last 10% for validation); the recipe is free: float32
 (XLA:CPU's bfloat16 step of this model is slower: 69 ms against 50 at batch 16), batch 16,
 AdamW at 6e-3 with 30 warmup steps and cosine decay to 1e-4 at 900 steps (1.1M tokens, 0.75
-of the baseline's), one eval at the end (none at step 0), no sample. Its last eval/loss is the exact loss of
-the whole validation text; `python tools/bench_train.py` times it beside the baseline and
-nanoGPT's PyTorch.
+of the baseline's), one eval at the end (none at step 0), no sample. Its last eval/loss is the
+exact loss of the whole validation text; `python tools/bench_train.py` times it beside the
+baseline and nanoGPT's PyTorch.
 """
 
 import importlib.util

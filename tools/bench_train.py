@@ -21,8 +21,8 @@
     (llmjax/metrics.py) for both.
 (c) `products`: GF/s of the three products of a projection's training step at that shape
     (64 x 256 rows, d 384 -> 1536; float32 sums): x @ w (forward), g @ w^T (the input's
-    gradient), x^T @ g (the weight's), and a 1024^3 square, XLA:CPU beside PyTorch at each
-    --shape_dtypes precision, the best of 10 each: where a precision's step can go.
+    gradient), x^T @ g (the weight's), the best of 10 each, and (b)'s 1024^3 peak, XLA:CPU
+    beside PyTorch at each --shape_dtypes precision: where a precision's step can go.
 """
 
 import json
@@ -214,33 +214,33 @@ def torch_shape(text: str, steps: int, dtype: str) -> dict:
 
 
 def products(framework: str, dtype: str) -> dict:
-  """GF/s of (c)'s products in `framework` ("torch" or "xla") with `dtype` operands."""
+  """GF/s of (c)'s products in `framework` ("torch" or "xla") with `dtype` operands; the
+  square is the peak (b) divides by (`torch_peak`, llmjax's `metrics.measured_cpu_flops`)."""
   R, D, F = FLAGS.product_rows or SHAPE["batch"] * SHAPE["block"], SHAPE["d"], 4 * SHAPE["d"]
-  shapes = {"x": (R, D), "w": (D, F), "g": (R, F), "a": (1024, 1024)}
+  shapes = {"x": (R, D), "w": (D, F), "g": (R, F)}
   if framework == "torch":
     import torch
     torch.set_num_threads(os.cpu_count())
-    x, w, g, a = (torch.ones(s, dtype=getattr(torch, dtype)) for s in shapes.values())
-    run = {"x@w": lambda: x @ w, "g@wT": lambda: g @ w.T, "xT@g": lambda: x.T @ g,
-           "1024^3": lambda: a @ a}
+    x, w, g = (torch.ones(s, dtype=getattr(torch, dtype)) for s in shapes.values())
+    run = {"x@w": lambda: x @ w, "g@wT": lambda: g @ w.T, "xT@g": lambda: x.T @ g}
+    square = torch_peak(dtype)
   else:
     import jax
     import jax.numpy as jnp
-    x, w, g, a = (jnp.ones(s, dtype) for s in shapes.values())
+    from llmjax import metrics
+    x, w, g = (jnp.ones(s, dtype) for s in shapes.values())
 
     def dot(p, q, contract):  # contracting dims (of p, of q), summed in float32
       f = jax.jit(lambda p, q: jax.lax.dot_general(p, q, ((contract[:1], contract[1:]), ((), ())),
                                                    preferred_element_type=jnp.float32))
       return lambda: f(p, q).block_until_ready()
-    run = {"x@w": dot(x, w, (1, 0)), "g@wT": dot(g, w, (1, 1)), "xT@g": dot(x, g, (0, 0)),
-           "1024^3": dot(a, a, (1, 0))}
-  flops = {"x@w": 2 * R * D * F, "g@wT": 2 * R * D * F, "xT@g": 2 * R * D * F,
-           "1024^3": 2 * 1024 ** 3}
+    run = {"x@w": dot(x, w, (1, 0)), "g@wT": dot(g, w, (1, 1)), "xT@g": dot(x, g, (0, 0))}
+    square = metrics.measured_cpu_flops(dtype=dtype)
   out = {}
-  for name, f in run.items():
+  for name, f in run.items():  # each 2 R D F FLOPs
     f()
-    out[name] = flops[name] / min(timeit.repeat(f, number=1, repeat=10)) / 1e9
-  return out
+    out[name] = 2 * R * D * F / min(timeit.repeat(f, number=1, repeat=10)) / 1e9
+  return out | {"1024^3": square / 1e9}
 
 
 def launch(args: list[str], env=None) -> tuple[float, str]:
