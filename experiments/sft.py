@@ -9,15 +9,16 @@ The example: write the body of a standard-library function from its def line and
 (sft_*.jsonl, {"prompt", "response"}), starting from the GPT that experiments/gpt.py:tiny
 pre-trained on the same corpus (`train.init_from`; without it, from scratch). Records may be
 chats instead, {"messages": [{"role", "content"}, ...]}, rendered by the documented template.
-Variants: tiny (full fine-tuning) and tiny_lora (LoRA r=8 on attention's q, k and v).
+Variants: tiny (full fine-tuning), tiny_lora (LoRA r=8 on attention's q, k and v) and
+tiny_qlora (the same over an nf4 base: init_from's projections quantized as they load).
 """
 
 from llmjax.train import base_config
 
 
 def get_config(variant: str = "tiny"):
-  if variant not in ("tiny", "tiny_lora"):
-    raise ValueError(f"unknown variant {variant!r}; expected tiny or tiny_lora")
+  if variant not in ("tiny", "tiny_lora", "tiny_qlora"):
+    raise ValueError(f"unknown variant {variant!r}; expected tiny, tiny_lora or tiny_qlora")
   c = base_config()  # its model is experiments/gpt.py:tiny's
   c.objective.update(name="sft", length=128)
   c.data.update(path="/tmp/finetune_data/sft_train.jsonl",
@@ -27,7 +28,9 @@ def get_config(variant: str = "tiny"):
   c.train.update(steps=300, log_every=25, eval_every=100, eval_batches=8,
                  sample_prompt='def add(a, b):\n    """Add a to b."""\n',
                  sample_tokens=60)
-  if variant == "tiny_lora":
+  if variant in ("tiny_lora", "tiny_qlora"):
     c.lora.rank = 8
     c.optimizer.learning_rate = 2e-3
+  if variant == "tiny_qlora":
+    c.lora.quantize = "nf4"
   return c

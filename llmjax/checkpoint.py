@@ -3,7 +3,9 @@
 Two kinds of directory, local or gs://, hold parameters:
 
     model checkpoint   model.json (`models.config_to_dict`) + params/ (an Orbax PyTree
-                       checkpoint), maybe a tokenizer: what `save_model` and convert_hf write
+                       checkpoint), maybe a tokenizer: what `save_model` and convert_hf write;
+                       quantized (llmjax.quant), also quant.json (its QuantConfig) and each
+                       quantized weight as {"qvalue", "scale"} in params/
     llmjax workdir     config.json (the run's config) + checkpoints/<step>/state (the train
                        state {"step", "params", "opt_state"}, see `train.train`)
 """
@@ -19,7 +21,7 @@ from etils import epath
 from flax import linen as nn
 from flax import traverse_util
 
-from llmjax import data, models, paths, peft
+from llmjax import data, models, paths, peft, quant
 
 _KINDS = ("model checkpoint (model.json + params/)", "llmjax workdir (config.json + checkpoints/)")
 
@@ -98,10 +100,15 @@ def _shapes(tree) -> dict[str, tuple]:
 
 
 def save_model(directory: str, model: nn.Module, params) -> None:
-  """Writes `model`'s config and `params` under `directory` (which must not hold params yet)."""
+  """Writes `model`'s config and `params` under `directory` (which must not hold params yet);
+  a quantized model's values and scales as they are."""
   root = paths.path(directory)
   root.mkdir(parents=True, exist_ok=True)
   (root / "model.json").write_text(json.dumps(models.config_to_dict(model.cfg), indent=2))
+  cfg = getattr(model, "quant", None)
+  if cfg is not None:
+    (root / "quant.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2))
+    params = quant.to_arrays(params)
   with ocp.StandardCheckpointer() as ckptr:
     ckptr.save(root / "params", nn.meta.unbox(params))
 
@@ -123,6 +130,9 @@ def load_model(path: str, shardings=None) -> tuple[nn.Module, dict]:
   abstract = jax.tree.map(lambda m, s: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=s),
                           stored, shardings)
   params = _restore(found, abstract)
+  if (found.root / "quant.json").is_file():
+    model = quant.wrap(model, quant.QuantConfig(**_read_json(found.root / "quant.json")))
+    return model, quant.from_arrays(params, quant.abstract(model))
   lora = peft.from_config(model, (found.run or {}).get("lora"))
   if lora is model:
     return model, params
@@ -131,7 +141,9 @@ def load_model(path: str, shardings=None) -> tuple[nn.Module, dict]:
   if not init_from:
     raise ValueError(f"{found.root} is a LoRA run on the seed's initialization (no "
                      f"train.init_from): its frozen base was never saved")
-  return lora, peft.combine(load_model(init_from, one)[1], params)
+  base = load_model(init_from, one)[1]
+  base = quant.fill(base, quant.abstract(lora)) if getattr(lora, "quant", None) else base  # QLoRA
+  return lora, peft.combine(base, params)
 
 
 def load_params(path: str, abstract_params, keep_new=None) -> dict:
@@ -171,15 +183,22 @@ def tokenizer_spec(config) -> str:
   return "char:" + config.data.path if spec == "char" else spec  # the corpus's characters
 
 
-def load_tokenizer(path: str):
-  """The tokenizer of a workdir (as its config.json says) or of a model checkpoint (beside it)."""
+def tokenizer_of(path: str) -> str:
+  """What `data.load_tokenizer` takes to rebuild the tokenizer of a workdir (as its config.json
+  says) or of a model checkpoint (its tokenizer_spec file, else the files beside it)."""
   root = paths.path(path)
   if (root / "model.json").is_file():
-    spec, what = str(root), f"model checkpoint {root}"
-  elif (root / "config.json").is_file():
-    spec, what = tokenizer_spec(load_config(root)), f"workdir {root}"
-  else:
-    raise ValueError(f"{root} is neither a {_KINDS[0]} nor an {_KINDS[1]}")
+    spec = root / "tokenizer_spec"  # a quantized run's (tools/quantize.py)
+    return spec.read_text().strip() if spec.is_file() else str(root)
+  if (root / "config.json").is_file():
+    return tokenizer_spec(load_config(root))
+  raise ValueError(f"{root} is neither a {_KINDS[0]} nor an {_KINDS[1]}")
+
+
+def load_tokenizer(path: str):
+  """The tokenizer of a workdir or a model checkpoint (see `tokenizer_of`)."""
+  spec = tokenizer_of(path)
+  what = f"{'model checkpoint' if (paths.path(path) / 'model.json').is_file() else 'workdir'} {path}"
   try:
     return data.load_tokenizer(spec)
   except (OSError, ValueError) as e:  # a relative data.path is read from the current directory

@@ -8,7 +8,10 @@ the base model's. A projection's path is its module path plus the kernel's name 
 qwix hooks `jax.lax.dot_general` inside linen modules: the adapters are parameters
 `<kernel>_lora_a` [.., in, r] and `<kernel>_lora_b` [.., r, out] beside each kernel, sharded
 by its logical axes; `trainable(model)` says which leaves train (adapters and the
-`train` regex: PEFT's modules_to_save, by default a classification head).
+`train` regex: PEFT's modules_to_save, by default a classification head). QLoRA:
+`LoraConfig(quantize="nf4")` (or int8, int4) runs the frozen base's projections quantized
+(llmjax.quant): `add_adapters` quantizes given float parameters, the trainer quantizes
+`init_from`'s as they load, and `merge` folds the adapters into the dequantized weights.
 
 PEFT interop maps projection paths to transformers' module names (`_HF_NAMES`):
 `save_adapter` writes adapter_config.json + adapter_model.safetensors with PEFT's keys and
@@ -29,9 +32,11 @@ import qwix
 import safetensors.numpy
 from flax import linen as nn
 from flax import traverse_util
+from flax import nnx
+from qwix._src.providers import lora as qwix_lora
 from qwix._src.utils import flax_util
 
-from llmjax import hf, models, paths
+from llmjax import hf, models, paths, quant
 
 DEFAULT_TARGETS = {"bert": r".*attn/(query|value)", "gpt": r".*attn/(query|key|value)",
                    "t5": r".*attn/(query|value)"}  # PEFT's defaults for BERT, GPT-2 and T5
@@ -50,8 +55,12 @@ class LoraConfig:
   train: str = "classifier/.*"  # base parameters trained in full
   ranks: tuple = ()
   alphas: tuple = ()
+  quantize: str | None = None  # QLoRA: the frozen base's projections as "nf4", "int8" or "int4"
 
   def __post_init__(self):
+    if self.quantize not in (None, "nf4", "int8", "int4"):
+      raise ValueError(f"LoRA quantize={self.quantize!r}; expected nf4, int8, int4 or None (a "
+                       f"float base)")
     for pattern, rank in ((None, self.rank), *self.ranks):
       if not (isinstance(rank, int) and rank > 0):
         raise ValueError(f"LoRA rank={rank!r}{f' (for {pattern})' if pattern else ''} must be an "
@@ -84,48 +93,56 @@ def projection(kernel: str) -> str:
   return kernel.removesuffix("/kernel").removesuffix("_kernel")
 
 
-class _Provider(qwix.LoraProvider):
-  """qwix's LoRA, choosing by projection path (qwix's rules match module paths, and our
-  attention holds four kernels in one module); LoRA dropout only when a dropout rng is given."""
+class _Provider(quant.Provider):
+  """qwix's LoRA on the projections `targets` matches (a path regex: qwix's rules match module
+  paths, and our attention holds four kernels in one module), over a base quantized as `quant`
+  says (QLoRA) or float; LoRA dropout only when a dropout rng is given."""
 
   def __init__(self, cfg: LoraConfig, targets: str):
-    super().__init__(module_path=".*", rank=1, alpha=1.0)
-    self.cfg, self.targets, self._rule = cfg, targets, None
+    super().__init__(cfg.quantize and quant.QuantConfig(cfg.quantize))
+    self.cfg, self.targets = cfg, targets
 
-  def dot_general(self, lhs, rhs, *args, **kwargs):
-    module, name = flax_util.get_current_module(), flax_util.find_param(rhs)
-    path = None if name is None else projection("/".join(map(str, module.path)) + "/" + name)
-    if path is None or not re.fullmatch(self.targets, path):
-      return jax.lax.dot_general(lhs, rhs, *args, **kwargs)
+  def adapter(self, path, name, lhs, rhs, dimension_numbers, precision):
+    if not re.fullmatch(self.targets, path):
+      return None
+    module = flax_util.get_current_module()
     r, alpha = self.cfg.rank_alpha(path)
     bound = lambda shape: 1.0 / np.sqrt(shape[-2])  # A's fan-in: PEFT's kaiming_uniform(a=√5)
-    self._rule = qwix.LoraRule(
+    rule = qwix.LoraRule(
         module_path=".*", rank=r, alpha=self.cfg.scale(path) * r,
-        dropout=self.cfg.dropout if module.has_rng("dropout") else 0.0,
         lora_a_initializer=lambda key, shape, dtype: jax.random.uniform(
             key, shape, dtype, -bound(shape), bound(shape)))
+    (lhs_ca, rhs_ca), (lhs_ba, rhs_ba) = dimension_numbers
+    rhs_ra = tuple(i for i in range(rhs.ndim) if i not in rhs_ca and i not in rhs_ba)
+    dims = lambda axes: tuple(rhs.shape[i] for i in axes)
+    a_shape, a_axes, b_shape, b_axes = qwix_lora._create_lora_layer_shapes(  # pylint: disable=protected-access
+        rhs_ca, rhs_ba, rhs_ra, dims(rhs_ca), dims(rhs_ba), dims(rhs_ra), r)
     # qwix (0.1.8) applies the kernel's axis names to a new adapter before renaming them, a
     # rank mismatch under logical rules: it creates the adapters with none in force.
     creating = nn.logical_axis_rules(()) if module.is_initializing() else contextlib.nullcontext()
-    try:
-      with creating:
-        return super().dot_general(lhs, rhs, *args, **kwargs)
-    finally:
-      self._rule = None
-
-  def _get_current_rule_and_op_id(self, op_name, **kwargs):  # qwix's hook for the rule in force
-    _, op_id = super()._get_current_rule_and_op_id(op_name, **kwargs)
-    return (self._rule if op_name == "dot_general" else None), op_id
+    with creating:
+      a, b = qwix_lora._get_or_create_lora_params(  # pylint: disable=protected-access
+          name=name, rule=rule, a_shape=a_shape, b_shape=b_shape, a_sharding_transpose=a_axes,
+          b_sharding_transpose=b_axes)
+    if self.cfg.dropout > 0 and module.has_rng("dropout"):
+      lhs = nnx.Dropout(self.cfg.dropout, deterministic=False)(
+          lhs, rngs=flax_util.make_rng("dropout"))
+    delta = qwix_lora._compute_lora_delta(  # pylint: disable=protected-access
+        lhs, a, b, lhs_ca, lhs_ba, dims(rhs_ca), dims(rhs_ba), dims(rhs_ra), r, precision)
+    return delta * (rule.alpha / rule.rank)
 
 
 def wrap(model: nn.Module, cfg: LoraConfig) -> nn.Module:
   """`model` with LoRA adapters on the projections `cfg.targets` matches (same apply signature;
-  `model.apply` then needs the adapters' parameters, made by `init` or `add_adapters`)."""
+  `model.apply` then needs the adapters' parameters, made by `init` or `add_adapters`); with
+  `cfg.quantize`, over a quantized base (QLoRA)."""
   targets = cfg.targets or DEFAULT_TARGETS[_family(model)]
   provider = _Provider(cfg, targets)
-  wrapped = qwix.apply_lora_to_model(model, provider)
-  type(wrapped).lora = cfg  # a class of its own (qwix makes one per call)
+  wrapped = quant.intercept(model, provider)
+  type(wrapped).lora = cfg
   type(wrapped).lora_provider = provider
+  if provider.quant:
+    type(wrapped).quant = provider.quant
   return wrapped
 
 
@@ -135,12 +152,6 @@ def from_config(model: nn.Module, section) -> nn.Module:
   if not section or section.get("rank") is None:
     return model
   return wrap(model, LoraConfig(**section))
-
-
-def base_model(model: nn.Module) -> nn.Module:
-  """The plain model under a wrapped one (the model itself if not wrapped)."""
-  cls = getattr(type(model), "_unquantized_type", None)
-  return model if cls is None else cls(model.cfg)
 
 
 def is_adapter(path: str) -> bool:
@@ -156,11 +167,15 @@ def trainable(model: nn.Module):
 
 def add_adapters(model: nn.Module, params, example_args: tuple, example_kwargs=None,
                  seed: int = 0) -> dict:
-  """`params` of the base model with new adapters for wrapped `model` (B zero: same outputs);
-  a `targets` that matches no projection is an error naming the projections there are."""
-  fresh = nn.meta.unbox(jax.jit(lambda: model.init(
-      jax.random.key(seed), *example_args, **(example_kwargs or {})))()["params"])
+  """`params` of the base model with new adapters for wrapped `model` (B zero: same outputs),
+  its projections quantized if `model` quantizes them (QLoRA); a `targets` that matches no
+  projection is an error naming the projections there are."""
+  boxed = jax.jit(lambda: model.init(
+      jax.random.key(seed), *example_args, **(example_kwargs or {})))()["params"]
+  fresh = nn.meta.unbox(boxed)
   check_matched(model, fresh)
+  if getattr(model, "quant", None):
+    params = quant.fill(params, boxed)
   return combine(fresh, params)
 
 
@@ -197,15 +212,18 @@ def _adapters(params) -> dict[str, tuple]:
 
 
 def merge(model: nn.Module, params) -> tuple[nn.Module, dict]:
-  """(the plain model, its parameters with every adapter folded in: W + scale * A B)."""
+  """(the plain model, its parameters with every adapter folded in: W + scale * A B, over the
+  dequantized W of a quantized base)."""
   flat = {k: v for k, v in traverse_util.flatten_dict(params, sep="/").items()
           if not is_adapter(k)}
+  flat = {k: qwix.dequantize(v.array) if isinstance(v, quant.WithAux) else v  # QLoRA's base
+          for k, v in flat.items()}
   for kernel, (a, b) in _adapters(params).items():
     w = flat[kernel]
     scale = model.lora.scale(projection(kernel))
     delta = jnp.einsum("...ir,...ro->...io", a.astype(jnp.float32), b.astype(jnp.float32))
     flat[kernel] = (w.astype(jnp.float32) + scale * delta.reshape(w.shape)).astype(w.dtype)
-  return base_model(model), traverse_util.unflatten_dict(flat, sep="/")
+  return quant.base_model(model), traverse_util.unflatten_dict(flat, sep="/")
 
 
 # Projection path -> transformers module name, by family (our layers_N; HF's own prefixes).

@@ -38,4 +38,4 @@ class Embed(nn.Module):
   def attend(self, x_BTD: jax.Array) -> jax.Array:
     """Logits over the table's rows, computed and returned in float32."""
     return jnp.einsum("BTD,VD->BTV", x_BTD.astype(jnp.float32),
-                      self.embedding.astype(jnp.float32))
+                      jnp.asarray(self.embedding, jnp.float32))

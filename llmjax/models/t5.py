@@ -173,7 +173,7 @@ class T5(nn.Module):
       logits_BTV = self.token_embed.attend(y_BTD)
     else:
       logits_BTV = jnp.einsum("BTD,DV->BTV", y_BTD.astype(jnp.float32),
-                              self.lm_head.astype(jnp.float32))
+                              jnp.asarray(self.lm_head, jnp.float32))
     return sh.constrain(logits_BTV, (sh.BATCH, sh.LENGTH, sh.VOCAB))
 
   def __call__(self, encoder_tokens, decoder_tokens, encoder_segment_ids=None,

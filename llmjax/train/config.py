@@ -17,7 +17,8 @@ field can be overridden too.
     optimizer     adamw | adafactor, schedule, clipping, decay, microbatches, z-loss, smoothing
     mesh          shape over (data, fsdp, tensor), -1 = the rest; rules override
     lora          rank (None: full fine-tuning), alpha, dropout, targets, rslora, train: LoRA
-                  adapters on the frozen `train.init_from` model (see llmjax/peft.py)
+                  adapters on the frozen `train.init_from` model (see llmjax/peft.py);
+                  quantize: nf4 | int8 | int4 quantizes that base (QLoRA)
     train         steps, intervals for logging / eval (and one at step 0: eval_on_start) /
                   checkpoints, init_from
     runlocal      True: shrink the experiment to a CPU smoke run (see `shrink_for_cpu`)
@@ -100,7 +101,8 @@ def base_config() -> ml_collections.ConfigDict:
   c.mesh = ml_collections.ConfigDict({"shape": (-1, 1, 1), "rules": config_dict.placeholder(str)})
   c.lora = ml_collections.ConfigDict({
       "rank": config_dict.placeholder(int), "alpha": 8.0, "dropout": 0.0, "rslora": False,
-      "targets": config_dict.placeholder(str), "train": "classifier/.*"})
+      "targets": config_dict.placeholder(str), "train": "classifier/.*",
+      "quantize": config_dict.placeholder(str)})
   c.train = ml_collections.ConfigDict({
       "steps": 1000, "log_every": 50, "eval_every": 250, "eval_on_start": True,
       "eval_batches": 16, "checkpoint_every": 500, "keep_checkpoints": 3,

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from llmjax import checkpoint, data, evaluation, metrics, paths, peft, signals
+from llmjax import checkpoint, data, evaluation, metrics, paths, peft, quant, signals
 from llmjax.train import checkpoints, experiment, lease, step, workdir
 from llmjax.train.config import shrink_for_cpu
 
@@ -68,9 +68,14 @@ def _train(config, run_dir, held, log) -> Result:
   batch = step.abstract_batch(setup, shardings, config.batch_size)
   eval_step = step.make_eval_step(setup, step.full_params(state_shardings), shardings)
   pool = concurrent.futures.ThreadPoolExecutor(2, "compile")
-  compiling = pool.submit(train_step.lower(abstract, batch).compile)
+  # XLA:CPU's executables take 4-bit arrays packed, which CPU arrays are not (QLoRA's int4 or
+  # nf4 base): such a state runs through the jitted function, compiled at its first call.
+  aot = jax.default_backend() != "cpu" or not any(
+      x.dtype in (jnp.int4, jnp.uint4) for x in jax.tree.leaves(abstract))
+  compiled = lambda f, *args: f.lower(*args).compile if aot else lambda: f
+  compiling = pool.submit(compiled(train_step, abstract, batch))
   if c.eval_every:
-    eval_compiling = pool.submit(eval_step.lower(step.full_params(abstract), batch).compile)
+    eval_compiling = pool.submit(compiled(eval_step, step.full_params(abstract), batch))
   pool.shutdown(wait=(os.cpu_count() or 1) <= 2)
   ckpts = checkpoints.Checkpoints(run_dir / "checkpoints", c.checkpoint_every,
                                   c.keep_checkpoints, log=log)
@@ -163,8 +168,11 @@ def _restore_or_init(setup, ckpts, abstract, init, it, log):
   state = init(jax.random.key(setup.config.seed))
   if setup.config.train.init_from:
     # What the checkpoint lacks and fine-tuning adds (adapters, a new head) keeps its init.
-    loaded = checkpoint.load_params(setup.config.train.init_from, step.full_params(abstract),
-                                    keep_new=_new_leaf)
+    full = step.full_params(abstract)
+    qlora = quant.is_quantized(full)  # the base is stored float and quantizes as it loads
+    loaded = checkpoint.load_params(setup.config.train.init_from,
+                                    quant.float_view(full) if qlora else full, keep_new=_new_leaf)
+    loaded = quant.fill(loaded, full) if qlora else loaded
     params = peft.combine(step.full_params(state), loaded)
     new = set(_paths(params)) - set(_paths(loaded))
     frozen_new = sorted(k for k in new if setup.trainable and not setup.trainable(k))

@@ -5,12 +5,12 @@ import types
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 from llmjax import decode
 from llmjax.data import ByteTokenizer
 from llmjax.models.gpt import GPT, GPTConfig
+from tests import tiny_lm
 
 TOK = ByteTokenizer(0)
 # One layer keeps the compilations (most of these tests' time) short.
@@ -24,22 +24,8 @@ def setup():
   """(model, params, tokenizer) after 150 Adam steps on random windows: it learns the sentence."""
   model, data = GPT(CFG), TOK.encode(SENTENCE * 60).astype(np.int32)
   params = jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 32), jnp.int32))["params"]
-  tx = optax.adam(3e-3)
-
-  @jax.jit
-  def step(params, opt_state, windows_BT1):
-    def loss_fn(p):
-      logits = model.apply({"params": p}, windows_BT1[:, :-1])
-      return optax.softmax_cross_entropy_with_integer_labels(logits, windows_BT1[:, 1:]).mean()
-    loss, grads = jax.value_and_grad(loss_fn)(params)
-    updates, opt_state = tx.update(grads, opt_state)
-    return optax.apply_updates(params, updates), opt_state, loss
-
-  rng, opt_state = np.random.default_rng(0), tx.init(params)
-  for _ in range(150):
-    starts = rng.integers(0, len(data) - 33, 8)
-    params, opt_state, loss = step(params, opt_state, data[starts[:, None] + np.arange(33)])
-  assert float(loss) < 1.0
+  params, loss = tiny_lm.fit(model, params, data, steps=150, length=32, batch=8)
+  assert loss < 1.0
   # Trained on windows without BOS: a tokenizer without one, so prompts look like the data.
   tokenizer = types.SimpleNamespace(encode=TOK.encode, decode=TOK.decode, bos_id=None,
                                     eos_id=TOK.eos_id, pad_id=TOK.pad_id)

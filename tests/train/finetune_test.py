@@ -209,6 +209,33 @@ def test_lora_on_a_checkpoint_loads_back_as_base_plus_adapters(data_dir, tmp_pat
     train.train(config, str(tmp_path / "run2"), log=lambda _: None)
 
 
+def test_qlora_quantizes_the_base_as_it_loads(data_dir, tmp_path):
+  """lora.quantize=nf4 with scanned layers on a (2, 2, 2) mesh: init_from's float base loads
+  quantized (nf4 values, scales), sharded as its kernels, bitwise frozen while the adapters
+  train; load_model(workdir) gives the run's logits."""
+  from llmjax import checkpoint, models, quant
+  config = _config("sft.py:tiny_qlora", data_dir, "sft", steps=3)
+  config.model.scan_layers = True
+  config.mesh.shape = (2, 2, 2)
+  gpt = models.model_from_dict(config.model.to_dict())
+  params = nn.meta.unbox(gpt.init(jax.random.key(7), jnp.ones((1, 8), jnp.int32))["params"])
+  checkpoint.save_model(str(tmp_path / "base"), gpt, params)
+  config.train.init_from = str(tmp_path / "base")
+  result = train.train(config, str(tmp_path / "run"), log=lambda _: None)
+  got = traverse_util.flatten_dict(result.params, sep="/")
+  query = got["layers/attn/query_kernel"]
+  assert isinstance(query, quant.WithAux) and query.array.qtype == "nf4"
+  assert "tensor" in str(query.array.qvalue.sharding.spec)
+  want = traverse_util.flatten_dict(quant.fill(params, quant.abstract(result.setup.model)), sep="/")
+  assert np.array_equal(query.array.qvalue, want["layers/attn/query_kernel"].array.qvalue)
+  assert not np.any(got["layers/attn/query_kernel_lora_b"] == 0)  # trained
+  model, loaded = checkpoint.load_model(str(tmp_path / "run"))
+  tokens = jnp.asarray(np.arange(16).reshape(2, 8) % 200 + 1)
+  np.testing.assert_allclose(model.apply({"params": loaded}, tokens),
+                             result.setup.model.apply({"params": result.params}, tokens),
+                             atol=1e-5)
+
+
 def test_lora_with_scan_remat_bfloat16_on_a_mesh(data_dir, tmp_path):
   """LoRA under scan_layers, full remat and bfloat16 compute on a (2, 2, 2) mesh: adapters
   sharded by their kernels' axes (B's output over "tensor"), the base untouched."""
