@@ -87,10 +87,8 @@ def _family(model) -> str:
   return models.config_to_dict(model.cfg)["family"]
 
 
-def projection(kernel: str) -> str:
-  """The path of the projection whose kernel is at `kernel`: "a/attn/query_kernel" -> "a/attn/
-  query", "a/mlp/wi/kernel" -> "a/mlp/wi"."""
-  return kernel.removesuffix("/kernel").removesuffix("_kernel")
+projection = quant.projection  # "a/attn/query_kernel" -> "a/attn/query", "a/mlp/wi/kernel" ->
+# "a/mlp/wi": a projection's path
 
 
 class _Provider(quant.Provider):

@@ -41,7 +41,6 @@ from llmjax import sharding as sh
 
 QTYPES = {"int8": (jnp.int8, None), "int4": (jnp.int4, None), "w8a8": (jnp.int8, jnp.int8),
           "nf4": ("nf4", None)}  # name: (weights' type, activations' type)
-BITS = {"int8": 8, "int4": 4, "w8a8": 8, "nf4": 4}
 TILED = ("int4", "nf4")
 DEFAULT_TARGETS = r".*(attn|mlp)/\w+"  # the attention projections and the MLPs
 TILE = 128
@@ -83,10 +82,9 @@ class QuantConfig:
                        f"dimension of {n}")
     return tile
 
-  def rule(self, path: str, n: int, **kw) -> qwix.QuantizationRule:
+  def rule(self, path: str, n: int) -> qwix.QuantizationRule:
     weight, act = QTYPES[self.qtype]
-    return qwix.QuantizationRule(weight_qtype=weight, act_qtype=act, tile_size=self.tile(path, n),
-                                 **kw)
+    return qwix.QuantizationRule(weight_qtype=weight, act_qtype=act, tile_size=self.tile(path, n))
 
 
 def projection(name: str) -> str:
@@ -170,7 +168,7 @@ class Provider(qwix.PtqProvider):
 
   def take(self, a, indices, axis=None, **kwargs):
     """An embedding table's rows: gathered from a quantized table, then dequantized."""
-    if isinstance(a, WithAux):
+    if isinstance(a, WithAux) and axis == 0:
       return qwix.dequantize(a.array[indices])
     path, name, table = self._weight(a) if axis == 0 and a.ndim == 2 else (None, None, a)
     rule = (path and path.endswith("embedding") and flax_util.get_current_module().is_initializing()
@@ -226,8 +224,8 @@ def is_quantized(params) -> bool:
 
 
 def _leaves(params) -> dict:
-  return traverse_util.flatten_dict(nn.meta.unbox(params), sep="/",
-                                    is_leaf=lambda _, x: isinstance(x, WithAux))
+  """{path: leaf} of a parameter tree, unboxed; a quantized weight (WithAux) is one leaf."""
+  return traverse_util.flatten_dict(nn.meta.unbox(params), sep="/")
 
 
 def quantize(model: nn.Module, params, qtype: str = "int8", *, targets: str | None = None,
@@ -246,8 +244,7 @@ def quantize(model: nn.Module, params, qtype: str = "int8", *, targets: str | No
                     if k.endswith(("kernel", "embedding", "head"))})
     raise ValueError(f"quantization targets {cfg.pattern!r} match no weight; the model's are "
                      f"{', '.join(names)}")
-  if mesh := next((s.mesh for s in (getattr(x, "sharding", None) for x in jax.tree.leaves(params))
-                   if isinstance(s, jax.sharding.NamedSharding) and s.mesh.size > 1), None):
+  if mesh := sh.mesh_of(params):
     shapes = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
                           nn.meta.unbox(shapes), sh.logical_sharding(shapes, mesh))
   return qmodel, fill(params, shapes)
@@ -311,7 +308,7 @@ def nbytes(params) -> int:
   for leaf in _leaves(params).values():
     if isinstance(leaf, WithAux):
       q = leaf.array
-      bits = 4 if q.qtype in ("nf4", jnp.int4) or str(q.qtype) == "int4" else 8
+      bits = 4 if q.qvalue.dtype in (jnp.int4, jnp.uint4) else 8  # int4; nf4's indices
       total += math.ceil(np.prod(q.qvalue.shape) * bits / 8)
       total += sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in (q.scale, q.zero_point)
                    if x is not None)

@@ -87,6 +87,13 @@ def logical_sharding(boxed_tree, mesh: Mesh, rules: Rules = RULES):
   return jax.tree.map(one, specs, shapes, is_leaf=lambda x: isinstance(x, P))
 
 
+def mesh_of(tree) -> Mesh | None:
+  """The mesh a tree's arrays are placed on, if they are split over more than one device."""
+  shardings = (getattr(leaf, "sharding", None) for leaf in jax.tree.leaves(tree))
+  return next((s.mesh for s in shardings if isinstance(s, NamedSharding) and s.mesh.size > 1),
+              None)
+
+
 def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
   """Activation sharding hint by logical names; a no-op outside a mesh and rules context."""
   return nn.with_logical_constraint(x, tuple(axes))

@@ -182,6 +182,22 @@ def test_adapters_cross_to_peft_and_back(tmp_path, family):
          mask, family, 1e-5)
 
 
+def test_adapters_reach_t5s_encode_and_decoder_logits():
+  """decode.generate runs a T5 through `encode` and `decoder_logits`: the adapters act there as
+  in __call__."""
+  model = models.T5(models.T5Config(vocab_size=V, d_model=32, num_layers=1, num_heads=2,
+                                    d_ff=64))
+  lora = peft.wrap(model, peft.LoraConfig(rank=2))
+  tokens = jnp.asarray(_inputs()[0])
+  params = nn_unbox(model.init(jax.random.key(0), tokens, tokens)["params"])
+  moved = _perturb(peft.add_adapters(lora, params, (tokens, tokens)))
+  encoded = lora.apply({"params": moved}, tokens, method="encode")
+  assert not np.allclose(encoded, model.apply({"params": params}, tokens, method="encode"))
+  np.testing.assert_allclose(
+      lora.apply({"params": moved}, encoded, tokens, method="decoder_logits"),
+      lora.apply({"params": moved}, tokens, tokens), atol=1e-5)
+
+
 def test_scanned_layers_take_the_same_adapters(tmp_path):
   ref = _bert(str(tmp_path / "base"))
   inputs = _inputs()

@@ -105,6 +105,13 @@ def test_dequantized_error_is_within_half_a_step(trained):
     err = np.abs(np.asarray(qwix.dequantize(q)) - w).reshape(blocks.shape)
     assert (err <= q.scale[:, None] / 2 * (1 + 1e-4)).all()  # float32 rounding of w / scale
     assert q.qvalue.dtype == (jnp.int8 if qtype == "int8" else jnp.int4)
+  # Weight-only int8 computes x . dequantize(W): the float model on dequantized weights agrees.
+  qmodel, qparams = quant.quantize(model, params, "int8")
+  plain, dequantized = quant.dequantize(qmodel, qparams)
+  tokens = jnp.asarray(TOK.encode(TEXT[:48]))[None]
+  assert type(plain) is GPT and not quant.is_quantized(dequantized)
+  np.testing.assert_allclose(plain.apply({"params": dequantized}, tokens),
+                             qmodel.apply({"params": qparams}, tokens), atol=1e-4)
 
 
 @pytest.mark.parametrize("base", ["nf4", "int8"])

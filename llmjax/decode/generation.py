@@ -113,7 +113,7 @@ def generate(model: nn.Module, params, prompts, max_new_tokens: int, *, temperat
 
 def run_on_mesh_of(fn, params, batch: tuple, *rest):
   """fn(params, *batch, *rest) on the parameters' mesh (if any), numpy `batch` split by batch."""
-  mesh = _mesh_of(params)
+  mesh = sh.mesh_of(params)
   if mesh is None:
     return fn(params, *batch, *rest)
   spec = P(*nn.logical_to_mesh_axes((sh.BATCH,), sh.RULES))
@@ -121,13 +121,6 @@ def run_on_mesh_of(fn, params, batch: tuple, *rest):
                 for a in batch)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sh.RULES):
     return fn(params, *batch, *rest)
-
-
-def _mesh_of(params):
-  """The mesh the parameters are placed on, if they are sharded over more than one device."""
-  shardings = (getattr(leaf, "sharding", None) for leaf in jax.tree.leaves(params))
-  return next((s.mesh for s in shardings if isinstance(s, NamedSharding) and s.mesh.size > 1),
-              None)
 
 
 def _zero_cache(model, init):
