@@ -152,6 +152,9 @@ def load_params(path: str, abstract_params, keep_new=None) -> dict:
   `keep_new(name)`: the parameters it accepts may be missing there (new: left out of the
   result, for the caller's initialization), and parameters there but not here are dropped."""
   found = _locate(path)
+  if (found.root / "quant.json").is_file():
+    raise ValueError(f"{found.root} is a quantized checkpoint: fine-tune (QLoRA included, which "
+                     f"quantizes as it loads) from the float one")
   stored, wanted = _shapes(_stored(found)), _shapes(abstract_params)
   new = {k for k in set(wanted) - set(stored) if keep_new and keep_new(k)}
   problems = [f"{k}: {stored[k]} there, {wanted[k]} here" for k in sorted(wanted)

@@ -106,10 +106,12 @@ class _Provider(quant.Provider):
     module = flax_util.get_current_module()
     r, alpha = self.cfg.rank_alpha(path)
     bound = lambda shape: 1.0 / np.sqrt(shape[-2])  # A's fan-in: PEFT's kaiming_uniform(a=√5)
+    dtype = getattr(module, "param_dtype", None)  # qwix takes a quantized base's scales' dtype
     rule = qwix.LoraRule(
         module_path=".*", rank=r, alpha=self.cfg.scale(path) * r,
-        lora_a_initializer=lambda key, shape, dtype: jax.random.uniform(
-            key, shape, dtype, -bound(shape), bound(shape)))
+        lora_a_initializer=lambda key, shape, qwix_dtype: jax.random.uniform(
+            key, shape, dtype or qwix_dtype, -bound(shape), bound(shape)),
+        lora_b_initializer=lambda key, shape, qwix_dtype: jnp.zeros(shape, dtype or qwix_dtype))
     (lhs_ca, rhs_ca), (lhs_ba, rhs_ba) = dimension_numbers
     rhs_ra = tuple(i for i in range(rhs.ndim) if i not in rhs_ca and i not in rhs_ba)
     dims = lambda axes: tuple(rhs.shape[i] for i in axes)
@@ -148,6 +150,9 @@ def from_config(model: nn.Module, section) -> nn.Module:
   """`model` wrapped as a config's `lora` section (LoraConfig's fields) says, or `model` itself
   where the section or its rank is unset (full fine-tuning)."""
   if not section or section.get("rank") is None:
+    if section and section.get("quantize"):
+      raise ValueError(f"lora.quantize={section['quantize']!r} needs lora.rank: QLoRA trains "
+                       f"adapters over the quantized base")
     return model
   return wrap(model, LoraConfig(**section))
 

@@ -9,16 +9,18 @@ jnp.take: the embedding lookup); `Provider` chooses each weight's rule by its pa
 path plus the parameter's name less "kernel" (peft.projection): "layers_0/attn/query",
 "layers_3/mlp/wi", "wte/embedding" (the token table, and the tied head that reads it), "head".
 `targets`, a regex fully matching such paths, says which weights quantize: by default the
-attention projections and the MLPs; norms, biases, embeddings and the output head stay float
-unless it names them (".*": every weight). The attention's score and mixing products have no
-weight, so no rule: they stay float in w8a8 too.
+attention projections and the MLPs; embeddings and the output head stay float unless it names
+them (".*": every weight a product or a lookup reads). Norms and biases, T5's relative-bias
+table and the attention's score and mixing products (no weight, so no rule; float in w8a8
+too) always stay float.
 
 A quantized weight is qwix's WithAux(QArray(qvalue, scale), how) in the parameter tree:
-symmetric absmax scales, int8 per output channel (absmax / 127.5); int4 and nf4 per tile of
-`tile_size` along the last contracted dimension (default: the largest power of two up to 128
-that divides it; an explicit tile must divide it, or spans it whole where it is shorter, as an
-attention output's head width) and per output channel. A table's scales are
-per row (and tile). w8a8 also quantizes each op's input per token, dynamically (qwix's XLA
+symmetric absmax scales, int8 per output channel (absmax / 127.5); int4 and nf4 per output
+channel and block of contracted values. qwix tiles the last contracted dimension only, so a
+block is `tile_size` of it times the other contracted dimensions (an attention output's
+[H, K, D] kernel: every head at once). By default the tile is the largest power of two that
+divides that dimension with blocks of at most 128 values; an explicit tile must divide it, or
+spans it whole where it is shorter. A table's scales are per row (and tile). w8a8 also quantizes each op's input per token, dynamically (qwix's XLA
 default). qwix computes a product's numerics; this module only chooses and places them.
 """
 
@@ -72,19 +74,22 @@ class QuantConfig:
   def pattern(self) -> str:
     return self.targets or DEFAULT_TARGETS
 
-  def tile(self, path: str, n: int) -> int | None:
-    """The tile along a contracted dimension of size `n` (None: per channel)."""
+  def tile(self, path: str, n: int, rest: int = 1) -> int | None:
+    """The tile along the last contracted dimension, of size `n`, `rest` values contracted
+    beside each of its entries (None: per channel)."""
     if self.qtype not in TILED:
       return None
-    tile = math.gcd(TILE, n) if self.tile_size is None else min(self.tile_size, n)
+    most = 1 << (max(TILE // rest, 1).bit_length() - 1)  # a power of two: blocks <= TILE values
+    tile = math.gcd(most, n) if self.tile_size is None else min(self.tile_size, n)
     if n % tile:
       raise ValueError(f"tile_size={self.tile_size} does not divide {path}'s contracted "
                        f"dimension of {n}")
     return tile
 
-  def rule(self, path: str, n: int) -> qwix.QuantizationRule:
+  def rule(self, path: str, n: int, rest: int = 1) -> qwix.QuantizationRule:
     weight, act = QTYPES[self.qtype]
-    return qwix.QuantizationRule(weight_qtype=weight, act_qtype=act, tile_size=self.tile(path, n))
+    return qwix.QuantizationRule(weight_qtype=weight, act_qtype=act,
+                                 tile_size=self.tile(path, n, rest))
 
 
 def projection(name: str) -> str:
@@ -93,19 +98,19 @@ def projection(name: str) -> str:
 
 
 class Provider(qwix.PtqProvider):
-  """qwix's PTQ with each weight's rule chosen by its path: `rule(path, n)` (n: the size of the
-  last dimension the weight contracts) returns a qwix rule or None. A projection may also add
-  `adapter(...)` to its output (peft's LoRA)."""
+  """qwix's PTQ with each weight's rule chosen by its path: `rule(path, n, rest)` (n: the size
+  of the last dimension the weight contracts, rest: of the others) returns a qwix rule or None.
+  A projection may also add `adapter(...)` to its output (peft's LoRA)."""
 
   def __init__(self, quant: QuantConfig | None):
     super().__init__([])  # qwix's own rules, by module path, are unused: `rule` chooses
     self.quant, self._rule, self.matched = quant, None, set()
 
-  def rule(self, path: str, n: int):
+  def rule(self, path: str, n: int, rest: int = 1):
     if self.quant is None or not re.fullmatch(self.quant.pattern, path):
       return None
     self.matched.add(path)
-    return self._init_rule(self.quant.rule(path, n))
+    return self._init_rule(self.quant.rule(path, n, rest))
 
   def adapter(self, path, name, lhs, rhs, dimension_numbers, precision):  # pylint: disable=unused-argument
     """A term added to the projection at `path` (its parameter `name`), or None."""
@@ -121,30 +126,29 @@ class Provider(qwix.PtqProvider):
     if isinstance(x, WithAux):
       name = next((k for k, v in stored.items()
                    if isinstance(v, WithAux) and v.array.qvalue is x.array.qvalue), None)
-    else:
+    else:  # float: never a weight an earlier op of this init quantized (init runs it float)
       name = flax_util.find_param(x)
-      if name is not None and isinstance(stored[name], WithAux):
-        x = self.asarray(stored[name], x.dtype)  # quantized by an earlier op of this init
     path = None if name is None else projection("/".join(map(str, module.path + (name,))))
     return path, name, x
 
-  def _chosen(self, rhs, last: int):
-    """Sets the rule of the op on weight `rhs` (last: its last contracted axis). A float weight
+  def _chosen(self, rhs, contracted):
+    """Sets the rule of the op on weight `rhs` (contracted: its contracted axes). A float weight
     meets a quantized model outside init only where quantization did not cover it (a method
     init does not run): it stays float."""
     path, name, rhs = self._weight(rhs)
+    n, rest = rhs.shape[contracted[-1]], math.prod(rhs.shape[a] for a in contracted[:-1])
     if path is not None and (isinstance(rhs, WithAux)
                              or flax_util.get_current_module().is_initializing()):
-      self._rule = self.rule(path, rhs.shape[last])
+      self._rule = self.rule(path, n, rest)
     elif isinstance(rhs, WithAux):  # quantized, though not traced back to its name
-      self._rule = self._init_rule(self.quant.rule("", rhs.shape[last]))
+      self._rule = self._init_rule(self.quant.rule("", n, rest))
     return path, name, rhs
 
   def dot_general(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
                   **kwargs):
     path = None
     if dimension_numbers[0][1]:
-      path, name, rhs = self._chosen(rhs, dimension_numbers[0][1][-1])
+      path, name, rhs = self._chosen(rhs, dimension_numbers[0][1])
     try:
       out = super().dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
                                 **kwargs)
@@ -160,7 +164,7 @@ class Provider(qwix.PtqProvider):
       lhs_s, rhs_s = ins.split(",")
       contracted = [i for i, c in enumerate(rhs_s) if c in lhs_s and c not in out]
       if contracted:
-        operands = (operands[0], self._chosen(operands[1], contracted[-1])[2])
+        operands = (operands[0], self._chosen(operands[1], contracted)[2])
     try:
       return super().einsum(einsum_str, *operands, **kwargs)
     finally:
@@ -235,36 +239,43 @@ def quantize(model: nn.Module, params, qtype: str = "int8", *, targets: str | No
   cfg = QuantConfig(qtype, targets, tile_size)
   if is_quantized(params):
     raise ValueError("these parameters are already quantized: quantize the float checkpoint")
+  _check_plain(model, "quantize")
   qmodel = wrap(model, cfg)
   shapes = abstract(qmodel)
-  flat, wanted = _leaves(params), _leaves(shapes)
+  wanted = _leaves(shapes)
   chosen = sorted(k for k, v in wanted.items() if isinstance(v, WithAux))
   if not chosen:
     names = sorted({re.sub(r"_\d+/", "_N/", projection(k)) for k in wanted
                     if k.endswith(("kernel", "embedding", "head"))})
     raise ValueError(f"quantization targets {cfg.pattern!r} match no weight; the model's are "
                      f"{', '.join(names)}")
-  if mesh := sh.mesh_of(params):
-    shapes = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                          nn.meta.unbox(shapes), sh.logical_sharding(shapes, mesh))
   return qmodel, fill(params, shapes)
 
 
+def _check_plain(model: nn.Module, what: str) -> None:
+  if getattr(model, "lora", None) is not None:
+    raise ValueError(f"{what}: the model carries LoRA adapters, which this would drop; fold them "
+                     f"in first with peft.merge(model, params)")
+
+
 def fill(params, shapes) -> dict:
-  """`params` with each weight that `shapes` (a quantized model's parameter tree: `abstract`'s,
-  or ShapeDtypeStructs with shardings) holds quantized, quantized as it says and placed as its
-  shardings say (`quantize`: by the same logical axes as the float weight, on its mesh). The
-  others, and parameters `shapes` lacks, are kept as they are."""
-  flat, spec = _leaves(params), _leaves(shapes)
-  chosen = [k for k, v in spec.items() if isinstance(v, WithAux)]
+  """`params` with each weight that `shapes` (a quantized model's parameter tree: boxed, as
+  `abstract` gives it, or ShapeDtypeStructs with shardings) holds quantized, quantized as it
+  says and placed as its shardings say, or else, for `params` on a mesh, by the weights' logical
+  axes there. The others, and parameters `shapes` lacks, are kept as they are."""
+  flat, boxed = _leaves(params), traverse_util.flatten_dict(shapes, sep="/")
+  chosen = [k for k, v in boxed.items() if isinstance(v, WithAux)]
   missing = sorted(set(chosen) - set(flat))
   if missing:
     raise ValueError(f"params lack {len(missing)} weights of this model: {missing[:4]}")
-  spec = {k: spec[k] for k in chosen}
-  placed = all(getattr(x, "sharding", None) for x in jax.tree.leaves(spec))
-  done = jax.jit(lambda p: {k: _quantized(p[k], spec[k]) for k in chosen},
-                 out_shardings=jax.tree.map(lambda x: x.sharding, spec) if placed else None)(
-                     {k: jnp.asarray(flat[k]) for k in chosen})
+  spec = nn.meta.unbox({k: boxed[k] for k in chosen})
+  out = None
+  if all(isinstance(x, jax.ShapeDtypeStruct) and x.sharding for x in jax.tree.leaves(spec)):
+    out = jax.tree.map(lambda x: x.sharding, spec)
+  elif mesh := sh.mesh_of(params):
+    out = sh.logical_sharding({k: boxed[k] for k in chosen}, mesh)
+  done = jax.jit(lambda p: {k: _quantized(p[k], spec[k]) for k in chosen}, out_shardings=out)(
+      {k: jnp.asarray(flat[k]) for k in chosen})
   return traverse_util.unflatten_dict({**flat, **done}, sep="/")
 
 
@@ -278,9 +289,10 @@ def float_view(shapes):
 
 
 def _quantized(w, spec: WithAux) -> WithAux:
-  """`w` quantized as `spec` says; a scanned stack of layers layer by layer (its `how`
-  describes one layer: the scales it gives `w` whole are not the stack's)."""
-  one = lambda x: qarray.quantize(x, spec.how)
+  """`w` quantized as `spec` says, from the dtype the model computes in (its scales', which a
+  bfloat16 model with float32 parameters quantizes at); a scanned stack of layers layer by
+  layer (its `how` describes one layer: the scales it gives `w` whole are not the stack's)."""
+  one = lambda x: qarray.quantize(x.astype(spec.array.scale.dtype), spec.how)
   try:
     stacked = tuple(qarray.get_scale_shape(w.shape, spec.how)) != tuple(spec.array.scale.shape)
   except ValueError:  # a tile that fits one layer's dimension, not the stack's
@@ -289,7 +301,9 @@ def _quantized(w, spec: WithAux) -> WithAux:
 
 
 def dequantize(qmodel: nn.Module, qparams) -> tuple[nn.Module, dict]:
-  """(the float model, its parameters with each quantized weight dequantized)."""
+  """(the float model, its parameters with each quantized weight dequantized); a QLoRA model's
+  adapters fold in with peft.merge."""
+  _check_plain(qmodel, "dequantize")
   flat = {k: qwix.dequantize(v.array) if isinstance(v, WithAux) else v
           for k, v in _leaves(qparams).items()}
   return base_model(qmodel), traverse_util.unflatten_dict(flat, sep="/")
@@ -331,7 +345,13 @@ def to_arrays(qparams) -> dict:
 def from_arrays(arrays, shapes) -> dict:
   """`to_arrays`'s inverse, given the quantized model's `abstract` tree."""
   flat, out = traverse_util.flatten_dict(arrays, sep="/"), {}
-  for k, v in _leaves(shapes).items():
+  wanted = _leaves(shapes)
+  stored = lambda k, v: (k + "/qvalue" if isinstance(v, WithAux) else k) in flat
+  missing = sorted(k for k, v in wanted.items() if not stored(k, v))
+  if missing:
+    raise ValueError(f"the stored parameters lack {len(missing)} of this quantized model's: "
+                     f"{missing[:4]} (quantized with other targets?)")
+  for k, v in wanted.items():
     if isinstance(v, WithAux):
       q = v.array
       out[k] = WithAux(QArray(flat[k + "/qvalue"], flat[k + "/scale"], qtype=q.qtype), v.how)

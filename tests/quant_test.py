@@ -116,6 +116,8 @@ def test_dequantized_error_is_within_half_a_step(trained):
 
 @pytest.mark.parametrize("base", ["nf4", "int8"])
 def test_qlora_trains_adapters_over_a_frozen_quantized_base(trained, base):
+  """Only the float32 adapters train (the trainer's test checks the base stays bitwise through
+  its steps); the loss falls; merge's float weights give the QLoRA model's logits."""
   model, params, _ = trained
   ids = TOK.encode(TEXT).astype(np.int32)
   windows = jnp.asarray(np.stack([ids[i:i + 33] for i in range(0, 256, 32)]))
@@ -124,7 +126,7 @@ def test_qlora_trains_adapters_over_a_frozen_quantized_base(trained, base):
   train, frozen = peft.split(peft.add_adapters(lora, params, (windows[:, :-1],)),
                              peft.trainable(lora))
   assert quant.is_quantized(frozen) and not quant.is_quantized(train)
-  before = [np.asarray(x) for x in jax.tree.leaves(frozen)]
+  assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(train))
   tx = optax.adam(1e-2)
 
   @jax.jit
@@ -141,7 +143,6 @@ def test_qlora_trains_adapters_over_a_frozen_quantized_base(trained, base):
     train, opt_state, loss = step(train, opt_state, frozen)
     losses.append(float(loss))
   assert losses[-1] < 0.8 * losses[0]
-  assert all(np.array_equal(a, b) for a, b in zip(before, jax.tree.leaves(frozen)))
   full = peft.combine(train, frozen)
   plain, merged = peft.merge(lora, full)
   assert not quant.is_quantized(merged) and type(plain) is GPT
@@ -160,6 +161,10 @@ def test_sharded_and_through_generate(trained):
   _, sharded = quant.quantize(model, placed, "int8", targets=".*")
   wi = _leaves(sharded)["layers_0/mlp/wi/kernel"].array
   assert wi.qvalue.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor")
+  lora = peft.wrap(model, peft.LoraConfig(rank=2, quantize="nf4"))
+  with_adapters = peft.add_adapters(lora, placed, (jnp.zeros((1, 8), jnp.int32),))
+  query = _leaves(with_adapters)["layers_0/attn/query_kernel"].array
+  assert query.qvalue.sharding.spec == jax.sharding.PartitionSpec("fsdp", "tensor", None)
   tokens = jnp.asarray(held_out[:64])[None].repeat(4, 0)
   with jax.set_mesh(mesh), nn.logical_axis_rules(sh.RULES):
     out = jax.jit(lambda p, t: qmodel.apply({"params": p}, t))(sharded, tokens)
@@ -170,6 +175,28 @@ def test_sharded_and_through_generate(trained):
   np.testing.assert_array_equal(new, decode.generate(qmodel, qparams, prompt, 100))
   agree = (new == np.asarray(decode.generate(model, params, prompt, 100))).mean()
   assert agree >= 0.9, agree
+
+
+def test_bfloat16_compute_gqa_and_an_untied_head():
+  """A bfloat16-compute model of float32 parameters quantizes what it computes with (bfloat16
+  projections, as init quantizes them; the float32 head and lookup), grouped kv heads and an
+  untied head included; QLoRA's adapters keep the parameters' float32."""
+  model = GPT(GPTConfig.from_size("tiny", vocab_size=64, num_layers=1, num_kv_heads=2,
+                                  tie_embeddings=False, dtype="bfloat16"))
+  tokens = jnp.arange(16)[None] % 64
+  params = nn.meta.unbox(jax.jit(model.init)(jax.random.key(0), tokens)["params"])
+  qmodel, qparams = quant.quantize(model, params, "int8", targets=".*")
+  assert {"head", "layers_0/attn/key", "wte/embedding"} <= qmodel.provider.matched
+  scales = {k: v.array.scale.dtype for k, v in _leaves(qparams).items()
+            if isinstance(v, quant.WithAux)}
+  for k, dtype in scales.items():  # the head computes its logits, and tables look up, in float32
+    assert dtype == (jnp.float32 if k in ("head", "wte/embedding", "wpe/embedding") else
+                     jnp.bfloat16), k
+  ref, out = model.apply({"params": params}, tokens), qmodel.apply({"params": qparams}, tokens)
+  assert float(jnp.abs(out - ref).max()) < 0.05 * float(jnp.abs(ref).max())
+  lora = peft.wrap(model, peft.LoraConfig(rank=2, quantize="nf4"))
+  train = peft.split(peft.add_adapters(lora, params, (tokens,)), peft.trainable(lora))[0]
+  assert {x.dtype for x in jax.tree.leaves(train)} == {jnp.dtype(jnp.float32)}
 
 
 def test_checkpoint_holds_values_and_scales(trained, tmp_path):
@@ -185,11 +212,14 @@ def test_checkpoint_holds_values_and_scales(trained, tmp_path):
   assert stored["layers_0"]["mlp"]["wi"]["kernel"]["qvalue"].dtype == jnp.int4
   with pytest.raises(ValueError, match="already quantized"):
     quant.quantize(loaded_model, loaded, "int8")
+  with pytest.raises(ValueError, match="is a quantized checkpoint: fine-tune .* from the float"):
+    checkpoint.load_params(str(tmp_path), params)
 
 
 @pytest.mark.parametrize("family", ["bert", "t5"])
 def test_encoders_quantize_every_entry_point(family):
-  """BERT's and T5's projections and tied tables, through each method the decoders call."""
+  """BERT's and T5's projections and tied tables, through the entry points the decoders call
+  (BERT: __call__ and hidden; T5: __call__, encode and decoder_logits)."""
   kw = dict(vocab_size=64, num_layers=1, d_model=32, num_heads=2, d_ff=64)
   if family == "bert":
     model = Bert(BertConfig(**kw, max_seq_len=16))
@@ -202,6 +232,10 @@ def test_encoders_quantize_every_entry_point(family):
   ref = model.apply({"params": params}, *args)
   out = qmodel.apply({"params": qparams}, *args)
   assert 0 < float(jnp.abs(out - ref).max()) < 0.05 * float(jnp.abs(ref).max())
+  if family == "bert":
+    hidden = qmodel.apply({"params": qparams}, tokens, method="hidden")
+    float_hidden = model.apply({"params": params}, tokens, method="hidden")
+    assert 0 < float(jnp.abs(hidden - float_hidden).max()) < 0.05 * float(jnp.abs(float_hidden).max())
   if family == "t5":
     encoded = qmodel.apply({"params": qparams}, tokens, method="encode")
     np.testing.assert_allclose(qmodel.apply({"params": qparams}, encoded, tokens,
@@ -220,6 +254,12 @@ def test_bad_input_is_one_clear_error(trained):
       quant.quantize(model, params, kw.pop("qtype"), **kw)
   with pytest.raises(ValueError, match="LoRA quantize='int2'"):
     peft.LoraConfig(quantize="int2")
+  with pytest.raises(ValueError, match="lora.quantize='nf4' needs lora.rank"):
+    peft.from_config(model, {"rank": None, "quantize": "nf4"})
+  lora = peft.wrap(model, peft.LoraConfig(rank=2))
+  for fn in (quant.quantize, quant.dequantize):
+    with pytest.raises(ValueError, match="carries LoRA adapters.*peft.merge"):
+      fn(lora, params)
 
 
 def test_tools_quantize_and_bench(trained, tmp_path):

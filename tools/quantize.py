@@ -10,8 +10,10 @@ activations). --targets: a regex over weight paths ("layers_0/attn/query", "laye
 "wte/embedding", ...); by default the attention projections and MLPs; '.*' takes every weight,
 embeddings and head included. Prints the parameter bytes before and after (values at their
 bits, scales included) and the logits' error on the sample (or on random tokens without a
-tokenizer). The output loads with `llmjax.checkpoint.load_model` (and so tools/generate.py,
-tools/evaluate.py); the tokenizer goes with it. Paths may be gs:// URLs.
+tokenizer). A LoRA run's adapters are merged into its weights first. The output loads with
+`llmjax.checkpoint.load_model` (and so tools/generate.py, tools/evaluate.py), and its
+tokenizer_spec file names the source's tokenizer for `checkpoint.load_tokenizer` (which
+reads it from there: keep the source's tokenizer files). Paths may be gs:// URLs.
 """
 
 import os
@@ -43,7 +45,7 @@ def main(argv):
   import jax.numpy as jnp
   import numpy as np
 
-  from llmjax import checkpoint, models, paths, quant
+  from llmjax import checkpoint, models, paths, peft, quant
   if bool(FLAGS.workdir) == bool(FLAGS.checkpoint):
     _fail("give exactly one of --workdir and --checkpoint")
   if not FLAGS.out_dir:
@@ -63,6 +65,8 @@ def main(argv):
     if getattr(model, "quant", None):
       raise ValueError(f"{source} is already quantized ({model.quant.qtype}): quantize the float "
                        f"checkpoint")
+    if getattr(model, "lora", None):  # a LoRA run: its adapters folded into the weights first
+      model, params = peft.merge(model, params)
     qmodel, qparams = quant.quantize(model, params, FLAGS.qtype, targets=FLAGS.targets,
                                      tile_size=FLAGS.tile_size)
   except ValueError as e:
