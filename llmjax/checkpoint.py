@@ -150,11 +150,13 @@ def load_params(path: str, abstract_params, keep_new=None) -> dict:
   """The parameters of `path` (as `load_model`) placed as `abstract_params` (ShapeDtypeStructs
   with shardings) says; differing names or shapes are an error naming them. Fine-tuning passes
   `keep_new(name)`: the parameters it accepts may be missing there (new: left out of the
-  result, for the caller's initialization), and parameters there but not here are dropped."""
+  result, for the caller's initialization), and parameters there but not here are dropped.
+  Quantized weights in `abstract_params` (QLoRA's base) load float and quantize as they load."""
   found = _locate(path)
   if (found.root / "quant.json").is_file():
     raise ValueError(f"{found.root} is a quantized checkpoint: fine-tune (QLoRA included, which "
                      f"quantizes as it loads) from the float one")
+  quantized, abstract_params = abstract_params, quant.float_view(abstract_params)
   stored, wanted = _shapes(_stored(found)), _shapes(abstract_params)
   new = {k for k in set(wanted) - set(stored) if keep_new and keep_new(k)}
   problems = [f"{k}: {stored[k]} there, {wanted[k]} here" for k in sorted(wanted)
@@ -168,8 +170,9 @@ def load_params(path: str, abstract_params, keep_new=None) -> dict:
                      + (" (a classification head of another num_labels)" if any(
                          p.startswith("classifier/") for p in problems) else ""))
   flat = traverse_util.flatten_dict(abstract_params, sep="/")
-  return _restore(found, traverse_util.unflatten_dict(
+  loaded = _restore(found, traverse_util.unflatten_dict(
       {k: v for k, v in flat.items() if k not in new}, sep="/"))
+  return quant.fill(loaded, quantized) if quant.is_quantized(quantized) else loaded
 
 
 def load_config(workdir: str) -> ml_collections.ConfigDict:
@@ -189,19 +192,23 @@ def tokenizer_spec(config) -> str:
 def tokenizer_of(path: str) -> str:
   """What `data.load_tokenizer` takes to rebuild the tokenizer of a workdir (as its config.json
   says) or of a model checkpoint (its tokenizer_spec file, else the files beside it)."""
+  return _tokenizer_source(path)[0]
+
+
+def _tokenizer_source(path: str) -> tuple[str, str]:
+  """(`tokenizer_of(path)`, which kind of directory `path` is, for messages)."""
   root = paths.path(path)
   if (root / "model.json").is_file():
     spec = root / "tokenizer_spec"  # a quantized run's (tools/quantize.py)
-    return spec.read_text().strip() if spec.is_file() else str(root)
+    return spec.read_text().strip() if spec.is_file() else str(root), f"model checkpoint {root}"
   if (root / "config.json").is_file():
-    return tokenizer_spec(load_config(root))
+    return tokenizer_spec(load_config(root)), f"workdir {root}"
   raise ValueError(f"{root} is neither a {_KINDS[0]} nor an {_KINDS[1]}")
 
 
 def load_tokenizer(path: str):
   """The tokenizer of a workdir or a model checkpoint (see `tokenizer_of`)."""
-  spec = tokenizer_of(path)
-  what = f"{'model checkpoint' if (paths.path(path) / 'model.json').is_file() else 'workdir'} {path}"
+  spec, what = _tokenizer_source(path)
   try:
     return data.load_tokenizer(spec)
   except (OSError, ValueError) as e:  # a relative data.path is read from the current directory

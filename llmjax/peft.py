@@ -87,8 +87,7 @@ def _family(model) -> str:
   return models.config_to_dict(model.cfg)["family"]
 
 
-projection = quant.projection  # "a/attn/query_kernel" -> "a/attn/query", "a/mlp/wi/kernel" ->
-# "a/mlp/wi": a projection's path
+projection = quant.projection  # a kernel's projection: "a/attn/query_kernel" -> "a/attn/query"
 
 
 class _Provider(quant.Provider):
@@ -140,7 +139,6 @@ def wrap(model: nn.Module, cfg: LoraConfig) -> nn.Module:
   provider = _Provider(cfg, targets)
   wrapped = quant.intercept(model, provider)
   type(wrapped).lora = cfg
-  type(wrapped).lora_provider = provider
   if provider.quant:
     type(wrapped).quant = provider.quant
   return wrapped
@@ -187,7 +185,7 @@ def check_matched(model: nn.Module, params) -> None:
   flat = traverse_util.flatten_dict(params, sep="/")
   if not any(map(is_adapter, flat)):
     names = sorted({re.sub(r"_\d+/", "_N/", projection(k)) for k in flat if k.endswith("kernel")})
-    raise ValueError(f"LoRA targets {model.lora_provider.targets!r} match no projection; "
+    raise ValueError(f"LoRA targets {model.provider.targets!r} match no projection; "
                      f"the model's are {', '.join(names)}")
 
 
@@ -217,10 +215,8 @@ def _adapters(params) -> dict[str, tuple]:
 def merge(model: nn.Module, params) -> tuple[nn.Module, dict]:
   """(the plain model, its parameters with every adapter folded in: W + scale * A B, over the
   dequantized W of a quantized base)."""
-  flat = {k: v for k, v in traverse_util.flatten_dict(params, sep="/").items()
+  flat = {k: v for k, v in traverse_util.flatten_dict(quant.dequantized(params), sep="/").items()
           if not is_adapter(k)}
-  flat = {k: qwix.dequantize(v.array) if isinstance(v, quant.WithAux) else v  # QLoRA's base
-          for k, v in flat.items()}
   for kernel, (a, b) in _adapters(params).items():
     w = flat[kernel]
     scale = model.lora.scale(projection(kernel))

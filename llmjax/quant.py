@@ -6,7 +6,7 @@ activations (w8a8), and nf4 (QLoRA's frozen base, see peft).
 
 qwix intercepts jax.lax.dot_general and jnp.einsum inside the model's methods (and, here,
 jnp.take: the embedding lookup); `Provider` chooses each weight's rule by its path, the module
-path plus the parameter's name less "kernel" (peft.projection): "layers_0/attn/query",
+path plus the parameter's name less "kernel" (`projection`): "layers_0/attn/query",
 "layers_3/mlp/wi", "wte/embedding" (the token table, and the tied head that reads it), "head".
 `targets`, a regex fully matching such paths, says which weights quantize: by default the
 attention projections and the MLPs; embeddings and the output head stay float unless it names
@@ -20,8 +20,9 @@ channel and block of contracted values. qwix tiles the last contracted dimension
 block is `tile_size` of it times the other contracted dimensions (an attention output's
 [H, K, D] kernel: every head at once). By default the tile is the largest power of two that
 divides that dimension with blocks of at most 128 values; an explicit tile must divide it, or
-spans it whole where it is shorter. A table's scales are per row (and tile). w8a8 also quantizes each op's input per token, dynamically (qwix's XLA
-default). qwix computes a product's numerics; this module only chooses and places them.
+spans it whole where it is shorter. A table's scales are per row (and tile). w8a8 also
+quantizes each op's input per token, dynamically (qwix's XLA default). qwix computes a
+product's numerics; this module only chooses and places them.
 """
 
 import dataclasses
@@ -117,38 +118,38 @@ class Provider(qwix.PtqProvider):
     return None
 
   def _weight(self, x):
-    """(x's path, its parameter name, x or its stored quantized form) if x is a parameter of
-    the current module, else (None, None, x). qwix's find_param tells quantized weights apart
-    by shape only, and attention holds three of one shape: a quantized one is found here by
-    its values' identity."""
+    """(x's path, its parameter name) if x is a parameter of the current module, else (None,
+    None). qwix's find_param tells quantized weights apart by shape only, and attention holds
+    three of one shape: a quantized one is found here by its values' identity. A float one is
+    never one an earlier op of this init quantized: init runs every op float."""
     module = flax_util.get_current_module()
-    stored = {k: flax_util.unbox(v) for k, v in module.scope._collection("params").items()}  # pylint: disable=protected-access
     if isinstance(x, WithAux):
-      name = next((k for k, v in stored.items()
-                   if isinstance(v, WithAux) and v.array.qvalue is x.array.qvalue), None)
-    else:  # float: never a weight an earlier op of this init quantized (init runs it float)
+      params = module.scope._collection("params").items()  # pylint: disable=protected-access
+      name = next((k for k, boxed in params if isinstance(v := flax_util.unbox(boxed), WithAux)
+                   and v.array.qvalue is x.array.qvalue), None)
+    else:
       name = flax_util.find_param(x)
-    path = None if name is None else projection("/".join(map(str, module.path + (name,))))
-    return path, name, x
+    return (None, None) if name is None else (
+        projection("/".join(map(str, module.path + (name,)))), name)
 
   def _chosen(self, rhs, contracted):
-    """Sets the rule of the op on weight `rhs` (contracted: its contracted axes). A float weight
-    meets a quantized model outside init only where quantization did not cover it (a method
-    init does not run): it stays float."""
-    path, name, rhs = self._weight(rhs)
+    """(path, name) of weight `rhs` (contracted: its contracted axes), setting its op's rule. A
+    float weight meets a quantized model outside init only where quantization did not cover it
+    (a method init does not run): it stays float."""
+    path, name = self._weight(rhs)
     n, rest = rhs.shape[contracted[-1]], math.prod(rhs.shape[a] for a in contracted[:-1])
     if path is not None and (isinstance(rhs, WithAux)
                              or flax_util.get_current_module().is_initializing()):
       self._rule = self.rule(path, n, rest)
     elif isinstance(rhs, WithAux):  # quantized, though not traced back to its name
       self._rule = self._init_rule(self.quant.rule("", n, rest))
-    return path, name, rhs
+    return path, name
 
   def dot_general(self, lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None,
                   **kwargs):
     path = None
     if dimension_numbers[0][1]:
-      path, name, rhs = self._chosen(rhs, dimension_numbers[0][1])
+      path, name = self._chosen(rhs, dimension_numbers[0][1])
     try:
       out = super().dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type,
                                 **kwargs)
@@ -164,7 +165,7 @@ class Provider(qwix.PtqProvider):
       lhs_s, rhs_s = ins.split(",")
       contracted = [i for i, c in enumerate(rhs_s) if c in lhs_s and c not in out]
       if contracted:
-        operands = (operands[0], self._chosen(operands[1], contracted)[2])
+        self._chosen(operands[1], contracted)
     try:
       return super().einsum(einsum_str, *operands, **kwargs)
     finally:
@@ -174,16 +175,14 @@ class Provider(qwix.PtqProvider):
     """An embedding table's rows: gathered from a quantized table, then dequantized."""
     if isinstance(a, WithAux) and axis == 0:
       return qwix.dequantize(a.array[indices])
-    path, name, table = self._weight(a) if axis == 0 and a.ndim == 2 else (None, None, a)
+    path, name = self._weight(a) if axis == 0 and a.ndim == 2 else (None, None)
     rule = (path and path.endswith("embedding") and flax_util.get_current_module().is_initializing()
-            and self.rule(path, table.shape[1]))
-    if not rule or rule.weight_qtype is None:
+            and self.rule(path, a.shape[1]))
+    if not rule:
       return jnp.take(a, indices, axis=axis, **kwargs)
-    if not isinstance(table, WithAux):  # init: quantize it, per row (and tile along D)
-      how = qarray.HowToQuantize(qtype=rule.weight_qtype, channelwise_axes=(0,),
-                                 tiled_axes={1: rule.tile_size} if rule.tile_size else {})
-      table = ptq.create_quantized_param(name, table, how)
-    return qwix.dequantize(table.array[indices])
+    how = qarray.HowToQuantize(qtype=rule.weight_qtype, channelwise_axes=(0,),  # init: per row
+                               tiled_axes={1: rule.tile_size} if rule.tile_size else {})
+    return qwix.dequantize(ptq.create_quantized_param(name, a, how).array[indices])
 
   def get_intercept_map(self):
     return super().get_intercept_map() | {"jax.numpy.take": self.take}
@@ -268,12 +267,12 @@ def fill(params, shapes) -> dict:
   missing = sorted(set(chosen) - set(flat))
   if missing:
     raise ValueError(f"params lack {len(missing)} weights of this model: {missing[:4]}")
-  spec = nn.meta.unbox({k: boxed[k] for k in chosen})
-  out = None
+  boxed = {k: boxed[k] for k in chosen}
+  spec, out = nn.meta.unbox(boxed), None
   if all(isinstance(x, jax.ShapeDtypeStruct) and x.sharding for x in jax.tree.leaves(spec)):
     out = jax.tree.map(lambda x: x.sharding, spec)
   elif mesh := sh.mesh_of(params):
-    out = sh.logical_sharding({k: boxed[k] for k in chosen}, mesh)
+    out = sh.logical_sharding(boxed, mesh)
   done = jax.jit(lambda p: {k: _quantized(p[k], spec[k]) for k in chosen}, out_shardings=out)(
       {k: jnp.asarray(flat[k]) for k in chosen})
   return traverse_util.unflatten_dict({**flat, **done}, sep="/")
@@ -304,9 +303,13 @@ def dequantize(qmodel: nn.Module, qparams) -> tuple[nn.Module, dict]:
   """(the float model, its parameters with each quantized weight dequantized); a QLoRA model's
   adapters fold in with peft.merge."""
   _check_plain(qmodel, "dequantize")
-  flat = {k: qwix.dequantize(v.array) if isinstance(v, WithAux) else v
-          for k, v in _leaves(qparams).items()}
-  return base_model(qmodel), traverse_util.unflatten_dict(flat, sep="/")
+  return base_model(qmodel), dequantized(qparams)
+
+
+def dequantized(params) -> dict:
+  """`params` with each quantized weight as the float array it stands for."""
+  return jax.tree.map(lambda x: qwix.dequantize(x.array) if isinstance(x, WithAux) else x,
+                      nn.meta.unbox(params), is_leaf=lambda x: isinstance(x, WithAux))
 
 
 def base_model(model: nn.Module) -> nn.Module:
@@ -318,16 +321,16 @@ def base_model(model: nn.Module) -> nn.Module:
 def nbytes(params) -> int:
   """Parameter bytes as stored: quantized values at their type's bits (int4: half a byte),
   scales and float leaves at their dtype's size."""
+  size = lambda x: int(np.prod(x.shape)) * x.dtype.itemsize
   total = 0
   for leaf in _leaves(params).values():
     if isinstance(leaf, WithAux):
       q = leaf.array
       bits = 4 if q.qvalue.dtype in (jnp.int4, jnp.uint4) else 8  # int4; nf4's indices
       total += math.ceil(np.prod(q.qvalue.shape) * bits / 8)
-      total += sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in (q.scale, q.zero_point)
-                   if x is not None)
+      total += sum(size(x) for x in (q.scale, q.zero_point) if x is not None)
     else:
-      total += int(np.prod(leaf.shape)) * leaf.dtype.itemsize
+      total += size(leaf)
   return total
 
 
@@ -353,8 +356,7 @@ def from_arrays(arrays, shapes) -> dict:
                      f"{missing[:4]} (quantized with other targets?)")
   for k, v in wanted.items():
     if isinstance(v, WithAux):
-      q = v.array
-      out[k] = WithAux(QArray(flat[k + "/qvalue"], flat[k + "/scale"], qtype=q.qtype), v.how)
+      out[k] = WithAux(QArray(flat[k + "/qvalue"], flat[k + "/scale"], qtype=v.array.qtype), v.how)
     else:
       out[k] = flat[k]
   return traverse_util.unflatten_dict(out, sep="/")

@@ -46,14 +46,14 @@ flags.DEFINE_integer("repeats", 2, "Timed decode calls (the best is reported).")
 FLAGS = flags.FLAGS
 
 
-def variant(model, params, precision: str, targets=None):
+def variant(model, params, precision: str):
   """(model, params) at `precision`: float32 as given, bfloat16 cast, else quantized."""
   if precision == "float32":
     return model, params
   if precision == "bfloat16":
     cfg = model.cfg.replace(dtype="bfloat16", param_dtype="bfloat16")
     return type(model)(cfg), jax.tree.map(lambda x: x.astype(jnp.bfloat16), params)
-  return quant.quantize(model, params, precision, targets=targets)
+  return quant.quantize(model, params, precision)
 
 
 def decode_rate(model, params) -> tuple[float, int]:
@@ -89,7 +89,8 @@ def table(name, model, params, ids=None, tokenizer=None, prompt=""):
   context = min(model.cfg.max_seq_len, 256)
   for precision in FLAGS.precisions:
     qmodel, qparams = variant(model, params, precision)
-    every = variant(model, params, precision, ".*")[1] if quant.is_quantized(qparams) else qparams
+    every = quant.abstract(quant.wrap(model, quant.QuantConfig(precision, ".*"))) if (
+        quant.is_quantized(qparams)) else qparams  # shapes suffice: bytes of every weight
     ppl = sample = "-"
     if ids is not None:
       value = evaluation.perplexity(qmodel, qparams, ids, context_length=context)["perplexity"]

@@ -153,5 +153,6 @@ class GPT(nn.Module):
       head_DV = self.param("head", nn.with_logical_partitioning(
           nn.initializers.normal(0.02), (sh.EMBED, sh.VOCAB)), (cfg.d_model, cfg.vocab_size),
                            cfg.weight_dtype)
-      logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD.astype(jnp.float32), jnp.asarray(head_DV, jnp.float32))
+      logits_BTV = jnp.einsum("BTD,DV->BTV", x_BTD.astype(jnp.float32),
+                              jnp.asarray(head_DV, jnp.float32))
     return sh.constrain(logits_BTV, (sh.BATCH, sh.LENGTH, sh.VOCAB))

@@ -20,7 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import traverse_util
 
-from llmjax import checkpoint, data, evaluation, metrics, paths, peft, quant, signals
+from llmjax import checkpoint, data, evaluation, metrics, paths, peft, signals
 from llmjax.train import checkpoints, experiment, lease, step, workdir
 from llmjax.train.config import shrink_for_cpu
 
@@ -168,11 +168,8 @@ def _restore_or_init(setup, ckpts, abstract, init, it, log):
   state = init(jax.random.key(setup.config.seed))
   if setup.config.train.init_from:
     # What the checkpoint lacks and fine-tuning adds (adapters, a new head) keeps its init.
-    full = step.full_params(abstract)
-    qlora = quant.is_quantized(full)  # the base is stored float and quantizes as it loads
-    loaded = checkpoint.load_params(setup.config.train.init_from,
-                                    quant.float_view(full) if qlora else full, keep_new=_new_leaf)
-    loaded = quant.fill(loaded, full) if qlora else loaded
+    loaded = checkpoint.load_params(setup.config.train.init_from, step.full_params(abstract),
+                                    keep_new=_new_leaf)
     params = peft.combine(step.full_params(state), loaded)
     new = set(_paths(params)) - set(_paths(loaded))
     frozen_new = sorted(k for k in new if setup.trainable and not setup.trainable(k))
